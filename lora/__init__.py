@@ -1,0 +1,25 @@
+"""Hand-written LoRA for T5: the layer, injection, merging and PEFT-layout adapter files."""
+
+from .adapter_io import AdapterError, load_adapter, save_adapter
+from .layer import (
+    LoRALinear,
+    count_parameters,
+    inject_lora,
+    lora_disabled,
+    lora_layers,
+    merge_lora,
+    unmerge_lora,
+)
+
+__all__ = [
+    "AdapterError",
+    "LoRALinear",
+    "count_parameters",
+    "inject_lora",
+    "load_adapter",
+    "lora_disabled",
+    "lora_layers",
+    "merge_lora",
+    "save_adapter",
+    "unmerge_lora",
+]

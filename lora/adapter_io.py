@@ -1,0 +1,204 @@
+"""Adapter files in PEFT's layout: `adapter_config.json` and `adapter_model.safetensors`.
+
+Keys are `base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r):
+exactly what `peft.PeftModel.from_pretrained` reads and what PEFT's `save_pretrained` writes.
+PEFT ignores keys that lack the `base_model.model.` prefix with only a warning; our loader is strict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layer import inject_lora, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter directory or file that cannot be used as it is."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`.
+
+    A crash mid-write leaves the old file (or none), never a half-written one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names, copied to the CPU."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to("cpu", copy=True).contiguous()
+        state[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """PEFT's LoraConfig fields for the LoRA layers in `model` (they must share r, alpha, dropout)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise AdapterError("the model has no LoRA layers: call inject_lora(model) first.")
+    settings = {(lay.r, lay.alpha, _dropout_p(lay), lay.use_rslora) for lay in layers.values()}
+    if len(settings) != 1:
+        raise AdapterError(f"LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
+                           "one adapter file holds one setting.")
+    r, alpha, dropout, use_rslora = settings.pop()
+    return {
+        "peft_type": "LORA",
+        "task_type": "SEQ_2_SEQ_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def _dropout_p(layer) -> float:
+    return layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's adapter to `directory` in PEFT's layout; each file is written atomically."""
+    directory = Path(directory)
+    config = adapter_config(model, base_model_name_or_path)
+    state = adapter_state_dict(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """Read and check `adapter_config.json`; refuse what this implementation would not reproduce."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory {directory} does not exist: pass the --output-dir of a training run.")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path} is missing: {directory} is not a complete adapter directory.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{config_path} is not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path} must hold a JSON object.")
+
+    def refuse(field, why):
+        raise AdapterError(f"{config_path}: field '{field}' {why}.")
+
+    if config.get("peft_type") != "LORA":
+        refuse("peft_type", f"is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if field not in config:
+            refuse(field, "is missing")
+    r = config["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        refuse("r", f"must be a positive integer, got {r!r}")
+    if not isinstance(config["lora_alpha"], (int, float)) or config["lora_alpha"] <= 0:
+        refuse("lora_alpha", f"must be a positive number, got {config['lora_alpha']!r}")
+    targets = config["target_modules"]
+    if isinstance(targets, str) and targets.isidentifier():
+        targets = [targets]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        refuse("target_modules", f"must be a non-empty list of module names, got {targets!r} (regexes are not supported)")
+    config["target_modules"] = targets
+    unsupported = {
+        "use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
+        "lora_bias": (False, None), "modules_to_save": (None, []), "layers_to_transform": (None, []),
+        "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+    }
+    for field, allowed in unsupported.items():
+        if field in config and config[field] not in allowed:
+            refuse(field, f"is {config[field]!r}; this implementation supports only {allowed[0]!r}")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load an adapter saved by `save_adapter` or by PEFT into `model`; return the loaded module paths.
+
+    Injects LoRA with the file's r, alpha and targets when the model has none yet. Strict where PEFT is
+    lenient: a missing or unexpected key, a shape mismatch or an unsupported config field is an
+    AdapterError that names it. Reads safetensors only; nothing is unpickled.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise AdapterError(
+                f"{directory} holds only adapter_model.bin, a pickle, which this loader never unpickles; "
+                "re-save it as safetensors (PEFT: model.save_pretrained(dir, safe_serialization=True))."
+            )
+        raise AdapterError(f"{weights_path} is missing: {directory} is not a complete adapter directory.")
+
+    layers = lora_layers(model)
+    if not layers:
+        inject_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
+                    dropout=config.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(config.get("use_rslora", False)))
+        layers = lora_layers(model)
+    else:
+        for name, layer in layers.items():
+            if (layer.r, layer.alpha, layer.use_rslora) != (config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))):
+                raise AdapterError(
+                    f"the model's LoRA layer {name} has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora} "
+                    f"but {directory} was saved with r={config['r']}, alpha={config['lora_alpha']}; load into a fresh base model."
+                )
+            if layer.merged:
+                raise AdapterError(f"LoRA layer {name} is merged: unmerge_lora(model) before loading an adapter.")
+
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{weights_path} is not a readable safetensors file ({err}).") from None
+    expected = {}
+    for name, layer in layers.items():
+        expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing:
+        raise AdapterError(f"{weights_path} lacks {len(missing)} key(s) the model needs, e.g. '{missing[0]}': "
+                           "it was saved for another model or other target modules.")
+    if unexpected:
+        raise AdapterError(f"{weights_path} has {len(unexpected)} key(s) the model does not, e.g. '{unexpected[0]}': "
+                           "it was saved for another model or other target modules.")
+    for key, param in expected.items():
+        if state[key].shape != param.shape:
+            raise AdapterError(f"{weights_path}: '{key}' has shape {tuple(state[key].shape)} but the model expects "
+                               f"{tuple(param.shape)}: it was saved for another model size or rank.")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(state[key])
+    return list(layers)

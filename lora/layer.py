@@ -1,0 +1,218 @@
+"""The LoRA layer and the functions that put it into a model, merge it and take it out again."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _lora_a_init_params(lora_A: torch.Tensor) -> None:
+    """Kaiming-uniform with a=sqrt(5), the default of nn.Linear, as in the LoRA paper's code and PEFT."""
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+
+
+def _lora_b_init_params(lora_B: torch.Tensor) -> None:
+    """Zeros, so B·A = 0 and an injected model computes exactly what its base computes at step 0."""
+    nn.init.zeros_(lora_B)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update.
+
+        h = W0 x + b + scaling · B A dropout(x),   scaling = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+    Shapes: x (..., in_features); W0 `weight` (out_features, in_features), frozen;
+    A `lora_A` (r, in_features); B `lora_B` (out_features, r); h (..., out_features).
+
+    `weight` and `bias` keep the names nn.Linear gives them, so a base checkpoint loads into an
+    injected model and a merged state dict loads into a plain nn.Linear. Dropout touches the LoRA
+    branch's input only, and only in train mode. Merging is explicit (`merge()`/`unmerge()`);
+    `.train()` and `.eval()` never merge.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_hyperparameters(r, alpha, dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False  # True while scaling·B·A is folded into `weight`
+        self.disabled = False  # True inside `lora_disabled`: the layer is its base
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias."""
+        layer = cls(
+            linear.in_features, linear.out_features, r, alpha, dropout, use_rslora,
+            bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype,
+        )
+        layer.weight, layer.bias = linear.weight, linear.bias
+        device = linear.weight.device
+        layer.lora_A = nn.Parameter(torch.empty_like(layer.lora_A, device=device))  # (r, in)
+        layer.lora_B = nn.Parameter(torch.empty_like(layer.lora_B, device=device))  # (out, r)
+        layer.reset_lora_parameters()
+        return layer
+
+    def reset_lora_parameters(self) -> None:
+        _lora_a_init_params(self.lora_A)
+        _lora_b_init_params(self.lora_B)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The parameters this layer adds to its base: the only ones LoRA trains."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)  # (..., out)
+        if self.merged or self.disabled:
+            return result
+        low_rank = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        return result + self.scaling * F.linear(low_rank, self.lora_B)  # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B @ A, (out, in), computed in fp32 whatever the parameters' dtype."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold scaling·B·A into `weight` (idempotent). Afterwards the forward is the base matmul alone."""
+        if self.merged:
+            return
+        merged = self.weight.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"merging this LoRA layer ({self.out_features}x{self.in_features}) gives non-finite weights; "
+                "the adapter is damaged (NaN or inf in lora_A/lora_B) or overflows the weight dtype "
+                f"{self.weight.dtype}: merge in float32 or retrain."
+            )
+        self.weight.copy_(merged.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract scaling·B·A from `weight` again (idempotent): the inverse of `merge`."""
+        if not self.merged:
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        )
+
+
+def _check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be positive, got {alpha!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear in `model`, by its module path."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: Sequence[str] = ("q", "v"),
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.05,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Replace each nn.Linear whose last name component is in `target_modules` by a LoRALinear.
+
+    Names are matched exactly, so "v" matches `SelfAttention.v` and never `relative_attention_bias`.
+    Every other parameter of the model is frozen. Returns the replaced module paths.
+    """
+    _check_hyperparameters(r, alpha, dropout)
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    targets = set(target_modules)
+    if not targets:
+        raise ValueError("target_modules is empty: name at least one module, e.g. ('q', 'v').")
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA layers: inject once, or build a fresh base model.")
+    replaced = [
+        name for name, module in model.named_modules()
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in targets
+    ]
+    if not replaced:
+        raise ValueError(
+            f"no nn.Linear in the model is named {sorted(targets)}; "
+            "T5's attention projections are 'q', 'k', 'v' and 'o'."
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in replaced:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, LoRALinear.from_linear(getattr(parent, child_name), r, alpha, dropout, use_rslora))
+    return replaced
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge every LoRA layer of `model` into its base weight (idempotent)."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora` (idempotent)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model behaves as its base model; on exit (exceptions included) it is restored.
+
+    A merged layer is unmerged for the block and merged again on exit, so its weight afterwards
+    equals the merged weight up to float rounding.
+    """
+    layers = lora_layers(model).values()
+    saved = [(layer, layer.disabled, layer.merged) for layer in layers]
+    try:
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+        yield model
+    finally:
+        for layer, was_disabled, was_merged in saved:
+            layer.disabled = was_disabled
+            if was_merged:
+                layer.merge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+    params = list(model.parameters())  # parameters() yields a shared tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
