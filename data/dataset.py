@@ -1,0 +1,172 @@
+"""Loading, the prompt format, tokenisation, collation and length-bucketed batches."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent
+TRAIN_FILE = DATA_DIR / "banking_train.jsonl"
+VALIDATION_FILE = DATA_DIR / "banking_validation.jsonl"
+TEST_FILE = DATA_DIR / "banking_test.jsonl"
+IGNORE_INDEX = -100  # label value cross-entropy skips: padding never enters the loss
+MAX_SOURCE_LEN = 128  # both cover the longest bundled row with room to spare (flan-t5 and tiny tokenizers)
+MAX_TARGET_LEN = 128
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is; the message names the file and the row."""
+
+
+def build_prompt(query: str) -> str:
+    """The encoder input for a user query, the one format used by training and inference alike."""
+    return f"Instruction: {query.strip()}"
+
+
+def load_examples(path: str | Path) -> list[dict]:
+    """Read rows {"instruction", "response", "intent"?} from JSONL or from a JSON array (the original format).
+
+    Every row is checked; a bad one is a DataError naming the file and the line (JSONL) or index (array).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    if text.lstrip().startswith("["):
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from None
+        rows = [(f"index {i}", row) for i, row in enumerate(array)]
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {number}: invalid JSON ({err.msg}, column {err.colno}).") from None
+    if not rows:
+        raise DataError(f"{path} holds no rows: expected JSONL or a JSON array of "
+                        '{"instruction": ..., "response": ...} objects.')
+    examples = []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, {where}: expected an object with 'instruction' and 'response', "
+                            f"got {type(row).__name__}.")
+        for field in ("instruction", "response"):
+            value = row.get(field)
+            if not isinstance(value, str):
+                problem = "is missing" if field not in row else f"must be a string, got {type(value).__name__}"
+                raise DataError(f"{path}, {where}: '{field}' {problem}.")
+            if not value.strip():
+                raise DataError(f"{path}, {where}: '{field}' is empty.")
+        if "intent" in row and not isinstance(row["intent"], str):
+            raise DataError(f"{path}, {where}: 'intent' must be a string, got {type(row['intent']).__name__}.")
+        examples.append(row)
+    return examples
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_examples(examples: Sequence[dict], tokenizer, max_source_len: int = MAX_SOURCE_LEN,
+                    max_target_len: int = MAX_TARGET_LEN) -> tuple[list[EncodedExample], int]:
+    """Tokenise prompts and responses; return the encoded rows and how many rows were truncated.
+
+    A truncated sequence keeps its final </s> so the model still learns where an answer ends.
+    """
+    sources = tokenizer([build_prompt(ex["instruction"]) for ex in examples]).input_ids
+    targets = tokenizer([ex["response"] for ex in examples]).input_ids
+    encoded, truncated = [], 0
+    for source, target in zip(sources, targets):
+        cut_source, cut_target = _truncate(source, max_source_len), _truncate(target, max_target_len)
+        truncated += cut_source is not source or cut_target is not target
+        encoded.append(EncodedExample(cut_source, cut_target))
+    return encoded, truncated
+
+
+def _truncate(ids: list[int], max_len: int) -> list[int]:
+    return ids if len(ids) <= max_len else ids[: max_len - 1] + ids[-1:]
+
+
+def collate(batch: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Pad a batch to its own longest row (rounded up to `pad_to_multiple_of`).
+
+    input_ids (B, S) padded with pad_token_id, attention_mask (B, S), labels (B, T) padded with -100.
+    T5 builds decoder_input_ids from labels, turning -100 into its pad id.
+    """
+    def padded_length(lengths):
+        longest = max(lengths)
+        return longest if not pad_to_multiple_of else math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
+
+    source_len = padded_length([len(ex.input_ids) for ex in batch])
+    target_len = padded_length([len(ex.labels) for ex in batch])
+    input_ids = torch.full((len(batch), source_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), source_len), dtype=torch.long)
+    labels = torch.full((len(batch), target_len), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(batch):
+        input_ids[row, : len(ex.input_ids)] = torch.tensor(ex.input_ids)
+        attention_mask[row, : len(ex.input_ids)] = 1
+        labels[row, : len(ex.labels)] = torch.tensor(ex.labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class LengthBucketSampler:
+    """Batches of rows of similar length, for DataLoader(batch_sampler=...).
+
+    Each epoch: shuffle all rows, cut them into buckets of `batch_size * bucket_batches` rows, sort each
+    bucket by length, cut it into batches and shuffle the batches. Every row comes exactly once per
+    epoch, and the order depends only on (seed, epoch). With world_size > 1, rank r takes batches
+    r, r + world_size, ...; the largest batches are split in two until every rank has the same count,
+    so DDP ranks step together and still no row is dropped or repeated.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, bucket_batches: int = 32) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if len(lengths) < world_size:
+            raise ValueError(f"{len(lengths)} rows cannot be shared by {world_size} processes.")
+        self.lengths = list(lengths)
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.bucket_size = batch_size * bucket_batches
+        self.epoch = 0
+        self.start_batch = 0  # batches of this epoch already consumed (for exact resume)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def all_batches(self, epoch: int) -> list[list[int]]:
+        """Every rank's batches for `epoch`, in order."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.bucket_size):
+            bucket = sorted(order[start: start + self.bucket_size], key=lambda i: self.lengths[i])
+            batches += [bucket[i: i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        while len(batches) % self.world_size:
+            largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+            batch = batches[largest]
+            batches[largest: largest + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.all_batches(self.epoch)[self.rank:: self.world_size][self.start_batch:]
+
+    def __len__(self) -> int:
+        return len(self.all_batches(self.epoch)) // self.world_size - self.start_batch

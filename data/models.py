@@ -1,0 +1,129 @@
+"""The one place that turns `--model` into a (model, tokenizer): `tiny`, a local directory or a hub name.
+
+`tiny` is an offline T5 for tests and smoke runs: a SentencePiece tokenizer trained on the bundled
+training split and a small randomly initialised T5ForConditionalGeneration whose attention modules are
+named as in flan-t5 (q, k, v, o). It is built deterministically in seconds and saved with
+`save_pretrained` into a cache directory, which is what adapters record as their base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .dataset import TRAIN_FILE, build_prompt, load_examples
+
+TINY = "tiny"
+TINY_VOCAB_SIZE = 800
+TINY_CONFIG = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", dropout_rate=0.0)
+TINY_SEED = 0
+
+
+class ModelLoadError(RuntimeError):
+    """A --model that could not be loaded."""
+
+
+def cache_dir() -> Path:
+    """Where the tiny model lives: $LORA_T5_CACHE, else ~/.cache/lora-t5."""
+    return Path(os.environ.get("LORA_T5_CACHE") or Path.home() / ".cache" / "lora-t5")
+
+
+def tiny_model_dir() -> Path:
+    """The tiny model's directory, built on first use. Its name hashes everything it is built from."""
+    recipe = json.dumps({"config": TINY_CONFIG, "vocab": TINY_VOCAB_SIZE, "seed": TINY_SEED,
+                         "data": hashlib.sha256(TRAIN_FILE.read_bytes()).hexdigest(), "version": 1}, sort_keys=True)
+    directory = cache_dir() / f"tiny-t5-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    if not (directory / "config.json").is_file():
+        build_tiny_model(directory)
+    return directory
+
+
+def train_tiny_sentencepiece() -> list[tuple[str, float]]:
+    """Train a unigram SentencePiece model on the training split; return its (piece, score) list."""
+    import sentencepiece as spm
+
+    rows = load_examples(TRAIN_FILE)
+    sentences = [build_prompt(row["instruction"]) for row in rows] + [row["response"] for row in rows]
+    # Every printable ASCII character T5's own vocabulary has, so no user text maps to <unk> for want of one.
+    sentences.append("".join(c for c in string.printable[:95] if c not in "{}<"))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=TINY_VOCAB_SIZE, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        character_coverage=1.0, normalization_rule_name="identity", num_threads=1, minloglevel=2,
+    )
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+
+
+def build_tiny_tokenizer():
+    """A T5Tokenizer from the trained pieces (T5Tokenizer(vocab_file=...) would build a 4-token vocabulary)."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=train_tiny_sentencepiece(), extra_ids=0)
+
+
+def build_tiny_model(directory: Path) -> None:
+    """Build the tiny model and tokenizer and save both into `directory`, atomically."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                      **TINY_CONFIG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = T5ForConditionalGeneration(config)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(directory)
+        except OSError:  # another process built it first: theirs is identical
+            if not (directory / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_path(name: str) -> str:
+    """`tiny` becomes the tiny model's cache directory; anything else is returned as it is."""
+    return str(tiny_model_dir()) if name == TINY else name
+
+
+def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):
+    """Load a T5 model and its tokenizer from `tiny`, a local directory or a hub name.
+
+    Returns (model, tokenizer, path) where path is what an adapter should record as its base model.
+    """
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # one clear message below instead of transformers' retries and warnings
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, ImportError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not load model {name!r} ({reason[:200]}); pass a local directory saved with save_pretrained, "
+            "or --model tiny for the offline test model."
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return model, tokenizer, path
