@@ -78,7 +78,7 @@ SUPPORT = "[SUPPORT_PHONE]"
 def respond(intent: str, s: dict) -> str:
     if intent == "lost_stolen_card":
         return (f"I'm sorry to hear that. Please block your {s['card']} card right away in the mobile app under Cards, "
-                f"then Lock card, or call our 24/7 card line at {SUPPORT}. Once it is blocked we will send you a free "
+                f"then Lock card, or call our card line, open around the clock, at {SUPPORT}. Once it is blocked we will send you a free "
                 "replacement card, and you can report any transactions you don't recognise.")
     if intent == "freeze_card":
         if s["action"] == "freeze":
@@ -129,7 +129,7 @@ def respond(intent: str, s: dict) -> str:
                 "from another bank.")
     if intent == "fraud_report":
         return (f"Thank you for telling us. Please freeze your card in the app now and call our fraud team at "
-                f"{SUPPORT}, available 24/7. We will review the transactions you don't recognise, and you are not "
+                f"{SUPPORT}, available around the clock. We will review the transactions you don't recognise, and you are not "
                 "liable for confirmed fraud. We will never ask for your PIN or password.")
     if intent == "reset_pin_password":
         if s["secret"] == "PIN":

@@ -106,17 +106,28 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):
     """Load a T5 model and its tokenizer from `tiny`, a local directory or a hub name.
 
     Returns (model, tokenizer, path) where path is what an adapter should record as its base model.
+    A hub name is read from the local cache when it is there; otherwise the hub must be reachable,
+    which is checked once, quickly, instead of waiting through the hub client's retries.
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name)
+    local_only = Path(path).expanduser().is_dir() or _in_hub_cache(path)
+    if not local_only:
+        if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a path, not an "org/name" hub id
+            raise ModelLoadError(f"model directory {name!r} does not exist; pass a directory saved with "
+                                 "save_pretrained, a hub name, or --model tiny for the offline test model.")
+        if not _hub_reachable():
+            raise ModelLoadError(f"could not load model {name!r}: it is not in the local cache and the Hugging Face "
+                                 "hub cannot be reached; pass a local directory saved with save_pretrained, or "
+                                 "--model tiny for the offline test model.")
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # one clear message below instead of transformers' retries and warnings
+    hf_logging.set_verbosity_error()  # one clear message below instead of transformers' warnings
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError, ImportError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
@@ -127,3 +138,25 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     return model, tokenizer, path
+
+
+def _in_hub_cache(name: str) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
