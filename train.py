@@ -55,7 +55,7 @@ class UsageError(ValueError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="With --model tiny, options left unset take the tiny model's own defaults (marked 'tiny:' above): "
                "its weights are random, and flan-t5's settings would make a smoke run pointless.")
     p.add_argument("--model", default="google/flan-t5-base",
@@ -201,10 +201,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then linear decay to 0 at total_steps."""
+    """Linear warm-up to 1, then linear decay towards 0 at total_steps; no step runs at a factor of 0."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return max(0.0, (total_steps - step) / (total_steps - warmup_steps + 1))
 
 
 def sequence_loss_sum(model, batch: dict) -> torch.Tensor:

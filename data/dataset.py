@@ -88,6 +88,8 @@ def encode_examples(examples: Sequence[dict], tokenizer, max_source_len: int = M
 
     A truncated sequence keeps its final </s> so the model still learns where an answer ends.
     """
+    if not examples:
+        return [], 0
     sources = tokenizer([build_prompt(ex["instruction"]) for ex in examples]).input_ids
     targets = tokenizer([ex["response"] for ex in examples]).input_ids
     encoded, truncated = [], 0
