@@ -1,0 +1,329 @@
+"""Benchmarks: LoRA against full fine-tuning, bucketed batches against padding to 128, our layer against
+PEFT's, and merged inference against the base model. Prints markdown tables.
+
+    python bench.py                 # flan-t5-base's architecture with random weights (timings don't depend on values)
+    python bench.py --quick         # the tiny model, a few repetitions: checks the script works (< 3 min on 2 cores)
+
+Every timing is the median of several repetitions after warm-up runs. Training-step memory is measured
+in a fresh process per configuration (CUDA: max allocated; CPU: peak RSS of that process). Sequence
+lengths come from the bundled training split tokenised with --tokenizer (default: the tiny model's
+tokenizer, since flan-t5's needs the hub; pass a local flan-t5 directory to use its lengths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data import TINY, TRAIN_FILE, LengthBucketSampler, collate, encode_examples, load_examples, resolve_model_path
+from lora import count_parameters, inject_lora, lora_layers, merge_lora
+
+FLAN_T5_BASE = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
+                    vocab_size=32128, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+                    eos_token_id=1)
+# Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets, by device-name substring.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU)"
+
+
+def build_model(name: str):
+    """flan-t5-base's architecture with random weights and an untied lm_head (as the real checkpoint), or tiny."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    if name == TINY:
+        return AutoModelForSeq2SeqLM.from_pretrained(resolve_model_path(TINY))
+    config = T5Config(**FLAN_T5_BASE)
+    config.tie_word_embeddings = False  # transformers 5 forces True in __init__; the real checkpoint is untied
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(config)
+
+
+def encoded_rows(tokenizer_path: str | None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path(TINY))
+    encoded, _ = encode_examples(load_examples(TRAIN_FILE), tokenizer)
+    return encoded
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prepare_training(model, mode: str):
+    """Make `model` trainable as `mode` (lora, full, peft) and return (model, optimizer)."""
+    if mode == "lora":
+        inject_lora(model)
+    elif mode == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                           target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
+
+
+def train_step(model, optimizer, batch, autocast_dtype):
+    ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(model, optimizer, batches, warmup: int, autocast_dtype=None) -> list[float]:
+    """Seconds per training step over `batches`, after `warmup` untimed steps on the first batch."""
+    for _ in range(warmup):
+        train_step(model, optimizer, batches[0], autocast_dtype)
+    times = []
+    for batch in batches:
+        sync()
+        start = time.perf_counter()
+        train_step(model, optimizer, batch, autocast_dtype)
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Workers: each measurement that reports memory runs in a fresh process.
+
+def worker(spec: dict) -> dict:
+    torch.manual_seed(0)
+    dev = device()
+    model = build_model(spec["model"]).to(dev).train()
+    model, optimizer = prepare_training(model, spec["mode"])
+    trainable, total = count_parameters(model)
+    rows = encoded_rows(spec["tokenizer"])
+    batches = [{k: v.to(dev) for k, v in collate([rows[i] for i in idx], 0, spec.get("pad_multiple")).items()}
+               for idx in spec["batches"]]
+    if spec.get("pad_to"):
+        batches = [pad_batch(b, spec["pad_to"]) for b in batches]
+    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}[spec.get("precision", "fp32")]
+    if spec.get("compile"):
+        model = torch.compile(model)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(model, optimizer, batches, spec["warmup"], autocast_dtype)
+    real_tokens = [int(b["attention_mask"].sum() + (b["labels"] != -100).sum()) for b in batches]
+    return {"times": times, "real_tokens": real_tokens, "peak_mib": peak_memory_mib(),
+            "trainable": trainable, "total": total}
+
+
+def pad_batch(batch: dict, length: int) -> dict:
+    """Pad (never truncate: the bundled rows fit) input_ids, attention_mask and labels to `length` columns."""
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+    return {"input_ids": pad(batch["input_ids"], 0), "attention_mask": pad(batch["attention_mask"], 0),
+            "labels": pad(batch["labels"], -100)}
+
+
+def run_worker(spec: dict) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark worker {spec['mode']} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def bench_train_step(args, rows, batch_indices) -> list[dict]:
+    """1 and 3: one fixed batch, LoRA vs full fine-tuning (vs PEFT's LoRA), each in a fresh process."""
+    modes = ["lora", "full"]
+    try:
+        import peft  # noqa: F401  (not a dependency: measured only when installed)
+        modes.append("peft")
+    except ImportError:
+        pass
+    results = []
+    for mode in modes:
+        spec = {"model": args.model, "mode": mode, "tokenizer": args.tokenizer, "warmup": args.warmup,
+                "batches": [batch_indices] * args.reps}
+        out = run_worker(spec)
+        results.append({"mode": mode, "median_step_s": statistics.median(out["times"]), "peak_mib": out["peak_mib"],
+                        "trainable": out["trainable"], "total": out["total"]})
+    return results
+
+
+def bench_epoch(args, rows) -> list[dict]:
+    """2: an epoch of LoRA training with length-bucketed dynamic padding vs every row padded to 128."""
+    lengths = [len(r.input_ids) + len(r.labels) for r in rows]
+    bucketed = LengthBucketSampler(lengths, args.batch_size, seed=0).all_batches(0)
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    padded = [order[i: i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    results = []
+    for name, plan, pad_to in (("bucketed, dynamic padding", bucketed, None), ("every row padded to 128", padded, 128)):
+        sample = plan if args.full_epoch else random.Random(1).sample(plan, min(args.epoch_sample, len(plan)))
+        spec = {"model": args.model, "mode": "lora", "tokenizer": args.tokenizer, "warmup": args.warmup,
+                "batches": sample, "pad_to": pad_to}
+        out = run_worker(spec)
+        # Real (non-padding) tokens of the whole epoch are the same for both plans.
+        epoch_s = statistics.mean(out["times"]) * len(plan)
+        results.append({"plan": name, "batches": len(plan), "measured_batches": len(sample), "epoch_s": epoch_s,
+                        "real_tokens_per_s": sum(lengths) / epoch_s})
+    return results
+
+
+@torch.inference_mode()
+def bench_inference(args, rows) -> list[dict]:
+    """4: greedy generation of exactly `max_new_tokens` tokens: base, unmerged adapter, merged adapter."""
+    import copy
+
+    dev = device()
+    base = build_model(args.model).to(dev).eval()
+    unmerged = copy.deepcopy(base)
+    inject_lora(unmerged)
+    for layer in lora_layers(unmerged).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.01)  # a trained-looking adapter, so merging changes the weights
+    merged = copy.deepcopy(unmerged)
+    merge_lora(merged)
+    models = {"base": base, "unmerged adapter": unmerged, "merged adapter": merged}
+    results = []
+    for batch_size in (1, 16):
+        batch = collate(rows[:batch_size], 0)
+        inputs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
+        gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False, "num_beams": 1}
+        for model in models.values():
+            for _ in range(args.warmup):
+                model.generate(**inputs, **gen)
+        times = {name: [] for name in models}
+        for _ in range(args.reps):  # interleaved, so drift in machine speed hits every model alike
+            for name, model in models.items():
+                sync()
+                start = time.perf_counter()
+                model.generate(**inputs, **gen)
+                sync()
+                times[name].append(time.perf_counter() - start)
+        base_median = statistics.median(times["base"])
+        for name in models:
+            median = statistics.median(times[name])
+            results.append({"batch": batch_size, "model": name, "median_s": median, "per_query_s": median / batch_size,
+                            "vs_base": median / base_median - 1})
+    return results
+
+
+def bench_cuda_throughput(args, rows, batch_indices) -> list[dict]:
+    """5 (CUDA only): tokens/s and model FLOPs utilisation, bf16 vs fp32, with and without torch.compile."""
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    results = []
+    for mode in ("lora", "full"):
+        for precision in ("bf16", "fp32"):
+            for compiled in (False, True):
+                spec = {"model": args.model, "mode": mode, "tokenizer": args.tokenizer, "warmup": args.warmup + 2,
+                        "batches": [batch_indices] * args.reps, "precision": precision, "compile": compiled,
+                        "pad_multiple": 8}
+                out = run_worker(spec)
+                step = statistics.median(out["times"])
+                tokens_per_s = out["real_tokens"][0] / step
+                flops_per_token = (4 if mode == "lora" else 6) * out["total"]
+                # fp32 matmuls run as TF32 on tensor cores at half the bf16 peak.
+                peak_used = peak and (peak if precision == "bf16" else peak / 2)
+                results.append({"mode": mode, "precision": precision, "compile": compiled, "tokens_per_s": tokens_per_s,
+                                "mfu": tokens_per_s * flops_per_token / peak_used if peak_used else None,
+                                "peak_flops": peak_used})
+    return results
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(("n/a" if row[key] is None else format(row[key], fmt)) if fmt else str(row[key])
+                                       for _, key, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model and few repetitions: a smoke check, not figures")
+    p.add_argument("--model", default="flan-t5-base", choices=["flan-t5-base", TINY], help="architecture to time")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for sequence lengths (default: tiny's)")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size (default: 8)")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default: 3)")
+    p.add_argument("--epoch-sample", type=int, default=20, help="batches timed per epoch plan (default: 20)")
+    p.add_argument("--full-epoch", action="store_true", help="time every batch of both epochs instead of a sample")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per query (default: 64)")
+    p.add_argument("--only", nargs="+", choices=["train", "epoch", "inference", "cuda"], help="run only these sections")
+    p.add_argument("--output", type=Path, help="also write the results as JSON here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.quick:
+        args.model, args.reps, args.warmup, args.epoch_sample, args.new_tokens = TINY, 3, 1, 4, 16
+
+    rows = encoded_rows(args.tokenizer)
+    batch_indices = LengthBucketSampler([len(r.input_ids) + len(r.labels) for r in rows], args.batch_size,
+                                        seed=0).all_batches(0)[0]
+    sections = set(args.only or ["train", "epoch", "inference", "cuda"])
+    results = {"hardware": hardware(), "model": args.model, "batch_size": args.batch_size, "reps": args.reps,
+               "warmup": args.warmup}
+    print(f"# Benchmarks\n\n{hardware()}; model {args.model} (random weights), batch {args.batch_size}, "
+          f"median of {args.reps} after {args.warmup} warm-up runs.\n", flush=True)
+    if "train" in sections:
+        results["train_step"] = bench_train_step(args, rows, batch_indices)
+        print("## Training step: LoRA (r=16 on q, v) vs full fine-tuning, AdamW, one batch\n")
+        print(table(results["train_step"], [("mode", "mode", ""), ("trainable params", "trainable", ","),
+                                             ("median step (s)", "median_step_s", ".3f"),
+                                             ("peak memory (MiB)", "peak_mib", ",.0f")]) + "\n", flush=True)
+    if "epoch" in sections:
+        results["epoch"] = bench_epoch(args, rows)
+        print("## One epoch of LoRA training: bucketed dynamic padding vs padding to 128\n")
+        print(table(results["epoch"], [("batches", "plan", ""), ("steps", "batches", ""),
+                                       ("timed steps", "measured_batches", ""), ("epoch (s)", "epoch_s", ".1f"),
+                                       ("real tokens/s", "real_tokens_per_s", ",.0f")]) + "\n", flush=True)
+    if "inference" in sections:
+        results["inference"] = bench_inference(args, rows)
+        print(f"## Inference: greedy, exactly {args.new_tokens} new tokens\n")
+        print(table(results["inference"], [("batch", "batch", ""), ("model", "model", ""),
+                                           ("median (s)", "median_s", ".4f"), ("per query (s)", "per_query_s", ".4f"),
+                                           ("vs base", "vs_base", "+.1%")]) + "\n", flush=True)
+    if "cuda" in sections and torch.cuda.is_available():
+        results["cuda"] = bench_cuda_throughput(args, rows, batch_indices)
+        print("## CUDA throughput and MFU (LoRA 4N, full 6N FLOPs per token)\n")
+        print(table(results["cuda"], [("mode", "mode", ""), ("precision", "precision", ""), ("compile", "compile", ""),
+                                      ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"),
+                                      ("peak FLOP/s", "peak_flops", ".3g")]) + "\n", flush=True)
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
