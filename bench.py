@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from data import TINY, TRAIN_FILE, LengthBucketSampler, collate, encode_examples, load_examples, resolve_model_path
+from data import TINY, TRAIN_FILE, LengthBucketSampler, bucket_key, collate, encode_examples, load_examples, resolve_model_path
 from lora import count_parameters, inject_lora, lora_layers, merge_lora
 
 FLAN_T5_BASE = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
@@ -52,10 +52,12 @@ def build_model(name: str):
 
     if name == TINY:
         return AutoModelForSeq2SeqLM.from_pretrained(resolve_model_path(TINY))
-    config = T5Config(**FLAN_T5_BASE)
-    config.tie_word_embeddings = False  # transformers 5 forces True in __init__; the real checkpoint is untied
     torch.manual_seed(0)
-    return T5ForConditionalGeneration(config)
+    model = T5ForConditionalGeneration(T5Config(**FLAN_T5_BASE))  # transformers 5 ties lm_head here: 222.9M
+    # The real checkpoint shares its input embeddings but has its own lm_head: 247.6M parameters.
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return model
 
 
 def encoded_rows(tokenizer_path: str | None):
@@ -157,14 +159,17 @@ def run_worker(spec: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 
-def bench_train_step(args, rows, batch_indices) -> list[dict]:
-    """1 and 3: one fixed batch, LoRA vs full fine-tuning (vs PEFT's LoRA), each in a fresh process."""
-    modes = ["lora", "full"]
+def peft_installed() -> bool:
     try:
         import peft  # noqa: F401  (not a dependency: measured only when installed)
-        modes.append("peft")
+        return True
     except ImportError:
-        pass
+        return False
+
+
+def bench_train_step(args, rows, batch_indices) -> list[dict]:
+    """1: one fixed batch, LoRA vs full fine-tuning (and PEFT's LoRA), each in a fresh process for its memory."""
+    modes = ["lora", "full"] + (["peft"] if peft_installed() else [])
     results = []
     for mode in modes:
         spec = {"model": args.model, "mode": mode, "tokenizer": args.tokenizer, "warmup": args.warmup,
@@ -175,10 +180,35 @@ def bench_train_step(args, rows, batch_indices) -> list[dict]:
     return results
 
 
+def bench_ours_vs_peft(args, rows, batch_indices) -> list[dict]:
+    """3: our LoRA layer vs PEFT's on the same model and batch, steps interleaved in one process so that
+    drift in machine speed hits both alike."""
+    import copy
+
+    import peft
+
+    dev = device()
+    base = build_model(args.model)
+    batch = {k: v.to(dev) for k, v in collate([rows[i] for i in batch_indices], 0).items()}
+    ours, ours_opt = prepare_training(copy.deepcopy(base).to(dev).train(), "lora")
+    theirs, theirs_opt = prepare_training(copy.deepcopy(base).to(dev).train(), "peft")
+    del base
+    times = {"ours": [], "peft": []}
+    for _ in range(args.warmup):
+        train_step(ours, ours_opt, batch, None)
+        train_step(theirs, theirs_opt, batch, None)
+    for _ in range(args.reps):
+        times["ours"] += time_steps(ours, ours_opt, [batch], 0)
+        times["peft"] += time_steps(theirs, theirs_opt, [batch], 0)
+    ours_median = statistics.median(times["ours"])
+    return [{"implementation": name, "median_step_s": statistics.median(t),
+             "vs_ours": statistics.median(t) / ours_median - 1} for name, t in times.items()]
+
+
 def bench_epoch(args, rows) -> list[dict]:
     """2: an epoch of LoRA training with length-bucketed dynamic padding vs every row padded to 128."""
     lengths = [len(r.input_ids) + len(r.labels) for r in rows]
-    bucketed = LengthBucketSampler(lengths, args.batch_size, seed=0).all_batches(0)
+    bucketed = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)
     order = list(range(len(rows)))
     random.Random(0).shuffle(order)
     padded = [order[i: i + args.batch_size] for i in range(0, len(order), args.batch_size)]
@@ -275,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epoch-sample", type=int, default=20, help="batches timed per epoch plan (default: 20)")
     p.add_argument("--full-epoch", action="store_true", help="time every batch of both epochs instead of a sample")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per query (default: 64)")
-    p.add_argument("--only", nargs="+", choices=["train", "epoch", "inference", "cuda"], help="run only these sections")
+    p.add_argument("--only", nargs="+", choices=["train", "peft", "epoch", "inference", "cuda"], help="run only these sections")
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -289,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.reps, args.warmup, args.epoch_sample, args.new_tokens = TINY, 3, 1, 4, 16
 
     rows = encoded_rows(args.tokenizer)
-    batch_indices = LengthBucketSampler([len(r.input_ids) + len(r.labels) for r in rows], args.batch_size,
-                                        seed=0).all_batches(0)[0]
-    sections = set(args.only or ["train", "epoch", "inference", "cuda"])
+    batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
+    sections = set(args.only or ["train", "peft", "epoch", "inference", "cuda"])
     results = {"hardware": hardware(), "model": args.model, "batch_size": args.batch_size, "reps": args.reps,
                "warmup": args.warmup}
     print(f"# Benchmarks\n\n{hardware()}; model {args.model} (random weights), batch {args.batch_size}, "
@@ -302,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results["train_step"], [("mode", "mode", ""), ("trainable params", "trainable", ","),
                                              ("median step (s)", "median_step_s", ".3f"),
                                              ("peak memory (MiB)", "peak_mib", ",.0f")]) + "\n", flush=True)
+    if "peft" in sections and peft_installed():
+        results["ours_vs_peft"] = bench_ours_vs_peft(args, rows, batch_indices)
+        print("## Training step: our LoRA layer vs PEFT's, interleaved in one process\n")
+        print(table(results["ours_vs_peft"], [("implementation", "implementation", ""),
+                                              ("median step (s)", "median_step_s", ".3f"),
+                                              ("vs ours", "vs_ours", "+.1%")]) + "\n", flush=True)
     if "epoch" in sections:
         results["epoch"] = bench_epoch(args, rows)
         print("## One epoch of LoRA training: bucketed dynamic padding vs padding to 128\n")

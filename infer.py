@@ -357,7 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--file", type=Path, help="answer each non-empty line of this file")
     p.add_argument("--json", action="store_true", help="one JSON object per answer: query, response, raw_response, latency_s")
     p.add_argument("--accounts", type=Path, default=DEFAULT_ACCOUNTS, help="account store JSON (default: bundled demo customer)")
-    p.add_argument("--no-merge", action="store_true", help="keep the adapter apart from the weights (slower)")
+    p.add_argument("--no-merge", action="store_true",
+                   help="keep the adapter apart from the weights (slower; --eval always does, to compare with the exact base)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 on a CUDA GPU that has it, else fp32")
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch for --file and --eval (default: 16)")
@@ -398,7 +399,7 @@ def interactive(assistant: Assistant, store: AccountStore, args: argparse.Namesp
     print("Banking assistant ready. Ask a question; 'quit' or Ctrl-D ends.", file=sys.stderr)
     while True:
         try:
-            line = input("you> ")
+            line = input("you> " if sys.stdin.isatty() else "")  # piped input: answers alone on stdout
         except EOFError:
             print(file=sys.stderr)
             return
@@ -416,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         validate_args(args)
         store = AccountStore.load(args.accounts)
         eval_rows = load_examples(args.eval_data)[: args.eval_limit] if args.eval else None
-        assistant = Assistant(args.adapter, args.model, merge=not args.no_merge, precision=args.precision)
+        # Evaluation keeps the adapter apart, so lora_disabled gives the base weights exactly, not W0 + ΔW - ΔW.
+        assistant = Assistant(args.adapter, args.model, merge=not (args.no_merge or args.eval),
+                              precision=args.precision)
         if args.eval:
             report = evaluate(assistant, eval_rows, store, args)
             report_dir = args.report_dir or args.adapter / "eval"

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from data import (
-    IGNORE_INDEX, TINY, TRAIN_FILE, VALIDATION_FILE, DataError, LengthBucketSampler, ModelLoadError, collate,
+    IGNORE_INDEX, TINY, TRAIN_FILE, VALIDATION_FILE, DataError, LengthBucketSampler, ModelLoadError, bucket_key, collate,
     encode_examples, load_examples, load_model_and_tokenizer,
 )
 from lora import AdapterError, count_parameters, inject_lora, lora_layers, save_adapter
@@ -369,7 +369,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             log(f"note: {train_truncated} training and {val_truncated} validation rows were truncated to "
                 f"{args.max_source_len}/{args.max_target_len} tokens")
         pad_id, pad_multiple = tokenizer.pad_token_id, (8 if device.type == "cuda" else None)
-        sampler = LengthBucketSampler([len(e.input_ids) + len(e.labels) for e in train_encoded], args.batch_size,
+        sampler = LengthBucketSampler([bucket_key(e) for e in train_encoded], args.batch_size,
                                       seed=args.seed, rank=rank, world_size=world_size)
         val_batches = [collate(val_encoded[i: i + args.batch_size], pad_id, pad_multiple)
                        for i in range(rank * args.batch_size, len(val_encoded), world_size * args.batch_size)]

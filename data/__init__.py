@@ -10,6 +10,7 @@ from .dataset import (
     DataError,
     EncodedExample,
     LengthBucketSampler,
+    bucket_key,
     build_prompt,
     collate,
     encode_examples,
@@ -19,6 +20,6 @@ from .models import TINY, ModelLoadError, load_model_and_tokenizer, resolve_mode
 
 __all__ = [
     "IGNORE_INDEX", "MAX_SOURCE_LEN", "MAX_TARGET_LEN", "TEST_FILE", "TRAIN_FILE", "VALIDATION_FILE", "TINY",
-    "DataError", "EncodedExample", "LengthBucketSampler", "ModelLoadError", "build_prompt", "collate",
+    "DataError", "EncodedExample", "LengthBucketSampler", "ModelLoadError", "bucket_key", "build_prompt", "collate",
     "encode_examples", "load_examples", "load_model_and_tokenizer", "resolve_model_path",
 ]

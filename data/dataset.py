@@ -126,17 +126,23 @@ def collate(batch: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def bucket_key(example: EncodedExample) -> tuple[int, int]:
+    """What batches are grouped by: target length first, since the decoder, with its cross-attention and
+    32k-way output layer, costs most per token; then source length."""
+    return len(example.labels), len(example.input_ids)
+
+
 class LengthBucketSampler:
     """Batches of rows of similar length, for DataLoader(batch_sampler=...).
 
     Each epoch: shuffle all rows, cut them into buckets of `batch_size * bucket_batches` rows, sort each
-    bucket by length, cut it into batches and shuffle the batches. Every row comes exactly once per
+    bucket by `lengths` (any sortable key per row, e.g. `bucket_key`), cut it into batches and shuffle the batches. Every row comes exactly once per
     epoch, and the order depends only on (seed, epoch). With world_size > 1, rank r takes batches
     r, r + world_size, ...; the largest batches are split in two until every rank has the same count,
     so DDP ranks step together and still no row is dropped or repeated.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
+    def __init__(self, lengths: Sequence, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, bucket_batches: int = 32) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
