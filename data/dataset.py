@@ -126,10 +126,14 @@ def collate(batch: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def bucket_key(example: EncodedExample) -> tuple[int, int]:
-    """What batches are grouped by: target length first, since the decoder, with its cross-attention and
-    32k-way output layer, costs most per token; then source length."""
-    return len(example.labels), len(example.input_ids)
+def bucket_key(example: EncodedExample) -> int:
+    """What batches are grouped by: source plus target length.
+
+    Sorting by target length alone pads less (1.8% of target tokens instead of 7.8% here) but makes
+    batches of a single intent, since one intent's answers have nearly equal lengths; the tiny model then
+    learned half as fast (train loss 0.51 against 0.26 after 350 steps).
+    """
+    return len(example.input_ids) + len(example.labels)
 
 
 class LengthBucketSampler:
