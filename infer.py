@@ -7,7 +7,8 @@
 
 The model writes placeholders such as [SAVINGS_BALANCE]; this script fills them from an account store
 (--accounts, a bundled demo customer by default). A figure the store cannot give is never shown raw and
-never made up: the answer becomes a reply saying that figure is unavailable.
+never made up: the answer becomes a reply saying that figure is unavailable. So does an answer holding a
+number that neither the query nor the store contains.
 """
 
 from __future__ import annotations
@@ -233,8 +234,11 @@ def answer(assistant: Assistant, store: AccountStore, queries: list[str], args: 
     results = []
     for query, output in zip(queries, raw):
         response, problems = store.fill(output)
+        invented = invented_numbers(response, query, store)
+        if invented:  # a figure neither the user nor the store gave: the model made it up
+            response, problems = UNAVAILABLE, [f"number(s) {sorted(invented)} found in neither the query nor the store"]
         results.append({"query": query, "response": response, "raw_response": output,
-                        "latency_s": round(latency, 4), **({"unfilled": problems} if problems else {})})
+                        "latency_s": round(latency, 4), **({"withheld_because": problems} if problems else {})})
     return results
 
 

@@ -116,6 +116,22 @@ def test_malformed_accounts_file_is_a_clear_error(tmp_path, content, message):
         infer.AccountStore.load(path)
 
 
+def test_answers_never_show_an_invented_figure(store):
+    class FakeAssistant:
+        device = torch.device("cpu")
+
+        def generate(self, queries, max_new_tokens, **options):
+            return ["I can help you send $250 to Mom.", "I can help you send $500 to Mom.",
+                    "Your balance is [SAVINGS_BALANCE]."]
+
+    args = infer.parse_args([])
+    results = infer.answer(FakeAssistant(), store, ["Transfer 500 to Mom"] * 2 + ["savings balance?"], args)
+    assert results[0]["response"] == infer.UNAVAILABLE and results[0]["raw_response"].startswith("I can help")
+    assert "250" in results[0]["withheld_because"][0]
+    assert results[1]["response"] == "I can help you send $500 to Mom." and "withheld_because" not in results[1]
+    assert results[2]["response"] == "Your balance is $10,450.55."
+
+
 # --- the command line -------------------------------------------------------------------------------------
 
 def test_empty_query_is_refused_without_generating(tmp_path):

@@ -214,3 +214,11 @@ def test_two_cpu_processes_with_gloo_write_one_loadable_adapter(tmp_path):
     base = AutoModelForSeq2SeqLM.from_pretrained(config["base_model_name_or_path"])
     load_adapter(base, out)
     assert any(torch.count_nonzero(layer.lora_B) for layer in lora_layers(base).values())
+
+
+def test_bf16_autocast_on_the_cpu_trains_with_fp32_adapter(tmp_path):
+    summary = train.train(train.parse_args(FAST + ["--max-steps", "4", "--precision", "bf16",
+                                                   "--output-dir", str(tmp_path)]))
+    assert summary["skipped_steps"] == 0 and summary["final_train_loss"] < 20
+    tensors = adapter_tensors(tmp_path)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
