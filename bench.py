@@ -24,12 +24,31 @@ from pathlib import Path
 
 import torch
 
-from data import TINY, TRAIN_FILE, LengthBucketSampler, bucket_key, collate, encode_examples, load_examples, resolve_model_path
+from data import (
+    TINY,
+    TRAIN_FILE,
+    LengthBucketSampler,
+    bucket_key,
+    collate,
+    encode_examples,
+    load_examples,
+    resolve_model_path,
+)
 from lora import count_parameters, inject_lora, lora_layers, merge_lora
 
-FLAN_T5_BASE = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
-                    vocab_size=32128, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
-                    eos_token_id=1)
+FLAN_T5_BASE = dict(
+    d_model=768,
+    d_kv=64,
+    d_ff=2048,
+    num_layers=12,
+    num_decoder_layers=12,
+    num_heads=12,
+    vocab_size=32128,
+    feed_forward_proj="gated-gelu",
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
 # Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets, by device-name substring.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
 
@@ -41,8 +60,18 @@ def device() -> torch.device:
 def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU)"
 
 
@@ -80,8 +109,12 @@ def prepare_training(model, mode: str):
     elif mode == "peft":
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                           target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"
+            ),
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
 
@@ -120,6 +153,7 @@ def peak_memory_mib() -> float:
 # ---------------------------------------------------------------------------------------------------------
 # Workers: each measurement that reports memory runs in a fresh process.
 
+
 def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     dev = device()
@@ -127,8 +161,10 @@ def worker(spec: dict) -> dict:
     model, optimizer = prepare_training(model, spec["mode"])
     trainable, total = count_parameters(model)
     rows = encoded_rows(spec["tokenizer"])
-    batches = [{k: v.to(dev) for k, v in collate([rows[i] for i in idx], 0, spec.get("pad_multiple")).items()}
-               for idx in spec["batches"]]
+    batches = [
+        {k: v.to(dev) for k, v in collate([rows[i] for i in idx], 0, spec.get("pad_multiple")).items()}
+        for idx in spec["batches"]
+    ]
     if spec.get("pad_to"):
         batches = [pad_batch(b, spec["pad_to"]) for b in batches]
     autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}[spec.get("precision", "fp32")]
@@ -138,16 +174,26 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times = time_steps(model, optimizer, batches, spec["warmup"], autocast_dtype)
     real_tokens = [int(b["attention_mask"].sum() + (b["labels"] != -100).sum()) for b in batches]
-    return {"times": times, "real_tokens": real_tokens, "peak_mib": peak_memory_mib(),
-            "trainable": trainable, "total": total}
+    return {
+        "times": times,
+        "real_tokens": real_tokens,
+        "peak_mib": peak_memory_mib(),
+        "trainable": trainable,
+        "total": total,
+    }
 
 
 def pad_batch(batch: dict, length: int) -> dict:
     """Pad (never truncate: the bundled rows fit) input_ids, attention_mask and labels to `length` columns."""
+
     def pad(t, value):
         return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
-    return {"input_ids": pad(batch["input_ids"], 0), "attention_mask": pad(batch["attention_mask"], 0),
-            "labels": pad(batch["labels"], -100)}
+
+    return {
+        "input_ids": pad(batch["input_ids"], 0),
+        "attention_mask": pad(batch["attention_mask"], 0),
+        "labels": pad(batch["labels"], -100),
+    }
 
 
 def run_worker(spec: dict) -> dict:
@@ -159,9 +205,11 @@ def run_worker(spec: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 
+
 def peft_installed() -> bool:
     try:
         import peft  # noqa: F401  (not a dependency: measured only when installed)
+
         return True
     except ImportError:
         return False
@@ -172,11 +220,23 @@ def bench_train_step(args, rows, batch_indices) -> list[dict]:
     modes = ["lora", "full"] + (["peft"] if peft_installed() else [])
     results = []
     for mode in modes:
-        spec = {"model": args.model, "mode": mode, "tokenizer": args.tokenizer, "warmup": args.warmup,
-                "batches": [batch_indices] * args.reps}
+        spec = {
+            "model": args.model,
+            "mode": mode,
+            "tokenizer": args.tokenizer,
+            "warmup": args.warmup,
+            "batches": [batch_indices] * args.reps,
+        }
         out = run_worker(spec)
-        results.append({"mode": mode, "median_step_s": statistics.median(out["times"]), "peak_mib": out["peak_mib"],
-                        "trainable": out["trainable"], "total": out["total"]})
+        results.append(
+            {
+                "mode": mode,
+                "median_step_s": statistics.median(out["times"]),
+                "peak_mib": out["peak_mib"],
+                "trainable": out["trainable"],
+                "total": out["total"],
+            }
+        )
     return results
 
 
@@ -184,8 +244,6 @@ def bench_ours_vs_peft(args, rows, batch_indices) -> list[dict]:
     """3: our LoRA layer vs PEFT's on the same model and batch, steps interleaved in one process so that
     drift in machine speed hits both alike."""
     import copy
-
-    import peft
 
     dev = device()
     base = build_model(args.model)
@@ -201,8 +259,14 @@ def bench_ours_vs_peft(args, rows, batch_indices) -> list[dict]:
         times["ours"] += time_steps(ours, ours_opt, [batch], 0)
         times["peft"] += time_steps(theirs, theirs_opt, [batch], 0)
     ours_median = statistics.median(times["ours"])
-    return [{"implementation": name, "median_step_s": statistics.median(t),
-             "vs_ours": statistics.median(t) / ours_median - 1} for name, t in times.items()]
+    return [
+        {
+            "implementation": name,
+            "median_step_s": statistics.median(t),
+            "vs_ours": statistics.median(t) / ours_median - 1,
+        }
+        for name, t in times.items()
+    ]
 
 
 def bench_epoch(args, rows) -> list[dict]:
@@ -211,17 +275,30 @@ def bench_epoch(args, rows) -> list[dict]:
     bucketed = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)
     order = list(range(len(rows)))
     random.Random(0).shuffle(order)
-    padded = [order[i: i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    padded = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     results = []
     for name, plan, pad_to in (("bucketed, dynamic padding", bucketed, None), ("every row padded to 128", padded, 128)):
         sample = plan if args.full_epoch else random.Random(1).sample(plan, min(args.epoch_sample, len(plan)))
-        spec = {"model": args.model, "mode": "lora", "tokenizer": args.tokenizer, "warmup": args.warmup,
-                "batches": sample, "pad_to": pad_to}
+        spec = {
+            "model": args.model,
+            "mode": "lora",
+            "tokenizer": args.tokenizer,
+            "warmup": args.warmup,
+            "batches": sample,
+            "pad_to": pad_to,
+        }
         out = run_worker(spec)
         # Real (non-padding) tokens of the whole epoch are the same for both plans.
         epoch_s = statistics.mean(out["times"]) * len(plan)
-        results.append({"plan": name, "batches": len(plan), "measured_batches": len(sample), "epoch_s": epoch_s,
-                        "real_tokens_per_s": sum(lengths) / epoch_s})
+        results.append(
+            {
+                "plan": name,
+                "batches": len(plan),
+                "measured_batches": len(sample),
+                "epoch_s": epoch_s,
+                "real_tokens_per_s": sum(lengths) / epoch_s,
+            }
+        )
     return results
 
 
@@ -258,8 +335,15 @@ def bench_inference(args, rows) -> list[dict]:
         base_median = statistics.median(times["base"])
         for name in models:
             median = statistics.median(times[name])
-            results.append({"batch": batch_size, "model": name, "median_s": median, "per_query_s": median / batch_size,
-                            "vs_base": median / base_median - 1})
+            results.append(
+                {
+                    "batch": batch_size,
+                    "model": name,
+                    "median_s": median,
+                    "per_query_s": median / batch_size,
+                    "vs_base": median / base_median - 1,
+                }
+            )
     return results
 
 
@@ -271,31 +355,53 @@ def bench_cuda_throughput(args, rows, batch_indices) -> list[dict]:
     for mode in ("lora", "full"):
         for precision in ("bf16", "fp32"):
             for compiled in (False, True):
-                spec = {"model": args.model, "mode": mode, "tokenizer": args.tokenizer, "warmup": args.warmup + 2,
-                        "batches": [batch_indices] * args.reps, "precision": precision, "compile": compiled,
-                        "pad_multiple": 8}
+                spec = {
+                    "model": args.model,
+                    "mode": mode,
+                    "tokenizer": args.tokenizer,
+                    "warmup": args.warmup + 2,
+                    "batches": [batch_indices] * args.reps,
+                    "precision": precision,
+                    "compile": compiled,
+                    "pad_multiple": 8,
+                }
                 out = run_worker(spec)
                 step = statistics.median(out["times"])
                 tokens_per_s = out["real_tokens"][0] / step
                 flops_per_token = (4 if mode == "lora" else 6) * out["total"]
                 # fp32 matmuls run as TF32 on tensor cores at half the bf16 peak.
                 peak_used = peak and (peak if precision == "bf16" else peak / 2)
-                results.append({"mode": mode, "precision": precision, "compile": compiled, "tokens_per_s": tokens_per_s,
-                                "mfu": tokens_per_s * flops_per_token / peak_used if peak_used else None,
-                                "peak_flops": peak_used})
+                results.append(
+                    {
+                        "mode": mode,
+                        "precision": precision,
+                        "compile": compiled,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * flops_per_token / peak_used if peak_used else None,
+                        "peak_flops": peak_used,
+                    }
+                )
     return results
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(("n/a" if row[key] is None else format(row[key], fmt)) if fmt else str(row[key])
-                                       for _, key, fmt in columns) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                ("n/a" if row[key] is None else format(row[key], fmt)) if fmt else str(row[key])
+                for _, key, fmt in columns
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny model and few repetitions: a smoke check, not figures")
     p.add_argument("--model", default="flan-t5-base", choices=["flan-t5-base", TINY], help="architecture to time")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for sequence lengths (default: tiny's)")
@@ -305,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epoch-sample", type=int, default=20, help="batches timed per epoch plan (default: 20)")
     p.add_argument("--full-epoch", action="store_true", help="time every batch of both epochs instead of a sample")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per query (default: 64)")
-    p.add_argument("--only", nargs="+", choices=["train", "peft", "epoch", "inference", "cuda"], help="run only these sections")
+    p.add_argument(
+        "--only", nargs="+", choices=["train", "peft", "epoch", "inference", "cuda"], help="run only these sections"
+    )
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -321,40 +429,101 @@ def main(argv: list[str] | None = None) -> int:
     rows = encoded_rows(args.tokenizer)
     batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
     sections = set(args.only or ["train", "peft", "epoch", "inference", "cuda"])
-    results = {"hardware": hardware(), "model": args.model, "batch_size": args.batch_size, "reps": args.reps,
-               "warmup": args.warmup}
-    print(f"# Benchmarks\n\n{hardware()}; model {args.model} (random weights), batch {args.batch_size}, "
-          f"median of {args.reps} after {args.warmup} warm-up runs.\n", flush=True)
+    results = {
+        "hardware": hardware(),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "reps": args.reps,
+        "warmup": args.warmup,
+    }
+    print(
+        f"# Benchmarks\n\n{hardware()}; model {args.model} (random weights), batch {args.batch_size}, "
+        f"median of {args.reps} after {args.warmup} warm-up runs.\n",
+        flush=True,
+    )
     if "train" in sections:
         results["train_step"] = bench_train_step(args, rows, batch_indices)
         print("## Training step: LoRA (r=16 on q, v) vs full fine-tuning, AdamW, one batch\n")
-        print(table(results["train_step"], [("mode", "mode", ""), ("trainable params", "trainable", ","),
-                                             ("median step (s)", "median_step_s", ".3f"),
-                                             ("peak memory (MiB)", "peak_mib", ",.0f")]) + "\n", flush=True)
+        print(
+            table(
+                results["train_step"],
+                [
+                    ("mode", "mode", ""),
+                    ("trainable params", "trainable", ","),
+                    ("median step (s)", "median_step_s", ".3f"),
+                    ("peak memory (MiB)", "peak_mib", ",.0f"),
+                ],
+            )
+            + "\n",
+            flush=True,
+        )
     if "peft" in sections and peft_installed():
         results["ours_vs_peft"] = bench_ours_vs_peft(args, rows, batch_indices)
         print("## Training step: our LoRA layer vs PEFT's, interleaved in one process\n")
-        print(table(results["ours_vs_peft"], [("implementation", "implementation", ""),
-                                              ("median step (s)", "median_step_s", ".3f"),
-                                              ("vs ours", "vs_ours", "+.1%")]) + "\n", flush=True)
+        print(
+            table(
+                results["ours_vs_peft"],
+                [
+                    ("implementation", "implementation", ""),
+                    ("median step (s)", "median_step_s", ".3f"),
+                    ("vs ours", "vs_ours", "+.1%"),
+                ],
+            )
+            + "\n",
+            flush=True,
+        )
     if "epoch" in sections:
         results["epoch"] = bench_epoch(args, rows)
         print("## One epoch of LoRA training: bucketed dynamic padding vs padding to 128\n")
-        print(table(results["epoch"], [("batches", "plan", ""), ("steps", "batches", ""),
-                                       ("timed steps", "measured_batches", ""), ("epoch (s)", "epoch_s", ".1f"),
-                                       ("real tokens/s", "real_tokens_per_s", ",.0f")]) + "\n", flush=True)
+        print(
+            table(
+                results["epoch"],
+                [
+                    ("batches", "plan", ""),
+                    ("steps", "batches", ""),
+                    ("timed steps", "measured_batches", ""),
+                    ("epoch (s)", "epoch_s", ".1f"),
+                    ("real tokens/s", "real_tokens_per_s", ",.0f"),
+                ],
+            )
+            + "\n",
+            flush=True,
+        )
     if "inference" in sections:
         results["inference"] = bench_inference(args, rows)
         print(f"## Inference: greedy, exactly {args.new_tokens} new tokens\n")
-        print(table(results["inference"], [("batch", "batch", ""), ("model", "model", ""),
-                                           ("median (s)", "median_s", ".4f"), ("per query (s)", "per_query_s", ".4f"),
-                                           ("vs base", "vs_base", "+.1%")]) + "\n", flush=True)
+        print(
+            table(
+                results["inference"],
+                [
+                    ("batch", "batch", ""),
+                    ("model", "model", ""),
+                    ("median (s)", "median_s", ".4f"),
+                    ("per query (s)", "per_query_s", ".4f"),
+                    ("vs base", "vs_base", "+.1%"),
+                ],
+            )
+            + "\n",
+            flush=True,
+        )
     if "cuda" in sections and torch.cuda.is_available():
         results["cuda"] = bench_cuda_throughput(args, rows, batch_indices)
         print("## CUDA throughput and MFU (LoRA 4N, full 6N FLOPs per token)\n")
-        print(table(results["cuda"], [("mode", "mode", ""), ("precision", "precision", ""), ("compile", "compile", ""),
-                                      ("tokens/s", "tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"),
-                                      ("peak FLOP/s", "peak_flops", ".3g")]) + "\n", flush=True)
+        print(
+            table(
+                results["cuda"],
+                [
+                    ("mode", "mode", ""),
+                    ("precision", "precision", ""),
+                    ("compile", "compile", ""),
+                    ("tokens/s", "tokens_per_s", ",.0f"),
+                    ("MFU", "mfu", ".1%"),
+                    ("peak FLOP/s", "peak_flops", ".3g"),
+                ],
+            )
+            + "\n",
+            flush=True,
+        )
     if args.output:
         args.output.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -27,7 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from data import (
-    MAX_SOURCE_LEN, TEST_FILE, TRAIN_FILE, DataError, ModelLoadError, build_prompt, load_examples,
+    MAX_SOURCE_LEN,
+    TEST_FILE,
+    TRAIN_FILE,
+    DataError,
+    ModelLoadError,
+    build_prompt,
+    load_examples,
     load_model_and_tokenizer,
 )
 from data.dataset import DATA_DIR
@@ -35,8 +41,10 @@ from lora import AdapterError, load_adapter, lora_disabled, merge_lora
 from lora.adapter_io import atomic_write_text, read_adapter_config
 
 DEFAULT_ACCOUNTS = DATA_DIR / "accounts_demo.json"
-UNAVAILABLE = ("I'm sorry, I can't give you that figure right now because it isn't available in your account "
-               "records. Please check the mobile app or call our support line.")
+UNAVAILABLE = (
+    "I'm sorry, I can't give you that figure right now because it isn't available in your account "
+    "records. Please check the mobile app or call our support line."
+)
 REFUSAL_MARKER = "i can only help with banking"  # every out-of-domain answer in the dataset says this
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 BRACKETED = re.compile(r"\[([^\[\]]*)\]")
@@ -53,6 +61,7 @@ class AccountsError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------
 # Grounded figures: placeholders in, account-store values out.
+
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
@@ -95,7 +104,10 @@ class AccountStore:
                     tx_where = f"{where}.recent_transactions[{i}]"
                     if not isinstance(tx, dict) or not all(isinstance(tx.get(k), str) for k in ("date", "description")):
                         self._fail(f"'{tx_where}' needs string 'date' and 'description' and a number 'amount'")
-                    lines.append(f"{tx['date']} {tx['description']} {money(self._number(tx.get('amount'), tx_where + '.amount'))}")
+                    lines.append(
+                        f"{tx['date']} {tx['description']} "
+                        f"{money(self._number(tx.get('amount'), tx_where + '.amount'))}"
+                    )
                     self._strings(tx["date"], tx["description"])
                 self.values[f"{stem}_RECENT_TRANSACTIONS"] = "; ".join(lines) if lines else "no recent transactions"
         bank = self._section(data, "bank")
@@ -175,6 +187,7 @@ def invented_numbers(answer: str, query: str, store: AccountStore) -> set[float]
 # ---------------------------------------------------------------------------------------------------------
 # The assistant: base model + adapter, merged.
 
+
 def resolve_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if precision == "auto":
@@ -185,8 +198,9 @@ def resolve_device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]
 class Assistant:
     """A base model with an adapter loaded (and merged unless merge=False), ready to answer queries."""
 
-    def __init__(self, adapter_dir: str | Path, model: str | None = None, merge: bool = True,
-                 precision: str = "auto") -> None:
+    def __init__(
+        self, adapter_dir: str | Path, model: str | None = None, merge: bool = True, precision: str = "auto"
+    ) -> None:
         config = read_adapter_config(adapter_dir)
         recorded = config.get("base_model_name_or_path")
         name = model or recorded
@@ -209,8 +223,9 @@ class Assistant:
         for query, length in zip(queries, lengths):
             if length > MAX_SOURCE_LEN:
                 warn(f"the query is {length} tokens long; only its first {MAX_SOURCE_LEN} are read: {query[:40]!r}...")
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                                max_length=MAX_SOURCE_LEN).to(self.device)
+        inputs = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, truncation=True, max_length=MAX_SOURCE_LEN
+        ).to(self.device)
         with lora_disabled(self.model) if base else nullcontext():
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generation)
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
@@ -237,8 +252,15 @@ def answer(assistant: Assistant, store: AccountStore, queries: list[str], args: 
         invented = invented_numbers(response, query, store)
         if invented:  # a figure neither the user nor the store gave: the model made it up
             response, problems = UNAVAILABLE, [f"number(s) {sorted(invented)} found in neither the query nor the store"]
-        results.append({"query": query, "response": response, "raw_response": output,
-                        "latency_s": round(latency, 4), **({"withheld_because": problems} if problems else {})})
+        results.append(
+            {
+                "query": query,
+                "response": response,
+                "raw_response": output,
+                "latency_s": round(latency, 4),
+                **({"withheld_because": problems} if problems else {}),
+            }
+        )
     return results
 
 
@@ -249,6 +271,7 @@ def show(results: list[dict], as_json: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: base (adapter disabled) against fine-tuned, on the held-out test split.
+
 
 def normalize(text: str) -> list[str]:
     return re.sub(r"[^\w\[\]\s]", " ", text.lower()).split()
@@ -277,8 +300,9 @@ class IntentMatcher:
         self.threshold = threshold
 
     def __call__(self, response: str) -> str | None:
-        score, intent = max(((token_f1(response, known), intent) for known, intent in self.responses),
-                            default=(0.0, None))
+        score, intent = max(
+            ((token_f1(response, known), intent) for known, intent in self.responses), default=(0.0, None)
+        )
         return intent if score >= self.threshold else None
 
 
@@ -296,10 +320,14 @@ def score(rows: list[dict], outputs: list[str], store: AccountStore, matcher: In
         "exact_match": sum(exact_match(o, r["response"]) for o, r in zip(outputs, rows)) / n,
         "token_f1": sum(token_f1(o, r["response"]) for o, r in zip(outputs, rows)) / n,
         "intent_accuracy": sum(matcher(o) == r.get("intent") for o, r in zip(outputs, rows)) / n,
-        "refusal_rate_out_of_domain": (sum(is_refusal(outputs[i]) for i in out_of_domain) / len(out_of_domain)
-                                       if out_of_domain else None),
-        "refusal_rate_in_domain": sum(is_refusal(outputs[i]) for i in in_domain) / len(in_domain) if in_domain else None,
-        "invented_figure_rate": sum(bool(invented_numbers(a, r["instruction"], store)) for a, r in zip(answers, rows)) / n,
+        "refusal_rate_out_of_domain": (
+            sum(is_refusal(outputs[i]) for i in out_of_domain) / len(out_of_domain) if out_of_domain else None
+        ),
+        "refusal_rate_in_domain": sum(is_refusal(outputs[i]) for i in in_domain) / len(in_domain)
+        if in_domain
+        else None,
+        "invented_figure_rate": sum(bool(invented_numbers(a, r["instruction"], store)) for a, r in zip(answers, rows))
+        / n,
         "unfillable_placeholder_rate": sum(a == UNAVAILABLE for a in answers) / n,
     }
 
@@ -307,21 +335,35 @@ def score(rows: list[dict], outputs: list[str], store: AccountStore, matcher: In
 def evaluate(assistant: Assistant, rows: list[dict], store: AccountStore, args: argparse.Namespace) -> dict:
     matcher = IntentMatcher(load_examples(TRAIN_FILE))
     outputs = {"base": [], "fine_tuned": []}
-    batches = [rows[i: i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+    batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", file=sys.stderr):
         queries = [row["instruction"] for row in batch]
         outputs["fine_tuned"] += assistant.generate(queries, args.max_new_tokens, **generation_options(args))
         outputs["base"] += assistant.generate(queries, args.max_new_tokens, base=True, **generation_options(args))
     metrics = {name: score(rows, outs, store, matcher) for name, outs in outputs.items()}
-    samples = [{"query": rows[i]["instruction"], "intent": rows[i].get("intent"), "reference": rows[i]["response"],
-                "base": store.fill(outputs["base"][i])[0], "fine_tuned": store.fill(outputs["fine_tuned"][i])[0]}
-               for i in _sample_indices(rows, args.samples)]
-    return {"adapter": str(args.adapter), "base_model": assistant.base_path, "test_rows": len(rows),
-            "metrics": metrics, "samples": samples,
-            "notes": {"exact_match": "raw output equals the reference response, placeholders included",
-                      "intent_accuracy": "intent of the most similar training response (token F1 >= 0.5)",
-                      "refusal": f"the answer contains '{REFUSAL_MARKER}'",
-                      "invented_figure_rate": "answers holding a number found neither in the query nor the account store"}}
+    samples = [
+        {
+            "query": rows[i]["instruction"],
+            "intent": rows[i].get("intent"),
+            "reference": rows[i]["response"],
+            "base": store.fill(outputs["base"][i])[0],
+            "fine_tuned": store.fill(outputs["fine_tuned"][i])[0],
+        }
+        for i in _sample_indices(rows, args.samples)
+    ]
+    return {
+        "adapter": str(args.adapter),
+        "base_model": assistant.base_path,
+        "test_rows": len(rows),
+        "metrics": metrics,
+        "samples": samples,
+        "notes": {
+            "exact_match": "raw output equals the reference response, placeholders included",
+            "intent_accuracy": "intent of the most similar training response (token F1 >= 0.5)",
+            "refusal": f"the answer contains '{REFUSAL_MARKER}'",
+            "invented_figure_rate": "answers holding a number found neither in the query nor the account store",
+        },
+    }
 
 
 def _sample_indices(rows: list[dict], count: int) -> list[int]:
@@ -335,36 +377,64 @@ def _sample_indices(rows: list[dict], count: int) -> list[int]:
 
 def report_markdown(report: dict) -> str:
     m = report["metrics"]
+
     def cell(value):
         return "n/a" if value is None else f"{value:.1%}"
-    lines = [f"# Evaluation: base vs fine-tuned\n",
-             f"Adapter `{report['adapter']}` on base `{report['base_model']}`, {report['test_rows']} held-out test rows.\n",
-             "| metric | base | fine_tuned |", "| --- | --- | --- |"]
+
+    lines = [
+        "# Evaluation: base vs fine-tuned\n",
+        f"Adapter `{report['adapter']}` on base `{report['base_model']}`, {report['test_rows']} held-out test rows.\n",
+        "| metric | base | fine_tuned |",
+        "| --- | --- | --- |",
+    ]
     for key in m["base"]:
         lines.append(f"| {key} | {cell(m['base'][key])} | {cell(m['fine_tuned'][key])} |")
     lines += ["", "| query | base answer | fine-tuned answer | reference |", "| --- | --- | --- | --- |"]
     for s in report["samples"]:
-        lines.append("| " + " | ".join(s[k].replace("|", "\\|") for k in ("query", "base", "fine_tuned", "reference")) + " |")
+        lines.append(
+            "| " + " | ".join(s[k].replace("|", "\\|") for k in ("query", "base", "fine_tuned", "reference")) + " |"
+        )
     lines += ["", *(f"- {k}: {v}" for k, v in report["notes"].items())]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("query", nargs="?", help="the question; leave out for an interactive prompt")
-    p.add_argument("--adapter", type=Path, default=Path("banking_assistant_lora"),
-                   help="adapter directory from train.py or PEFT (default: banking_assistant_lora)")
-    p.add_argument("--model", default=None,
-                   help="base model: 'tiny', a directory or a hub name (default: the adapter's base_model_name_or_path)")
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        default=Path("banking_assistant_lora"),
+        help="adapter directory from train.py or PEFT (default: banking_assistant_lora)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model: 'tiny', a directory or a hub name (default: the adapter's base_model_name_or_path)",
+    )
     p.add_argument("--file", type=Path, help="answer each non-empty line of this file")
-    p.add_argument("--json", action="store_true", help="one JSON object per answer: query, response, raw_response, latency_s")
-    p.add_argument("--accounts", type=Path, default=DEFAULT_ACCOUNTS, help="account store JSON (default: bundled demo customer)")
-    p.add_argument("--no-merge", action="store_true",
-                   help="keep the adapter apart from the weights (slower; --eval always does, to compare with the exact base)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 on a CUDA GPU that has it, else fp32")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per answer: query, response, raw_response, latency_s"
+    )
+    p.add_argument(
+        "--accounts", type=Path, default=DEFAULT_ACCOUNTS, help="account store JSON (default: bundled demo customer)"
+    )
+    p.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="keep the adapter apart from the weights (slower; --eval always does, to compare with the exact base)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 on a CUDA GPU that has it, else fp32",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch for --file and --eval (default: 16)")
     g = p.add_argument_group("decoding (greedy by default)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")
@@ -376,9 +446,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", action="store_true", help="evaluate base vs fine-tuned on --eval-data and write a report")
-    e.add_argument("--eval-data", type=Path, default=TEST_FILE, help="rows to evaluate on (default: bundled test split)")
+    e.add_argument(
+        "--eval-data", type=Path, default=TEST_FILE, help="rows to evaluate on (default: bundled test split)"
+    )
     e.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N rows")
-    e.add_argument("--report-dir", type=Path, default=None, help="where eval_report.md/.json go (default: <adapter>/eval)")
+    e.add_argument(
+        "--report-dir", type=Path, default=None, help="where eval_report.md/.json go (default: <adapter>/eval)"
+    )
     e.add_argument("--samples", type=int, default=10, help="rows in the report's sample table (default: 10)")
     return p.parse_args(argv)
 
@@ -390,7 +464,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise UsageError("--temperature must be positive and --top-p in (0, 1].")
     if args.query is not None and not args.query.strip():
-        raise UsageError("the query is empty: ask a question, e.g. python infer.py \"I lost my card\".")
+        raise UsageError('the query is empty: ask a question, e.g. python infer.py "I lost my card".')
     if sum(x is not None and x is not False for x in (args.query, args.file, args.eval or None)) > 1:
         raise UsageError("give one of: a query, --file or --eval.")
     if args.file is not None and not args.file.is_file():
@@ -422,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         store = AccountStore.load(args.accounts)
         eval_rows = load_examples(args.eval_data)[: args.eval_limit] if args.eval else None
         # Evaluation keeps the adapter apart, so lora_disabled gives the base weights exactly, not W0 + ΔW - ΔW.
-        assistant = Assistant(args.adapter, args.model, merge=not (args.no_merge or args.eval),
-                              precision=args.precision)
+        assistant = Assistant(
+            args.adapter, args.model, merge=not (args.no_merge or args.eval), precision=args.precision
+        )
         if args.eval:
             report = evaluate(assistant, eval_rows, store, args)
             report_dir = args.report_dir or args.adapter / "eval"
@@ -437,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             if not queries:
                 raise UsageError(f"query file {args.file} holds no non-empty line.")
             for i in range(0, len(queries), args.batch_size):
-                show(answer(assistant, store, queries[i: i + args.batch_size], args), args.json)
+                show(answer(assistant, store, queries[i : i + args.batch_size], args), args.json)
         elif args.query is not None:
             show(answer(assistant, store, [args.query.strip()], args), args.json)
         else:

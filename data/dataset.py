@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -56,13 +56,15 @@ def load_examples(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, line {number}: invalid JSON ({err.msg}, column {err.colno}).") from None
     if not rows:
-        raise DataError(f"{path} holds no rows: expected JSONL or a JSON array of "
-                        '{"instruction": ..., "response": ...} objects.')
+        raise DataError(
+            f'{path} holds no rows: expected JSONL or a JSON array of {{"instruction": ..., "response": ...}} objects.'
+        )
     examples = []
     for where, row in rows:
         if not isinstance(row, dict):
-            raise DataError(f"{path}, {where}: expected an object with 'instruction' and 'response', "
-                            f"got {type(row).__name__}.")
+            raise DataError(
+                f"{path}, {where}: expected an object with 'instruction' and 'response', got {type(row).__name__}."
+            )
         for field in ("instruction", "response"):
             value = row.get(field)
             if not isinstance(value, str):
@@ -82,8 +84,9 @@ class EncodedExample:
     labels: list[int]
 
 
-def encode_examples(examples: Sequence[dict], tokenizer, max_source_len: int = MAX_SOURCE_LEN,
-                    max_target_len: int = MAX_TARGET_LEN) -> tuple[list[EncodedExample], int]:
+def encode_examples(
+    examples: Sequence[dict], tokenizer, max_source_len: int = MAX_SOURCE_LEN, max_target_len: int = MAX_TARGET_LEN
+) -> tuple[list[EncodedExample], int]:
     """Tokenise prompts and responses; return the encoded rows and how many rows were truncated.
 
     A truncated sequence keeps its final </s> so the model still learns where an answer ends.
@@ -110,6 +113,7 @@ def collate(batch: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_
     input_ids (B, S) padded with pad_token_id, attention_mask (B, S), labels (B, T) padded with -100.
     T5 builds decoder_input_ids from labels, turning -100 into its pad id.
     """
+
     def padded_length(lengths):
         longest = max(lengths)
         return longest if not pad_to_multiple_of else math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of
@@ -140,14 +144,22 @@ class LengthBucketSampler:
     """Batches of rows of similar length, for DataLoader(batch_sampler=...).
 
     Each epoch: shuffle all rows, cut them into buckets of `batch_size * bucket_batches` rows, sort each
-    bucket by `lengths` (any sortable key per row, e.g. `bucket_key`), cut it into batches and shuffle the batches. Every row comes exactly once per
+    bucket by `lengths` (any sortable key per row, e.g. `bucket_key`), cut it into batches and shuffle the
+    batches. Every row comes exactly once per
     epoch, and the order depends only on (seed, epoch). With world_size > 1, rank r takes batches
     r, r + world_size, ...; the largest batches are split in two until every rank has the same count,
     so DDP ranks step together and still no row is dropped or repeated.
     """
 
-    def __init__(self, lengths: Sequence, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, bucket_batches: int = 32) -> None:
+    def __init__(
+        self,
+        lengths: Sequence,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        bucket_batches: int = 32,
+    ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         if len(lengths) < world_size:
@@ -168,17 +180,17 @@ class LengthBucketSampler:
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         batches = []
         for start in range(0, len(order), self.bucket_size):
-            bucket = sorted(order[start: start + self.bucket_size], key=lambda i: self.lengths[i])
-            batches += [bucket[i: i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
+            bucket = sorted(order[start : start + self.bucket_size], key=lambda i: self.lengths[i])
+            batches += [bucket[i : i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         while len(batches) % self.world_size:
             largest = max(range(len(batches)), key=lambda i: len(batches[i]))
             batch = batches[largest]
-            batches[largest: largest + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
+            batches[largest : largest + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.all_batches(self.epoch)[self.rank:: self.world_size][self.start_batch:]
+        yield from self.all_batches(self.epoch)[self.rank :: self.world_size][self.start_batch :]
 
     def __len__(self) -> int:
         return len(self.all_batches(self.epoch)) // self.world_size - self.start_batch

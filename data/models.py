@@ -23,8 +23,16 @@ from .dataset import TRAIN_FILE, build_prompt, load_examples
 
 TINY = "tiny"
 TINY_VOCAB_SIZE = 800
-TINY_CONFIG = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu", dropout_rate=0.0)
+TINY_CONFIG = dict(
+    d_model=128,
+    d_kv=32,
+    d_ff=256,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+)
 TINY_SEED = 0
 
 
@@ -39,8 +47,16 @@ def cache_dir() -> Path:
 
 def tiny_model_dir() -> Path:
     """The tiny model's directory, built on first use. Its name hashes everything it is built from."""
-    recipe = json.dumps({"config": TINY_CONFIG, "vocab": TINY_VOCAB_SIZE, "seed": TINY_SEED,
-                         "data": hashlib.sha256(TRAIN_FILE.read_bytes()).hexdigest(), "version": 1}, sort_keys=True)
+    recipe = json.dumps(
+        {
+            "config": TINY_CONFIG,
+            "vocab": TINY_VOCAB_SIZE,
+            "seed": TINY_SEED,
+            "data": hashlib.sha256(TRAIN_FILE.read_bytes()).hexdigest(),
+            "version": 1,
+        },
+        sort_keys=True,
+    )
     directory = cache_dir() / f"tiny-t5-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if not (directory / "config.json").is_file():
         build_tiny_model(directory)
@@ -57,9 +73,21 @@ def train_tiny_sentencepiece() -> list[tuple[str, float]]:
     sentences.append("".join(c for c in string.printable[:95] if c not in "{}<"))
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=TINY_VOCAB_SIZE, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-        character_coverage=1.0, normalization_rule_name="identity", num_threads=1, minloglevel=2,
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=TINY_VOCAB_SIZE,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
     )
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     return [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
@@ -77,9 +105,13 @@ def build_tiny_model(directory: Path) -> None:
     from transformers import T5Config, T5ForConditionalGeneration
 
     tokenizer = build_tiny_tokenizer()
-    config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                      **TINY_CONFIG)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **TINY_CONFIG,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = T5ForConditionalGeneration(config)
@@ -116,12 +148,16 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):
     local_only = Path(path).expanduser().is_dir() or _in_hub_cache(path)
     if not local_only:
         if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a path, not an "org/name" hub id
-            raise ModelLoadError(f"model directory {name!r} does not exist; pass a directory saved with "
-                                 "save_pretrained, a hub name, or --model tiny for the offline test model.")
+            raise ModelLoadError(
+                f"model directory {name!r} does not exist; pass a directory saved with "
+                "save_pretrained, a hub name, or --model tiny for the offline test model."
+            )
         if not _hub_reachable():
-            raise ModelLoadError(f"could not load model {name!r}: it is not in the local cache and the Hugging Face "
-                                 "hub cannot be reached; pass a local directory saved with save_pretrained, or "
-                                 "--model tiny for the offline test model.")
+            raise ModelLoadError(
+                f"could not load model {name!r}: it is not in the local cache and the Hugging Face "
+                "hub cannot be reached; pass a local directory saved with save_pretrained, or "
+                "--model tiny for the offline test model."
+            )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # one clear message below instead of transformers' warnings
     hf_logging.disable_progress_bar()

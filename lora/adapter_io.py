@@ -64,8 +64,10 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         raise AdapterError("the model has no LoRA layers: call inject_lora(model) first.")
     settings = {(lay.r, lay.alpha, _dropout_p(lay), lay.use_rslora) for lay in layers.values()}
     if len(settings) != 1:
-        raise AdapterError(f"LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
-                           "one adapter file holds one setting.")
+        raise AdapterError(
+            f"LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
+            "one adapter file holds one setting."
+        )
     r, alpha, dropout, use_rslora = settings.pop()
     return {
         "peft_type": "LORA",
@@ -132,12 +134,19 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     if isinstance(targets, str) and targets.isidentifier():
         targets = [targets]
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        refuse("target_modules", f"must be a non-empty list of module names, got {targets!r} (regexes are not supported)")
+        refuse(
+            "target_modules", f"must be a non-empty list of module names, got {targets!r} (regexes are not supported)"
+        )
     config["target_modules"] = targets
     unsupported = {
-        "use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
-        "lora_bias": (False, None), "modules_to_save": (None, []), "layers_to_transform": (None, []),
-        "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+        "use_dora": (False, None),
+        "bias": ("none", None),
+        "fan_in_fan_out": (False, None),
+        "lora_bias": (False, None),
+        "modules_to_save": (None, []),
+        "layers_to_transform": (None, []),
+        "rank_pattern": ({}, None),
+        "alpha_pattern": ({}, None),
     }
     for field, allowed in unsupported.items():
         if field in config and config[field] not in allowed:
@@ -165,15 +174,26 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
 
     layers = lora_layers(model)
     if not layers:
-        inject_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-                    dropout=config.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(config.get("use_rslora", False)))
+        inject_lora(
+            model,
+            config["target_modules"],
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0) or 0.0,
+            use_rslora=bool(config.get("use_rslora", False)),
+        )
         layers = lora_layers(model)
     else:
         for name, layer in layers.items():
-            if (layer.r, layer.alpha, layer.use_rslora) != (config["r"], config["lora_alpha"], bool(config.get("use_rslora", False))):
+            if (layer.r, layer.alpha, layer.use_rslora) != (
+                config["r"],
+                config["lora_alpha"],
+                bool(config.get("use_rslora", False)),
+            ):
                 raise AdapterError(
-                    f"the model's LoRA layer {name} has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora} "
-                    f"but {directory} was saved with r={config['r']}, alpha={config['lora_alpha']}; load into a fresh base model."
+                    f"the model's LoRA layer {name} has r={layer.r}, alpha={layer.alpha}, "
+                    f"use_rslora={layer.use_rslora} but {directory} was saved with r={config['r']}, "
+                    f"alpha={config['lora_alpha']}; load into a fresh base model."
                 )
             if layer.merged:
                 raise AdapterError(f"LoRA layer {name} is merged: unmerge_lora(model) before loading an adapter.")
@@ -189,15 +209,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing:
-        raise AdapterError(f"{weights_path} lacks {len(missing)} key(s) the model needs, e.g. '{missing[0]}': "
-                           "it was saved for another model or other target modules.")
+        raise AdapterError(
+            f"{weights_path} lacks {len(missing)} key(s) the model needs, e.g. '{missing[0]}': "
+            "it was saved for another model or other target modules."
+        )
     if unexpected:
-        raise AdapterError(f"{weights_path} has {len(unexpected)} key(s) the model does not, e.g. '{unexpected[0]}': "
-                           "it was saved for another model or other target modules.")
+        raise AdapterError(
+            f"{weights_path} has {len(unexpected)} key(s) the model does not, e.g. '{unexpected[0]}': "
+            "it was saved for another model or other target modules."
+        )
     for key, param in expected.items():
         if state[key].shape != param.shape:
-            raise AdapterError(f"{weights_path}: '{key}' has shape {tuple(state[key].shape)} but the model expects "
-                               f"{tuple(param.shape)}: it was saved for another model size or rank.")
+            raise AdapterError(
+                f"{weights_path}: '{key}' has shape {tuple(state[key].shape)} but the model expects "
+                f"{tuple(param.shape)}: it was saved for another model size or rank."
+            )
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(state[key])

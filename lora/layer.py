@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,15 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         """Wrap an existing nn.Linear, sharing (not copying) its weight and bias."""
         layer = cls(
-            linear.in_features, linear.out_features, r, alpha, dropout, use_rslora,
-            bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype,
+            linear.in_features,
+            linear.out_features,
+            r,
+            alpha,
+            dropout,
+            use_rslora,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
         )
         layer.weight, layer.bias = linear.weight, linear.bias
         device = linear.weight.device
@@ -162,7 +169,8 @@ def inject_lora(
     if lora_layers(model):
         raise ValueError("this model already has LoRA layers: inject once, or build a fresh base model.")
     replaced = [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in targets
     ]
     if not replaced:

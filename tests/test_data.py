@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from data import (
-    IGNORE_INDEX, TEST_FILE, TRAIN_FILE, VALIDATION_FILE, DataError, EncodedExample, LengthBucketSampler,
-    bucket_key, build_prompt, collate, encode_examples, load_examples,
+    IGNORE_INDEX,
+    TEST_FILE,
+    TRAIN_FILE,
+    VALIDATION_FILE,
+    DataError,
+    EncodedExample,
+    LengthBucketSampler,
+    bucket_key,
+    build_prompt,
+    collate,
+    encode_examples,
+    load_examples,
 )
 from data.generate import TEMPLATES
 
@@ -30,6 +40,7 @@ def tiny_tokenizer(tiny_model_path):
 
 # --- the bundled dataset ----------------------------------------------------------------------------------
 
+
 def test_size_coverage_and_balance(splits):
     rows = [row for rows in splits.values() for row in rows]
     assert len(rows) >= 1500
@@ -37,16 +48,35 @@ def test_size_coverage_and_balance(splits):
     counts = collections.Counter(row["intent"] for row in rows)
     assert len(counts) >= 14
     assert max(counts.values()) == min(counts.values())
-    for intent in ("lost_stolen_card", "freeze_card", "card_declined", "check_balance", "recent_transactions",
-                   "transfer_funds", "loan_rates", "loan_apply", "branch_hours", "fees", "account_details",
-                   "open_account", "fraud_report", "reset_pin_password", "greeting", "thanks_goodbye", "out_of_domain"):
+    for intent in (
+        "lost_stolen_card",
+        "freeze_card",
+        "card_declined",
+        "check_balance",
+        "recent_transactions",
+        "transfer_funds",
+        "loan_rates",
+        "loan_apply",
+        "branch_hours",
+        "fees",
+        "account_details",
+        "open_account",
+        "fraud_report",
+        "reset_pin_password",
+        "greeting",
+        "thanks_goodbye",
+        "out_of_domain",
+    ):
         assert counts[intent] > 0, intent
 
 
 def test_generator_is_deterministic_and_matches_committed_files(tmp_path):
     for out in (tmp_path / "a", tmp_path / "b"):
-        subprocess.run([sys.executable, "-m", "data.generate", "--seed", "0", "--out-dir", str(out)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "data.generate", "--seed", "0", "--out-dir", str(out)],
+            check=True,
+            capture_output=True,
+        )
     for name, path in SPLIT_FILES.items():
         first = (tmp_path / "a" / f"banking_{name}.jsonl").read_bytes()
         assert first == (tmp_path / "b" / f"banking_{name}.jsonl").read_bytes()
@@ -91,8 +121,9 @@ def test_pin_reset_never_asks_for_secrets(splits):
     for row in (row for rows in splits.values() for row in rows):
         if row["intent"] == "reset_pin_password":
             assert "We will never ask you for your PIN, password or full card number" in row["response"]
-        assert not re.search(r"(tell|send|give|confirm|enter) (me|us)? ?your (pin|password|full card number)",
-                             row["response"], re.I), row["response"]
+        assert not re.search(
+            r"(tell|send|give|confirm|enter) (me|us)? ?your (pin|password|full card number)", row["response"], re.I
+        ), row["response"]
 
 
 def test_every_text_round_trips_through_the_tokenizer(splits, tiny_tokenizer):
@@ -121,25 +152,35 @@ def test_tiny_model_names_its_attention_like_flan_t5(tiny_model_path):
 
 # --- loading and bad input --------------------------------------------------------------------------------
 
+
 def test_loads_original_json_array_format(tmp_path):
     path = tmp_path / "seed.json"
-    path.write_text(json.dumps([{"instruction": "I lost my card", "response": "Call us."},
-                                {"instruction": "Hi", "response": "Hello!", "intent": "greeting"}]))
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": "I lost my card", "response": "Call us."},
+                {"instruction": "Hi", "response": "Hello!", "intent": "greeting"},
+            ]
+        )
+    )
     rows = load_examples(path)
     assert [r["instruction"] for r in rows] == ["I lost my card", "Hi"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"instruction": "a", "response": "b"}\n{"instruction": "a", ', r"line 2: invalid JSON"),
-    ('{"instruction": "a", "response": "b"}\n[1, 2]\n', r"line 2: expected an object"),
-    ('{"response": "b"}\n', r"line 1: 'instruction' is missing"),
-    ('{"instruction": 3, "response": "b"}\n', r"line 1: 'instruction' must be a string, got int"),
-    ('{"instruction": "a", "response": "   "}\n', r"line 1: 'response' is empty"),
-    ('\n\n', r"holds no rows"),
-    ('[{"instruction": "a", "response": "b"}, "oops"]', r"index 1: expected an object"),
-    ('[{"instruction": "a", "response": "b"},', r"invalid JSON at line 1"),
-    ('[]', r"holds no rows"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"instruction": "a", "response": "b"}\n{"instruction": "a", ', r"line 2: invalid JSON"),
+        ('{"instruction": "a", "response": "b"}\n[1, 2]\n', r"line 2: expected an object"),
+        ('{"response": "b"}\n', r"line 1: 'instruction' is missing"),
+        ('{"instruction": 3, "response": "b"}\n', r"line 1: 'instruction' must be a string, got int"),
+        ('{"instruction": "a", "response": "   "}\n', r"line 1: 'response' is empty"),
+        ("\n\n", r"holds no rows"),
+        ('[{"instruction": "a", "response": "b"}, "oops"]', r"index 1: expected an object"),
+        ('[{"instruction": "a", "response": "b"},', r"invalid JSON at line 1"),
+        ("[]", r"holds no rows"),
+    ],
+)
 def test_bad_input_names_file_and_row(tmp_path, content, message):
     path = tmp_path / "rows.jsonl"
     path.write_text(content)
@@ -153,6 +194,7 @@ def test_missing_file(tmp_path):
 
 
 # --- prompt, encoding, collation --------------------------------------------------------------------------
+
 
 def test_one_prompt_format():
     assert build_prompt("  I lost my card ") == "Instruction: I lost my card"
@@ -185,6 +227,7 @@ def test_collate_pads_labels_with_ignore_index_exactly():
 
 # --- the sampler ------------------------------------------------------------------------------------------
 
+
 def test_sampler_every_row_exactly_once_and_deterministic():
     lengths = [(i * 37) % 50 + 3 for i in range(203)]
     sampler = LengthBucketSampler(lengths, batch_size=8, seed=1, bucket_batches=4)
@@ -207,6 +250,7 @@ def test_sampler_shards_by_rank_without_loss_or_repeat(world_size):
 
 def test_bucketing_cuts_padding(splits, tiny_tokenizer):
     encoded, _ = encode_examples(splits["train"], tiny_tokenizer)
+
     def padding_fraction(batches):
         pad = real = 0
         for batch in batches:
@@ -217,6 +261,6 @@ def test_bucketing_cuts_padding(splits, tiny_tokenizer):
 
     bucketed = padding_fraction(LengthBucketSampler([bucket_key(e) for e in encoded], 8, seed=0).all_batches(0))
     order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(0)).tolist()
-    random_batches = padding_fraction([order[i: i + 8] for i in range(0, len(order), 8)])
+    random_batches = padding_fraction([order[i : i + 8] for i in range(0, len(order), 8)])
     print(f"\npadding fraction, batch 8: length-bucketed {bucketed:.1%}, random batches {random_batches:.1%}")
     assert bucketed < random_batches / 2

@@ -3,13 +3,21 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_t5
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conftest import tiny_t5
 from lora import (
-    AdapterError, LoRALinear, count_parameters, inject_lora, load_adapter, lora_disabled, lora_layers, merge_lora,
-    save_adapter, unmerge_lora,
+    AdapterError,
+    LoRALinear,
+    count_parameters,
+    inject_lora,
+    load_adapter,
+    lora_disabled,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
 )
 
 
@@ -26,6 +34,7 @@ def randomize_adapter(model, seed=3, scale=0.1):
 
 
 # --- the layer --------------------------------------------------------------------------------------------
+
 
 def test_hand_computed_4x6_case():
     layer = LoRALinear(in_features=6, out_features=4, r=2, alpha=4)  # scaling 2
@@ -75,11 +84,20 @@ def test_train_eval_switch_never_merges():
 
 # --- injection --------------------------------------------------------------------------------------------
 
+
 def test_flan_t5_base_architecture_counts():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
-                      vocab_size=32128, feed_forward_proj="gated-gelu")
+    config = T5Config(
+        d_model=768,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=12,
+        num_decoder_layers=12,
+        num_heads=12,
+        vocab_size=32128,
+        feed_forward_proj="gated-gelu",
+    )
     with torch.device("meta"):  # shapes only: no 900 MB of random weights
         model = T5ForConditionalGeneration(config)
     replaced = inject_lora(model)
@@ -108,14 +126,17 @@ def test_base_weight_keeps_its_state_dict_key():
     assert unexpected == [] and all(k.endswith(("lora_A", "lora_B")) for k in missing)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(target_modules=("nothing",)), "no nn.Linear"),
-    (dict(r=0), "rank r must be a positive integer"),
-    (dict(r=-2), "rank r must be a positive integer"),
-    (dict(alpha=0), "alpha must be positive"),
-    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-    (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target_modules=("nothing",)), "no nn.Linear"),
+        (dict(r=0), "rank r must be a positive integer"),
+        (dict(r=-2), "rank r must be a positive integer"),
+        (dict(alpha=0), "alpha must be positive"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
+    ],
+)
 def test_inject_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         inject_lora(tiny_t5(), **kwargs)
@@ -129,6 +150,7 @@ def test_inject_twice_is_refused():
 
 
 # --- invariants -------------------------------------------------------------------------------------------
+
 
 def test_step_zero_output_equals_base(t5_batch):
     base = tiny_t5()
@@ -214,10 +236,11 @@ def test_count_parameters_counts_tied_tensors_once():
     assert count_parameters(model)[1] == sum(p.numel() for p in set(model.parameters()))
     inject_lora(model, r=4, alpha=8)
     trainable, _ = count_parameters(model)
-    assert trainable == sum(l.lora_A.numel() + l.lora_B.numel() for l in lora_layers(model).values())
+    assert trainable == sum(lay.lora_A.numel() + lay.lora_B.numel() for lay in lora_layers(model).values())
 
 
 # --- adapter files ----------------------------------------------------------------------------------------
+
 
 def test_save_writes_peft_layout(tmp_path):
     model = tiny_t5()
@@ -236,10 +259,20 @@ def test_save_writes_peft_layout(tmp_path):
     assert tensors["base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight"].shape == (32, 4)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config == {
-        "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "base_model_name_or_path": "some/base", "r": 4,
-        "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q", "v"], "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "SEQ_2_SEQ_LM",
+        "base_model_name_or_path": "some/base",
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.05,
+        "target_modules": ["q", "v"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
     }
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -303,7 +336,9 @@ def test_load_refuses_missing_key(tmp_path):
 
 def test_load_refuses_unprefixed_keys(tmp_path):
     directory = saved_adapter(tmp_path)
-    tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(directory / "adapter_model.safetensors").items()}
+    tensors = {
+        k.removeprefix("base_model.model."): v for k, v in load_file(directory / "adapter_model.safetensors").items()
+    }
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AdapterError, match="lacks 24 key"):
         load_adapter(tiny_t5(), directory)
@@ -332,10 +367,18 @@ def test_load_refuses_other_rank_in_injected_model(tmp_path):
         load_adapter(model, directory)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("bias", "all"), ("fan_in_fan_out", True), ("peft_type", "IA3"), ("r", 0),
-    ("target_modules", ".*attn.*"), ("modules_to_save", ["lm_head"]),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("use_dora", True),
+        ("bias", "all"),
+        ("fan_in_fan_out", True),
+        ("peft_type", "IA3"),
+        ("r", 0),
+        ("target_modules", ".*attn.*"),
+        ("modules_to_save", ["lm_head"]),
+    ],
+)
 def test_load_refuses_unsupported_config(tmp_path, field, value):
     directory = saved_adapter(tmp_path)
     edit_config(directory, **{field: value})

@@ -1,8 +1,8 @@
 """Adapters we save load in PEFT unchanged, and adapters PEFT saves load here (peft is a test dependency)."""
 
 import torch
-
 from conftest import tiny_t5
+
 from lora import inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
 
 peft = __import__("peft")
@@ -28,8 +28,9 @@ def test_peft_loads_our_adapter(tmp_path, t5_batch):
 
 
 def test_we_load_peft_adapter(tmp_path, t5_batch):
-    config = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q", "v"],
-                             task_type="SEQ_2_SEQ_LM", use_rslora=True)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM", use_rslora=True
+    )
     peft_model = peft.get_peft_model(tiny_t5(), config)
     generator = torch.Generator().manual_seed(6)
     with torch.no_grad():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_t5
 from safetensors.torch import load_file
 
 import train
-from conftest import tiny_t5
 from lora import inject_lora, load_adapter, lora_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +33,19 @@ def adapter_tensors(directory):
 
 # --- refusals before any model loads ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, message", [
-    (["--r", "0"], "--r must be a positive integer"),
-    (["--lr", "0"], "--lr must be positive"),
-    (["--lr=-1e-3"], "--lr must be positive"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--target-modules", "q", "query"], "unknown target module(s) ['query']"),
-    (["--dropout", "1"], "--dropout must be in [0, 1)"),
-    (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
-])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--r", "0"], "--r must be a positive integer"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--lr=-1e-3"], "--lr must be positive"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--target-modules", "q", "query"], "unknown target module(s) ['query']"),
+        (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
+    ],
+)
 def test_invalid_values_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     code, err = run_main(FAST + ["--output-dir", str(tmp_path / "out")] + extra, capsys)
@@ -69,11 +73,14 @@ def test_another_run_is_never_overwritten_silently(tmp_path, capsys):
     assert code == 2 and "already holds files" in err
     code, err = run_main(FAST + ["--max-steps", "2", "--lr", "1e-3", "--output-dir", str(out), "--resume"], capsys)
     assert code == 2 and "lr=0.003" in err and "lr=0.001" in err
-    assert run_main(FAST + ["--max-steps", "2", "--lr", "1e-3", "--output-dir", str(out), "--overwrite"], capsys)[0] == 0
+    assert (
+        run_main(FAST + ["--max-steps", "2", "--lr", "1e-3", "--output-dir", str(out), "--overwrite"], capsys)[0] == 0
+    )
     assert json.loads((out / "training_config.json").read_text())["lr"] == 1e-3
 
 
 # --- the loss ---------------------------------------------------------------------------------------------
+
 
 def test_token_weighted_accumulation_is_the_exact_per_token_mean(t5_batch):
     """Two micro-batches of unequal token counts: sum/total equals the mean over all tokens."""
@@ -103,8 +110,10 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 # --- NaN guards -------------------------------------------------------------------------------------------
 
+
 def inf_on_calls(bad_calls, record):
     """A prepare_model hook: the lm_head returns inf on the given forward calls; adapter snapshots are recorded."""
+
     def prepare(model):
         calls = {"n": 0}
 
@@ -116,6 +125,7 @@ def inf_on_calls(bad_calls, record):
             return output
 
         model.lm_head.register_forward_hook(hook)
+
     return prepare
 
 
@@ -141,16 +151,41 @@ def test_repeated_non_finite_steps_stop_training_and_keep_the_last_good_adapter(
         train.train(args, prepare_model=inf_on_calls(set(range(3, 100)), snapshots))
     saved = adapter_tensors(tmp_path)
     last_good = snapshots[2]  # the adapter after the two good steps
-    assert all(torch.equal(saved[f"base_model.model.{k.removesuffix('lora_A').removesuffix('lora_B')}"
-                                 f"{'lora_A' if k.endswith('lora_A') else 'lora_B'}.weight"], v)
-               for k, v in last_good.items())
+    assert all(
+        torch.equal(
+            saved[
+                f"base_model.model.{k.removesuffix('lora_A').removesuffix('lora_B')}"
+                f"{'lora_A' if k.endswith('lora_A') else 'lora_B'}.weight"
+            ],
+            v,
+        )
+        for k, v in last_good.items()
+    )
 
 
 # --- checkpoints and exact resume -------------------------------------------------------------------------
 
+
 def train_command(output_dir, *extra):
-    return [sys.executable, str(ROOT / "train.py"), "--model", "tiny", "--max-steps", "40", "--save-every", "10",
-            "--eval-every", "20", "--dropout", "0.1", "--log-every", "5", "--output-dir", str(output_dir), *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--model",
+        "tiny",
+        "--max-steps",
+        "40",
+        "--save-every",
+        "10",
+        "--eval-every",
+        "20",
+        "--dropout",
+        "0.1",
+        "--log-every",
+        "5",
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
@@ -180,11 +215,33 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_output_directory_holds_everything_infer_and_peft_need(tmp_path):
-    train.main(["--model", "tiny", "--max-steps", "12", "--eval-every", "6", "--save-every", "6", "--log-every", "3",
-                "--output-dir", str(tmp_path)])
+    train.main(
+        [
+            "--model",
+            "tiny",
+            "--max-steps",
+            "12",
+            "--eval-every",
+            "6",
+            "--save-every",
+            "6",
+            "--log-every",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "training_loss.png",
-            "training_config.json", "tokenizer.json", "best", "checkpoints"} <= names
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "training_loss.png",
+        "training_config.json",
+        "tokenizer.json",
+        "best",
+        "checkpoints",
+    } <= names
     assert (tmp_path / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
     rows = metrics(tmp_path)
     assert {"step", "epoch", "train_loss", "lr", "grad_norm", "skipped_steps", "tokens_per_s"} <= rows[0].keys()
@@ -198,13 +255,35 @@ def test_output_directory_holds_everything_infer_and_peft_need(tmp_path):
 
 # --- distributed ------------------------------------------------------------------------------------------
 
+
 def test_two_cpu_processes_with_gloo_write_one_loadable_adapter(tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(ROOT / "train.py"), "--model", "tiny", "--max-steps", "6", "--log-every", "2", "--eval-every", "3",
-         "--output-dir", str(out)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(ROOT / "train.py"),
+            "--model",
+            "tiny",
+            "--max-steps",
+            "6",
+            "--log-every",
+            "2",
+            "--eval-every",
+            "3",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("trainable parameters") == 1  # only rank 0 logs
     assert json.loads((out / "training_config.json").read_text())["world_size"] == 2
@@ -217,8 +296,9 @@ def test_two_cpu_processes_with_gloo_write_one_loadable_adapter(tmp_path):
 
 
 def test_bf16_autocast_on_the_cpu_trains_with_fp32_adapter(tmp_path):
-    summary = train.train(train.parse_args(FAST + ["--max-steps", "4", "--precision", "bf16",
-                                                   "--output-dir", str(tmp_path)]))
+    summary = train.train(
+        train.parse_args(FAST + ["--max-steps", "4", "--precision", "bf16", "--output-dir", str(tmp_path)])
+    )
     assert summary["skipped_steps"] == 0 and summary["final_train_loss"] < 20
     tensors = adapter_tensors(tmp_path)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
