@@ -267,8 +267,15 @@ def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path | None:
                 f"{out} already holds files (a previous run?); pass --resume to continue it, --overwrite "
                 "to replace it, or choose another --output-dir."
             )
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-        for name in ("metrics.jsonl", RUN_CONFIG):
+        for stale in (CHECKPOINTS, "best", "eval"):  # nothing of the old run may pass for the new one's
+            shutil.rmtree(out / stale, ignore_errors=True)
+        for name in (
+            "metrics.jsonl",
+            RUN_CONFIG,
+            "training_loss.png",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ):
             (out / name).unlink(missing_ok=True)
     return None
 

@@ -77,6 +77,10 @@ def test_another_run_is_never_overwritten_silently(tmp_path, capsys):
         run_main(FAST + ["--max-steps", "2", "--lr", "1e-3", "--output-dir", str(out), "--overwrite"], capsys)[0] == 0
     )
     assert json.loads((out / "training_config.json").read_text())["lr"] == 1e-3
+    (out / "best").mkdir()
+    (out / "best" / "adapter_config.json").write_text("{}")
+    assert run_main(FAST + ["--max-steps", "2", "--output-dir", str(out), "--overwrite"], capsys)[0] == 0
+    assert not (out / "best").exists()  # nothing of the replaced run passes for the new one's
 
 
 # --- the loss ---------------------------------------------------------------------------------------------
