@@ -314,7 +314,7 @@ def score(rows: list[dict], outputs: list[str], store: AccountStore, matcher: In
     """The metrics of one model's raw outputs against the reference rows."""
     n = len(rows)
     out_of_domain = [i for i, row in enumerate(rows) if row.get("intent") == "out_of_domain"]
-    in_domain = [i for i in range(n) if i not in set(out_of_domain)]
+    in_domain = sorted(set(range(n)) - set(out_of_domain))
     answers = [store.fill(output)[0] for output in outputs]
     return {
         "exact_match": sum(exact_match(o, r["response"]) for o, r in zip(outputs, rows)) / n,

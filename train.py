@@ -42,7 +42,7 @@ from data import (
     load_examples,
     load_model_and_tokenizer,
 )
-from lora import AdapterError, count_parameters, inject_lora, lora_layers, save_adapter
+from lora import AdapterError, count_parameters, inject_lora, load_adapter, lora_layers, save_adapter
 from lora.adapter_io import atomic_write, atomic_write_text
 
 T5_LINEAR_NAMES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo", "lm_head")
@@ -413,8 +413,6 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, device: torch.device, rank: int) -> Progress:
-    from lora import load_adapter
-
     load_adapter(model, path)
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
