@@ -35,6 +35,7 @@ from data import (
     resolve_model_path,
 )
 from lora import count_parameters, inject_lora, lora_layers, merge_lora
+from train import peak_memory_mib
 
 FLAN_T5_BASE = dict(
     d_model=768,
@@ -142,14 +143,6 @@ def time_steps(model, optimizer, batches, warmup: int, autocast_dtype=None) -> l
     return times
 
 
-def peak_memory_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Workers: each measurement that reports memory runs in a fresh process.
 
@@ -177,7 +170,7 @@ def worker(spec: dict) -> dict:
     return {
         "times": times,
         "real_tokens": real_tokens,
-        "peak_mib": peak_memory_mib(),
+        "peak_mib": peak_memory_mib(dev),
         "trainable": trainable,
         "total": total,
     }

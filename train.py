@@ -691,7 +691,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         if is_main:
             write_metrics_and_plot(args.output_dir, progress.history)
         last_train = next((r["train_loss"] for r in reversed(progress.history) if "train_loss" in r), None)
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()) / 2**20
+        peak = peak_memory_mib(device)
         summary = {
             "trainable_parameters": trainable,
             "total_parameters": total,
@@ -733,10 +733,13 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.4f}"
 
 
-def _peak_rss() -> float:
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: the most memory tensors ever held on `device`; CPU: this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def main(argv: list[str] | None = None) -> int:

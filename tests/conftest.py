@@ -4,6 +4,8 @@ import tempfile
 import pytest
 import torch
 
+from lora import lora_layers
+
 # One tiny-model cache per test session, inherited by the subprocesses tests start.
 os.environ.setdefault("LORA_T5_CACHE", tempfile.mkdtemp(prefix="lora-t5-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,3 +50,15 @@ def tiny_model_path():
     from data import resolve_model_path
 
     return resolve_model_path("tiny")
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def randomize_adapter(model, seed=3, scale=0.1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * scale)

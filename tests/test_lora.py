@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_t5
+from conftest import logits, randomize_adapter, tiny_t5
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,19 +19,6 @@ from lora import (
     save_adapter,
     unmerge_lora,
 )
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def randomize_adapter(model, seed=3, scale=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * scale)
-
 
 # --- the layer --------------------------------------------------------------------------------------------
 
@@ -88,16 +75,9 @@ def test_train_eval_switch_never_merges():
 def test_flan_t5_base_architecture_counts():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(
-        d_model=768,
-        d_kv=64,
-        d_ff=2048,
-        num_layers=12,
-        num_decoder_layers=12,
-        num_heads=12,
-        vocab_size=32128,
-        feed_forward_proj="gated-gelu",
-    )
+    from bench import FLAN_T5_BASE
+
+    config = T5Config(**FLAN_T5_BASE)
     with torch.device("meta"):  # shapes only: no 900 MB of random weights
         model = T5ForConditionalGeneration(config)
     replaced = inject_lora(model)

@@ -1,25 +1,17 @@
 """Adapters we save load in PEFT unchanged, and adapters PEFT saves load here (peft is a test dependency)."""
 
 import torch
-from conftest import tiny_t5
+from conftest import logits, randomize_adapter, tiny_t5
 
-from lora import inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from lora import inject_lora, load_adapter, merge_lora, save_adapter
 
 peft = __import__("peft")
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 def test_peft_loads_our_adapter(tmp_path, t5_batch):
     model = tiny_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+    randomize_adapter(model, seed=5)
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny-base")
     peft_model = peft.PeftModel.from_pretrained(tiny_t5(), tmp_path / "adapter").eval()
     ours = logits(model, t5_batch)
