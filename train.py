@@ -173,7 +173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: bf16 autocast on a CUDA GPU that supports it, else fp32. fp16 needs CUDA and uses a "
         "gradient scaler; T5 overflows in fp16, so prefer bf16",
     )
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model: for CUDA; the first steps of each new batch shape compile (minutes), "
+        "and on the CPU it is slower than without",
+    )
     opt.add_argument("--seed", type=int, default=42, help="seed for LoRA init, dropout and batch order (default: 42)")
     run = p.add_argument_group("logging and checkpoints")
     run.add_argument("--log-every", type=int, default=10, help="optimizer steps between metrics lines (default: 10)")
@@ -321,10 +326,12 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def sequence_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum of the per-token cross-entropy over supervised tokens (labels != -100), in fp32."""
-    labels = batch["labels"]
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels
+        input_ids=batch["input_ids"],  # (B, S)
+        attention_mask=batch["attention_mask"],  # (B, S)
+        decoder_input_ids=batch["decoder_input_ids"],  # (B, T); no labels, so the model computes no loss
     ).logits  # (B, T, V)
+    labels = batch["labels"]  # (B, T)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 

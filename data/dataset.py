@@ -110,8 +110,9 @@ def _truncate(ids: list[int], max_len: int) -> list[int]:
 def collate(batch: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """Pad a batch to its own longest row (rounded up to `pad_to_multiple_of`).
 
-    input_ids (B, S) padded with pad_token_id, attention_mask (B, S), labels (B, T) padded with -100.
-    T5 builds decoder_input_ids from labels, turning -100 into its pad id.
+    input_ids (B, S) padded with pad_token_id, attention_mask (B, S), labels (B, T) padded with -100,
+    decoder_input_ids (B, T): the labels shifted right behind T5's start token, which is its pad token
+    (what T5 builds from labels itself; passing them means the model computes no loss of its own).
     """
 
     def padded_length(lengths):
@@ -127,7 +128,14 @@ def collate(batch: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_
         input_ids[row, : len(ex.input_ids)] = torch.tensor(ex.input_ids)
         attention_mask[row, : len(ex.input_ids)] = 1
         labels[row, : len(ex.labels)] = torch.tensor(ex.labels)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], pad_token_id), labels[:, :-1]], dim=1)
+    decoder_input_ids.masked_fill_(decoder_input_ids == IGNORE_INDEX, pad_token_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "decoder_input_ids": decoder_input_ids,
+    }
 
 
 def bucket_key(example: EncodedExample) -> int:

@@ -220,8 +220,10 @@ def test_collate_pads_labels_with_ignore_index_exactly():
     assert out["input_ids"].tolist() == [[5, 6, 1], [5, 1, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert out["labels"].tolist() == [[7, 1, IGNORE_INDEX, IGNORE_INDEX], [7, 8, 9, 1]]
+    assert out["decoder_input_ids"].tolist() == [[0, 7, 1, 0], [0, 7, 8, 9]]
     padded = collate(batch, pad_token_id=0, pad_to_multiple_of=8)
     assert padded["input_ids"].shape == (2, 8) and padded["labels"].shape == (2, 8)
+    assert padded["decoder_input_ids"].shape == (2, 8)
     assert (padded["labels"][:, 4:] == IGNORE_INDEX).all() and (padded["attention_mask"][:, 3:] == 0).all()
 
 

@@ -12,6 +12,7 @@ from conftest import tiny_t5
 from safetensors.torch import load_file
 
 import train
+from data import EncodedExample, collate
 from lora import inject_lora, load_adapter, lora_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,7 @@ def test_token_weighted_accumulation_is_the_exact_per_token_mean(t5_batch):
     batch = dict(t5_batch)
     batch["labels"] = batch["labels"].clone()
     batch["labels"][0, 2:] = -100  # rows now hold 2, 5 and 5 supervised tokens
+    batch["decoder_input_ids"] = model._shift_right(batch["labels"])
     whole = torch.nn.functional.cross_entropy(model(**batch).logits.flatten(0, 1), batch["labels"].flatten())
     first = {k: v[:1] for k, v in batch.items()}
     rest = {k: v[1:] for k, v in batch.items()}
@@ -104,6 +106,24 @@ def test_token_weighted_accumulation_is_the_exact_per_token_mean(t5_batch):
     torch.testing.assert_close(accumulated, whole)
     naive = (train.sequence_loss_sum(model, first) / 2 + train.sequence_loss_sum(model, rest) / 10) / 2
     assert not torch.allclose(naive, whole)  # averaging per-batch means would weight tokens unequally
+
+
+def test_our_loss_is_t5s_own_loss_without_t5_computing_it():
+    """collate's decoder inputs are T5's shift of the labels, and sum / tokens is T5's mean cross-entropy."""
+    model = tiny_t5()
+    rows = [
+        EncodedExample([5, 6, 7, 1], [9, 8, 1]),
+        EncodedExample([4, 1], [3, 3, 3, 3, 1]),
+        EncodedExample([2, 1], [1]),
+    ]
+    batch = collate(rows, pad_token_id=0)
+    assert torch.equal(batch["decoder_input_ids"], model._shift_right(batch["labels"]))
+    with torch.no_grad():
+        ours = train.sequence_loss_sum(model, batch) / int((batch["labels"] != -100).sum())
+        theirs = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
