@@ -1,5 +1,6 @@
 """Benchmarks: LoRA against full fine-tuning, bucketed batches against padding to 128, our layer against
-PEFT's, and merged inference against the base model. Prints markdown tables.
+PEFT's, merged inference against the base model, and training throughput with model FLOPs utilisation
+(bf16 against fp32, with and without torch.compile, on CUDA). Prints markdown tables.
 
     python bench.py                 # flan-t5-base's architecture with random weights (timings don't depend on values)
     python bench.py --quick         # the tiny model, a few repetitions: checks the script works (< 3 min on 2 cores)
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,8 +36,8 @@ from data import (
     load_examples,
     resolve_model_path,
 )
-from lora import count_parameters, inject_lora, lora_layers, merge_lora
-from train import peak_memory_mib
+from lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora
+from train import peak_memory_mib, sequence_loss_sum
 
 FLAN_T5_BASE = dict(
     d_model=768,
@@ -50,8 +52,16 @@ FLAN_T5_BASE = dict(
     pad_token_id=0,
     eos_token_id=1,
 )
-# Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets, by device-name substring.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
+# Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, by device-name substring, first
+# match wins (so the PCIe H100 comes before the SXM one). TF32, used for fp32 matmuls, is half of it.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("RTX 4090", 165e12),
+)
 
 
 def device() -> torch.device:
@@ -121,9 +131,10 @@ def prepare_training(model, mode: str):
 
 
 def train_step(model, optimizer, batch, autocast_dtype):
-    ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    """One optimizer step with train.py's loss: summed token cross-entropy over the supervised tokens."""
+    ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with ctx:
-        loss = model(**batch).loss
+        loss = sequence_loss_sum(model, batch) / (batch["labels"] != -100).sum()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -150,6 +161,9 @@ def time_steps(model, optimizer, batches, warmup: int, autocast_dtype=None) -> l
 def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     dev = device()
+    if dev.type == "cuda":  # as train.py: fp32 matmuls run as TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = build_model(spec["model"]).to(dev).train()
     model, optimizer = prepare_training(model, spec["mode"])
     trainable, total = count_parameters(model)
@@ -166,10 +180,13 @@ def worker(spec: dict) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times = time_steps(model, optimizer, batches, spec["warmup"], autocast_dtype)
-    real_tokens = [int(b["attention_mask"].sum() + (b["labels"] != -100).sum()) for b in batches]
+    source_tokens = [int(b["attention_mask"].sum()) for b in batches]
+    target_tokens = [int((b["labels"] != -100).sum()) for b in batches]
+    passes = 2 if spec["mode"] in ("lora", "peft") else 3  # see bench_throughput
     return {
         "times": times,
-        "real_tokens": real_tokens,
+        "real_tokens": [s + t for s, t in zip(source_tokens, target_tokens)],
+        "model_flops": [passes * forward_matmul_flops(model, s, t) for s, t in zip(source_tokens, target_tokens)],
         "peak_mib": peak_memory_mib(dev),
         "trainable": trainable,
         "total": total,
@@ -177,7 +194,7 @@ def worker(spec: dict) -> dict:
 
 
 def pad_batch(batch: dict, length: int) -> dict:
-    """Pad (never truncate: the bundled rows fit) input_ids, attention_mask and labels to `length` columns."""
+    """Pad (never truncate: the bundled rows fit) every tensor of a collated batch to `length` columns."""
 
     def pad(t, value):
         return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
@@ -186,6 +203,7 @@ def pad_batch(batch: dict, length: int) -> dict:
         "input_ids": pad(batch["input_ids"], 0),
         "attention_mask": pad(batch["attention_mask"], 0),
         "labels": pad(batch["labels"], -100),
+        "decoder_input_ids": pad(batch["decoder_input_ids"], 0),
     }
 
 
@@ -340,40 +358,68 @@ def bench_inference(args, rows) -> list[dict]:
     return results
 
 
-def bench_cuda_throughput(args, rows, batch_indices) -> list[dict]:
-    """5 (CUDA only): tokens/s and model FLOPs utilisation, bf16 vs fp32, with and without torch.compile."""
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+def forward_matmul_flops(model, source_tokens: int, target_tokens: int) -> int:
+    """FLOPs of the matmuls in one forward pass: 2 x each weight matrix x the tokens it multiplies.
+
+    In an encoder-decoder a token meets only part of the weights: encoder layers see source tokens;
+    decoder layers and lm_head see target tokens, except cross-attention k and v, which project the
+    encoder's output (source tokens). LoRA branches add 2·r·(in + out) per token. Embedding lookups
+    are no matmuls, and attention scores (QKᵀ, AV) are left out, as in the usual 6·N rule.
+    """
+    flops = 0
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            per_token = module.in_features * module.out_features + module.r * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Linear):
+            per_token = module.in_features * module.out_features
+        else:
+            continue
+        parts = name.split(".")
+        cross = parts.index("EncDecAttention") if "EncDecAttention" in parts else None
+        on_source = "encoder" in parts or (cross is not None and parts[cross + 1] in ("k", "v"))
+        flops += 2 * per_token * (source_tokens if on_source else target_tokens)
+    return flops
+
+
+def bench_throughput(args, rows, batch_indices) -> list[dict]:
+    """5: training tokens/s and model FLOPs utilisation. On CUDA bf16 vs fp32 (TF32 matmuls), with and
+    without torch.compile, against the GPU's data-sheet peak; on the CPU fp32 eager only, without MFU.
+
+    Model FLOPs of a step: LoRA 2 x forward (the forward and the backward's input gradients; "4N" per
+    token), full fine-tuning 3 x forward (plus the weight gradients; "6N"), counting real tokens only.
+    """
+    on_cuda = torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if on_cuda else "CPU"
+    peak = next((v for k, v in PEAK_BF16_FLOPS if k in name), None) if on_cuda else None
+    variants = [(p, c) for p in ("bf16", "fp32") for c in (False, True)] if on_cuda else [("fp32", False)]
     results = []
     for mode in ("lora", "full"):
-        for precision in ("bf16", "fp32"):
-            for compiled in (False, True):
-                spec = {
-                    "model": args.model,
+        for precision, compiled in variants:
+            spec = {
+                "model": args.model,
+                "mode": mode,
+                "tokenizer": args.tokenizer,
+                "warmup": args.warmup + 2 * compiled,  # compilation happens in the first warm-up steps
+                "batches": [batch_indices] * args.reps,
+                "precision": precision,
+                "compile": compiled,
+                "pad_multiple": 8 if on_cuda else None,
+            }
+            out = run_worker(spec)
+            step = statistics.median(out["times"])
+            peak_used = peak and (peak if precision == "bf16" else peak / 2)
+            results.append(
+                {
                     "mode": mode,
-                    "tokenizer": args.tokenizer,
-                    "warmup": args.warmup + 2,
-                    "batches": [batch_indices] * args.reps,
                     "precision": precision,
                     "compile": compiled,
-                    "pad_multiple": 8,
+                    "median_step_s": step,
+                    "tokens_per_s": out["real_tokens"][0] / step,
+                    "tflops": out["model_flops"][0] / step / 1e12,
+                    "mfu": out["model_flops"][0] / step / peak_used if peak_used else None,
+                    "peak_flops": peak_used,
                 }
-                out = run_worker(spec)
-                step = statistics.median(out["times"])
-                tokens_per_s = out["real_tokens"][0] / step
-                flops_per_token = (4 if mode == "lora" else 6) * out["total"]
-                # fp32 matmuls run as TF32 on tensor cores at half the bf16 peak.
-                peak_used = peak and (peak if precision == "bf16" else peak / 2)
-                results.append(
-                    {
-                        "mode": mode,
-                        "precision": precision,
-                        "compile": compiled,
-                        "tokens_per_s": tokens_per_s,
-                        "mfu": tokens_per_s * flops_per_token / peak_used if peak_used else None,
-                        "peak_flops": peak_used,
-                    }
-                )
+            )
     return results
 
 
@@ -405,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-epoch", action="store_true", help="time every batch of both epochs instead of a sample")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per query (default: 64)")
     p.add_argument(
-        "--only", nargs="+", choices=["train", "peft", "epoch", "inference", "cuda"], help="run only these sections"
+        "--only",
+        nargs="+",
+        choices=["train", "peft", "epoch", "inference", "throughput"],
+        help="run only these sections",
     )
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -421,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = encoded_rows(args.tokenizer)
     batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
-    sections = set(args.only or ["train", "peft", "epoch", "inference", "cuda"])
+    sections = set(args.only or ["train", "peft", "epoch", "inference", "throughput"])
     results = {
         "hardware": hardware(),
         "model": args.model,
@@ -499,17 +548,22 @@ def main(argv: list[str] | None = None) -> int:
             + "\n",
             flush=True,
         )
-    if "cuda" in sections and torch.cuda.is_available():
-        results["cuda"] = bench_cuda_throughput(args, rows, batch_indices)
-        print("## CUDA throughput and MFU (LoRA 4N, full 6N FLOPs per token)\n")
+    if "throughput" in sections:
+        results["throughput"] = bench_throughput(args, rows, batch_indices)
+        print(
+            "## Training throughput and model FLOPs utilisation (LoRA 2x, full 3x the forward matmul FLOPs of the "
+            "real tokens; fp32 matmuls as TF32 on CUDA)\n"
+        )
         print(
             table(
-                results["cuda"],
+                results["throughput"],
                 [
                     ("mode", "mode", ""),
                     ("precision", "precision", ""),
                     ("compile", "compile", ""),
-                    ("tokens/s", "tokens_per_s", ",.0f"),
+                    ("median step (s)", "median_step_s", ".4f"),
+                    ("real tokens/s", "tokens_per_s", ",.0f"),
+                    ("model TFLOP/s", "tflops", ".3g"),
                     ("MFU", "mfu", ".1%"),
                     ("peak FLOP/s", "peak_flops", ".3g"),
                 ],

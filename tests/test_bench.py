@@ -5,6 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from conftest import tiny_t5
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from lora import inject_lora
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +30,7 @@ def test_quick_benchmark_runs_every_section(tmp_path):
         "## Training step: our LoRA layer vs PEFT's",
         "## One epoch",
         "## Inference",
+        "## Training throughput",
     ):
         assert heading in result.stdout
     report = json.loads(out.read_text())
@@ -31,6 +40,25 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     assert all(row["median_step_s"] > 0 and row["peak_mib"] > 0 for row in report["train_step"])
     assert [row["implementation"] for row in report["ours_vs_peft"]] == ["ours", "peft"]
     assert [row["batches"] for row in report["epoch"]] == [185, 185]  # same rows, same batch count
+    assert [(row["mode"], row["precision"]) for row in report["throughput"]] == [("lora", "fp32"), ("full", "fp32")]
+    assert all(row["tflops"] > 0 and row["mfu"] is None for row in report["throughput"])  # no peak for a CPU
     assert {(row["batch"], row["model"]) for row in report["inference"]} == {
         (b, m) for b in (1, 16) for m in ("base", "unmerged adapter", "merged adapter")
     }
+
+
+@pytest.mark.parametrize("targets", [None, ("q", "v", "wo")])
+def test_model_flops_match_pytorchs_count_of_the_linear_layers(targets):
+    """The MFU numerator: encoder weights meet source tokens, decoder weights, cross-attention q and o and
+    lm_head meet target tokens, cross-attention k and v the source tokens; checked against PyTorch's
+    own FLOP counter on a batch without padding (source 3x7 tokens, target 3x5)."""
+    model = tiny_t5()
+    if targets:
+        inject_lora(model, targets, r=4, alpha=8)
+    input_ids, labels = torch.randint(2, 64, (3, 7)), torch.randint(2, 64, (3, 5))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=input_ids, labels=labels)
+    counted = counter.get_flop_counts()["Global"]
+    linear_flops = sum(v for op, v in counted.items() if str(op) in ("aten.mm", "aten.addmm"))
+    assert linear_flops > 0
+    assert bench.forward_matmul_flops(model, source_tokens=21, target_tokens=15) == linear_flops
