@@ -473,6 +473,18 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--eval-limit must be positive, got {args.eval_limit}.")
 
 
+def read_queries(path: Path) -> list[str]:
+    """The non-empty lines of a query file, stripped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"query file {path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    queries = [line.strip() for line in text.splitlines() if line.strip()]
+    if not queries:
+        raise UsageError(f"query file {path} holds no non-empty line: write one question per line.")
+    return queries
+
+
 def interactive(assistant: Assistant, store: AccountStore, args: argparse.Namespace) -> None:
     print("Banking assistant ready. Ask a question; 'quit' or Ctrl-D ends.", file=sys.stderr)
     while True:
@@ -495,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_args(args)
         store = AccountStore.load(args.accounts)
         eval_rows = load_examples(args.eval_data)[: args.eval_limit] if args.eval else None
+        file_queries = read_queries(args.file) if args.file is not None else None  # before the model loads
         # Evaluation keeps the adapter apart, so lora_disabled gives the base weights exactly, not W0 + ΔW - ΔW.
         assistant = Assistant(
             args.adapter, args.model, merge=not (args.no_merge or args.eval), precision=args.precision
@@ -507,12 +520,9 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(report_dir / "eval_report.md", report_markdown(report))
             print(report_markdown(report).split("\n\n| query")[0])
             print(f"\nreport written to {report_dir / 'eval_report.md'} and {report_dir / 'eval_report.json'}")
-        elif args.file is not None:
-            queries = [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if not queries:
-                raise UsageError(f"query file {args.file} holds no non-empty line.")
-            for i in range(0, len(queries), args.batch_size):
-                show(answer(assistant, store, queries[i : i + args.batch_size], args), args.json)
+        elif file_queries is not None:
+            for i in range(0, len(file_queries), args.batch_size):
+                show(answer(assistant, store, file_queries[i : i + args.batch_size], args), args.json)
         elif args.query is not None:
             show(answer(assistant, store, [args.query.strip()], args), args.json)
         else:

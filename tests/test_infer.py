@@ -181,6 +181,16 @@ def test_empty_query_is_refused_without_generating(tmp_path):
     assert result.returncode == 2 and "the query is empty" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "content, message", [(b"\n  \n", "holds no non-empty line"), (b"caf\xe9?\n", "is not UTF-8 text")]
+)
+def test_unusable_query_file_is_refused_before_the_model_loads(tmp_path, content, message):
+    queries = tmp_path / "queries.txt"
+    queries.write_bytes(content)
+    result = run_infer("--adapter", tmp_path / "missing", "--file", queries)  # no adapter: refused before loading
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_missing_or_incomplete_adapter_is_a_clear_error(tmp_path):
     result = run_infer("--adapter", tmp_path / "missing", "hi")
     assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
