@@ -100,6 +100,17 @@ def build_model(name: str):
     return model
 
 
+def model_shapes(name: str):
+    """The LoRA model's modules on the meta device: shapes for counting FLOPs, no weights, no memory."""
+    from transformers import AutoConfig, T5Config, T5ForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(resolve_model_path(TINY)) if name == TINY else T5Config(**FLAN_T5_BASE)
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config)
+    inject_lora(model)
+    return model
+
+
 def encoded_rows(tokenizer_path: str | None):
     from transformers import AutoTokenizer
 
@@ -281,7 +292,21 @@ def bench_ours_vs_peft(args, rows, batch_indices) -> list[dict]:
 
 
 def bench_epoch(args, rows) -> list[dict]:
-    """2: an epoch of LoRA training with length-bucketed dynamic padding vs every row padded to 128."""
+    """2: an epoch of LoRA training with length-bucketed dynamic padding vs every row padded to 128.
+
+    Beside the times, the matmul FLOPs each plan computes (padding included; 2 x forward for a LoRA step)
+    and those of an epoch with no padding at all: the compute ratio bounds what batching can gain.
+    """
+    shapes = model_shapes(args.model)
+
+    def epoch_tflop(plan, pad_to=None):
+        flops = 0
+        for batch in plan:
+            source = pad_to or max(len(rows[i].input_ids) for i in batch)
+            target = pad_to or max(len(rows[i].labels) for i in batch)
+            flops += 2 * forward_matmul_flops(shapes, source * len(batch), target * len(batch))
+        return flops / 1e12
+
     lengths = [len(r.input_ids) + len(r.labels) for r in rows]
     bucketed = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)
     order = list(range(len(rows)))
@@ -308,8 +333,19 @@ def bench_epoch(args, rows) -> list[dict]:
                 "measured_batches": len(sample),
                 "epoch_s": epoch_s,
                 "real_tokens_per_s": sum(lengths) / epoch_s,
+                "matmul_tflop": epoch_tflop(plan, pad_to),
             }
         )
+    results.append(
+        {
+            "plan": "no padding at all (computed only)",
+            "batches": "-",
+            "measured_batches": "-",
+            "epoch_s": None,
+            "real_tokens_per_s": None,
+            "matmul_tflop": epoch_tflop([[i] for i in range(len(rows))]),
+        }
+    )
     return results
 
 
@@ -526,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("timed steps", "measured_batches", ""),
                     ("epoch (s)", "epoch_s", ".1f"),
                     ("real tokens/s", "real_tokens_per_s", ",.0f"),
+                    ("matmul TFLOP", "matmul_tflop", ".4g"),
                 ],
             )
             + "\n",
