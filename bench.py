@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from data import (
+    IGNORE_INDEX,
     TINY,
     TRAIN_FILE,
     LengthBucketSampler,
@@ -145,7 +146,7 @@ def train_step(model, optimizer, batch, autocast_dtype):
     """One optimizer step with train.py's loss: summed token cross-entropy over the supervised tokens."""
     ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with ctx:
-        loss = sequence_loss_sum(model, batch) / (batch["labels"] != -100).sum()
+        loss = sequence_loss_sum(model, batch) / (batch["labels"] != IGNORE_INDEX).sum()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -192,7 +193,7 @@ def worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times = time_steps(model, optimizer, batches, spec["warmup"], autocast_dtype)
     source_tokens = [int(b["attention_mask"].sum()) for b in batches]
-    target_tokens = [int((b["labels"] != -100).sum()) for b in batches]
+    target_tokens = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     passes = 2 if spec["mode"] in ("lora", "peft") else 3  # see bench_throughput
     return {
         "times": times,
@@ -213,7 +214,7 @@ def pad_batch(batch: dict, length: int) -> dict:
     return {
         "input_ids": pad(batch["input_ids"], 0),
         "attention_mask": pad(batch["attention_mask"], 0),
-        "labels": pad(batch["labels"], -100),
+        "labels": pad(batch["labels"], IGNORE_INDEX),
         "decoder_input_ids": pad(batch["decoder_input_ids"], 0),
     }
 

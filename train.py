@@ -43,7 +43,7 @@ from data import (
     load_model_and_tokenizer,
 )
 from lora import AdapterError, count_parameters, inject_lora, load_adapter, lora_layers, save_adapter
-from lora.adapter_io import atomic_write, atomic_write_text
+from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text
 
 T5_LINEAR_NAMES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo", "lm_head")
 # The tiny model is randomly initialised: at flan-t5's learning rate a 1-minute smoke run learns nothing.
@@ -278,8 +278,8 @@ def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path | None:
             "metrics.jsonl",
             RUN_CONFIG,
             "training_loss.png",
-            "adapter_config.json",
-            "adapter_model.safetensors",
+            CONFIG_NAME,
+            WEIGHTS_NAME,
         ):
             (out / name).unlink(missing_ok=True)
     return None
