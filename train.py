@@ -618,10 +618,8 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 progress.step += 1
-                interval["seen_tokens"] += (
-                    sum(int(b["attention_mask"].sum() + (b["labels"] != IGNORE_INDEX).sum()) for b in group)
-                    * world_size
-                )
+                source_tokens = sum(int(b["attention_mask"].sum()) for b in group)
+                interval["seen_tokens"] += (source_tokens + local_tokens) * world_size
                 bar.update(1)
 
                 if progress.consecutive_skips >= args.max_skipped_steps:
