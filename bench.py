@@ -520,94 +520,77 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.reps} after {args.warmup} warm-up runs.\n",
         flush=True,
     )
+
+    def report(key: str, heading: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+        results[key] = rows
+        print(f"## {heading}\n\n{table(rows, columns)}\n", flush=True)
+
     if "train" in sections:
-        results["train_step"] = bench_train_step(args, rows, batch_indices)
-        print("## Training step: LoRA (r=16 on q, v) vs full fine-tuning, AdamW, one batch\n")
-        print(
-            table(
-                results["train_step"],
-                [
-                    ("mode", "mode", ""),
-                    ("trainable params", "trainable", ","),
-                    ("median step (s)", "median_step_s", ".3f"),
-                    ("peak memory (MiB)", "peak_mib", ",.0f"),
-                ],
-            )
-            + "\n",
-            flush=True,
+        report(
+            "train_step",
+            "Training step: LoRA (r=16 on q, v) vs full fine-tuning, AdamW, one batch",
+            bench_train_step(args, rows, batch_indices),
+            [
+                ("mode", "mode", ""),
+                ("trainable params", "trainable", ","),
+                ("median step (s)", "median_step_s", ".3f"),
+                ("peak memory (MiB)", "peak_mib", ",.0f"),
+            ],
         )
     if "peft" in sections and peft_installed():
-        results["ours_vs_peft"] = bench_ours_vs_peft(args, rows, batch_indices)
-        print("## Training step: our LoRA layer vs PEFT's, interleaved in one process\n")
-        print(
-            table(
-                results["ours_vs_peft"],
-                [
-                    ("implementation", "implementation", ""),
-                    ("median step (s)", "median_step_s", ".3f"),
-                    ("vs ours", "vs_ours", "+.1%"),
-                ],
-            )
-            + "\n",
-            flush=True,
+        report(
+            "ours_vs_peft",
+            "Training step: our LoRA layer vs PEFT's, interleaved in one process",
+            bench_ours_vs_peft(args, rows, batch_indices),
+            [
+                ("implementation", "implementation", ""),
+                ("median step (s)", "median_step_s", ".3f"),
+                ("vs ours", "vs_ours", "+.1%"),
+            ],
         )
     if "epoch" in sections:
-        results["epoch"] = bench_epoch(args, rows)
-        print("## One epoch of LoRA training: bucketed dynamic padding vs padding to 128\n")
-        print(
-            table(
-                results["epoch"],
-                [
-                    ("batches", "plan", ""),
-                    ("steps", "batches", ""),
-                    ("timed steps", "measured_batches", ""),
-                    ("epoch (s)", "epoch_s", ".1f"),
-                    ("real tokens/s", "real_tokens_per_s", ",.0f"),
-                    ("matmul TFLOP", "matmul_tflop", ".4g"),
-                ],
-            )
-            + "\n",
-            flush=True,
+        report(
+            "epoch",
+            "One epoch of LoRA training: bucketed dynamic padding vs padding to 128",
+            bench_epoch(args, rows),
+            [
+                ("batches", "plan", ""),
+                ("steps", "batches", ""),
+                ("timed steps", "measured_batches", ""),
+                ("epoch (s)", "epoch_s", ".1f"),
+                ("real tokens/s", "real_tokens_per_s", ",.0f"),
+                ("matmul TFLOP", "matmul_tflop", ".4g"),
+            ],
         )
     if "inference" in sections:
-        results["inference"] = bench_inference(args, rows)
-        print(f"## Inference: greedy, exactly {args.new_tokens} new tokens\n")
-        print(
-            table(
-                results["inference"],
-                [
-                    ("batch", "batch", ""),
-                    ("model", "model", ""),
-                    ("median (s)", "median_s", ".4f"),
-                    ("per query (s)", "per_query_s", ".4f"),
-                    ("vs base", "vs_base", "+.1%"),
-                ],
-            )
-            + "\n",
-            flush=True,
+        report(
+            "inference",
+            f"Inference: greedy, exactly {args.new_tokens} new tokens",
+            bench_inference(args, rows),
+            [
+                ("batch", "batch", ""),
+                ("model", "model", ""),
+                ("median (s)", "median_s", ".4f"),
+                ("per query (s)", "per_query_s", ".4f"),
+                ("vs base", "vs_base", "+.1%"),
+            ],
         )
     if "throughput" in sections:
-        results["throughput"] = bench_throughput(args, rows, batch_indices)
-        print(
-            "## Training throughput and model FLOPs utilisation (LoRA 2x, full 3x the forward matmul FLOPs of the "
-            "real tokens; fp32 matmuls as TF32 on CUDA)\n"
-        )
-        print(
-            table(
-                results["throughput"],
-                [
-                    ("mode", "mode", ""),
-                    ("precision", "precision", ""),
-                    ("compile", "compile", ""),
-                    ("median step (s)", "median_step_s", ".4f"),
-                    ("real tokens/s", "tokens_per_s", ",.0f"),
-                    ("model TFLOP/s", "tflops", ".3g"),
-                    ("MFU", "mfu", ".1%"),
-                    ("peak FLOP/s", "peak_flops", ".3g"),
-                ],
-            )
-            + "\n",
-            flush=True,
+        report(
+            "throughput",
+            "Training throughput and model FLOPs utilisation (LoRA 2x, full 3x the forward matmul FLOPs of the "
+            "real tokens; fp32 matmuls as TF32 on CUDA)",
+            bench_throughput(args, rows, batch_indices),
+            [
+                ("mode", "mode", ""),
+                ("precision", "precision", ""),
+                ("compile", "compile", ""),
+                ("median step (s)", "median_step_s", ".4f"),
+                ("real tokens/s", "tokens_per_s", ",.0f"),
+                ("model TFLOP/s", "tflops", ".3g"),
+                ("MFU", "mfu", ".1%"),
+                ("peak FLOP/s", "peak_flops", ".3g"),
+            ],
         )
     if args.output:
         args.output.write_text(json.dumps(results, indent=2) + "\n")
