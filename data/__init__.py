@@ -1,4 +1,4 @@
-"""The banking dataset, its prompt format and batching, and the offline tiny model."""
+"""The banking dataset: its rows, the one prompt format, tokenisation, padding and length-bucketed batches."""
 
 from .dataset import (
     IGNORE_INDEX,
@@ -16,7 +16,6 @@ from .dataset import (
     encode_examples,
     load_examples,
 )
-from .models import TINY, ModelLoadError, load_model_and_tokenizer, resolve_model_path
 
 __all__ = [
     "IGNORE_INDEX",
@@ -25,16 +24,12 @@ __all__ = [
     "TEST_FILE",
     "TRAIN_FILE",
     "VALIDATION_FILE",
-    "TINY",
     "DataError",
     "EncodedExample",
     "LengthBucketSampler",
-    "ModelLoadError",
     "bucket_key",
     "build_prompt",
     "collate",
     "encode_examples",
     "load_examples",
-    "load_model_and_tokenizer",
-    "resolve_model_path",
 ]

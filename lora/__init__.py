@@ -3,6 +3,7 @@
 from .adapter_io import AdapterError, load_adapter, save_adapter
 from .layer import (
     LoRALinear,
+    check_lora_hyperparameters,
     count_parameters,
     inject_lora,
     lora_disabled,
@@ -14,6 +15,7 @@ from .layer import (
 __all__ = [
     "AdapterError",
     "LoRALinear",
+    "check_lora_hyperparameters",
     "count_parameters",
     "inject_lora",
     "load_adapter",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,7 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layer import inject_lora, lora_layers
+from support.files import atomic_write, atomic_write_text
+
+from .layer import check_lora_hyperparameters, inject_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -26,26 +27,6 @@ KEY_PREFIX = "base_model.model."
 
 class AdapterError(ValueError):
     """An adapter directory or file that cannot be used as it is."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`.
-
-    A crash mid-write leaves the old file (or none), never a half-written one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,11 +106,10 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in config:
             refuse(field, "is missing")
-    r = config["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        refuse("r", f"must be a positive integer, got {r!r}")
-    if not isinstance(config["lora_alpha"], (int, float)) or config["lora_alpha"] <= 0:
-        refuse("lora_alpha", f"must be a positive number, got {config['lora_alpha']!r}")
+    try:
+        check_lora_hyperparameters(config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0)
+    except ValueError as err:  # the fields are 'r', 'lora_alpha' and 'lora_dropout'
+        raise AdapterError(f"{config_path}: {err}") from None
     targets = config["target_modules"]
     if isinstance(targets, str) and targets.isidentifier():
         targets = [targets]

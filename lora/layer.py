@@ -48,7 +48,7 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_hyperparameters(r, alpha, dropout)
+        check_lora_hyperparameters(r, alpha, dropout)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
@@ -133,13 +133,18 @@ class LoRALinear(nn.Module):
         )
 
 
-def _check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
+def check_lora_hyperparameters(r: int, alpha: float, dropout: float = 0.0) -> None:
+    """The one check of LoRA's hyperparameters, for the layer, the command line and adapter files alike."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
-    if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be positive, got {alpha!r}.")
-    if not 0 <= dropout < 1:
+    if not _is_number(alpha) or not alpha > 0:
+        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}.")
+    if not _is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -157,10 +162,11 @@ def inject_lora(
 ) -> list[str]:
     """Replace each nn.Linear whose last name component is in `target_modules` by a LoRALinear.
 
-    Names are matched exactly, so "v" matches `SelfAttention.v` and never `relative_attention_bias`.
-    Every other parameter of the model is frozen. Returns the replaced module paths.
+    Names are matched exactly, so "v" matches `SelfAttention.v` and never `relative_attention_bias`;
+    a name that matches no linear layer is an error. Every other parameter of the model is frozen.
+    Returns the replaced module paths.
     """
-    _check_hyperparameters(r, alpha, dropout)
+    check_lora_hyperparameters(r, alpha, dropout)
     if isinstance(target_modules, str):
         target_modules = (target_modules,)
     targets = set(target_modules)
@@ -168,16 +174,16 @@ def inject_lora(
         raise ValueError("target_modules is empty: name at least one module, e.g. ('q', 'v').")
     if lora_layers(model):
         raise ValueError("this model already has LoRA layers: inject once, or build a fresh base model.")
-    replaced = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in targets
-    ]
-    if not replaced:
+    linear_names = {
+        name: name.rsplit(".", 1)[-1] for name, module in model.named_modules() if type(module) is nn.Linear
+    }
+    unmatched = sorted(targets - set(linear_names.values()))
+    if unmatched:  # e.g. "wi" on a gated T5, whose feed-forward layers are wi_0 and wi_1
         raise ValueError(
-            f"no nn.Linear in the model is named {sorted(targets)}; "
-            "T5's attention projections are 'q', 'k', 'v' and 'o'."
+            f"target module(s) {unmatched} match no nn.Linear in the model; its linear layers are named "
+            f"{', '.join(sorted(set(linear_names.values())))}."
         )
+    replaced = [name for name, last in linear_names.items() if last in targets]
     for param in model.parameters():
         param.requires_grad_(False)
     for name in replaced:

@@ -21,7 +21,7 @@ from data import (
     encode_examples,
     load_examples,
 )
-from data.generate import TEMPLATES
+from data.generate import INTENTS
 
 SPLIT_FILES = {"train": TRAIN_FILE, "validation": VALIDATION_FILE, "test": TEST_FILE}
 
@@ -91,7 +91,7 @@ def test_no_instruction_in_two_splits_and_test_templates_held_out(splits):
     train_templates = {row["template"] for row in splits["train"] + splits["validation"]}
     test_templates = {row["template"] for row in splits["test"]}
     assert test_templates and not (test_templates & train_templates)
-    assert {t.split("/")[0] for t in test_templates} == set(TEMPLATES)  # every intent is tested
+    assert {t.split("/")[0] for t in test_templates} == set(INTENTS)  # every intent is tested
 
 
 def test_one_question_one_answer(splits):

@@ -1,9 +1,12 @@
-"""The one place that turns `--model` into a (model, tokenizer): `tiny`, a local directory or a hub name.
+"""The one place that builds a model from `--model`: `tiny`, a local directory, a hub name, or
+flan-t5-base's architecture with random weights (for offline timings and parameter counts).
 
 `tiny` is an offline T5 for tests and smoke runs: a SentencePiece tokenizer trained on the bundled
 training split and a small randomly initialised T5ForConditionalGeneration whose attention modules are
 named as in flan-t5 (q, k, v, o). It is built deterministically in seconds and saved with
-`save_pretrained` into a cache directory, which is what adapters record as their base model.
+`save_pretrained` into a cache directory, which is what adapters record as their base model. Builders
+take a lock, so torchrun's ranks build it once, and a damaged directory (a file missing, a build cut
+short) is rebuilt.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .dataset import TRAIN_FILE, build_prompt, load_examples
+from data import TRAIN_FILE, build_prompt, load_examples
+
+from .files import file_lock
 
 TINY = "tiny"
 TINY_VOCAB_SIZE = 800
@@ -34,6 +39,23 @@ TINY_CONFIG = dict(
     dropout_rate=0.0,
 )
 TINY_SEED = 0
+TINY_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+BUILT_MARKER = ".complete"  # written last: a directory without it was never finished
+
+FLAN_T5_BASE_ARCHITECTURE = "flan-t5-base-architecture"
+FLAN_T5_BASE_CONFIG = dict(
+    d_model=768,
+    d_kv=64,
+    d_ff=2048,
+    num_layers=12,
+    num_decoder_layers=12,
+    num_heads=12,
+    vocab_size=32128,
+    feed_forward_proj="gated-gelu",
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -58,9 +80,17 @@ def tiny_model_dir() -> Path:
         sort_keys=True,
     )
     directory = cache_dir() / f"tiny-t5-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
-    if not (directory / "config.json").is_file():
-        build_tiny_model(directory)
+    if not _is_built(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(directory.parent / f".{directory.name}.lock"):  # other builders wait here, then reuse
+            if not _is_built(directory):
+                shutil.rmtree(directory, ignore_errors=True)  # damaged: a build cut short, or files deleted
+                build_tiny_model(directory)
     return directory
+
+
+def _is_built(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in (*TINY_FILES, BUILT_MARKER))
 
 
 def train_tiny_sentencepiece() -> list[tuple[str, float]]:
@@ -115,23 +145,43 @@ def build_tiny_model(directory: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = T5ForConditionalGeneration(config)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(directory)
-        except OSError:  # another process built it first: theirs is identical
-            if not (directory / "config.json").is_file():
-                raise
+        (staging / BUILT_MARKER).touch()
+        staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def flan_t5_base_architecture(device: torch.device | str | None = None):
+    """flan-t5-base built from its config with random weights and the real checkpoint's layout.
+
+    transformers 5 ties lm_head to the input embeddings when building from a config (222.9M
+    parameters); the real checkpoint has its own lm_head (247,577,856). Timings don't depend on weight
+    values. device="meta" gives shapes only, for counting parameters and FLOPs without memory.
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    with torch.device(device or "cpu"):
+        model = T5ForConditionalGeneration(T5Config(**FLAN_T5_BASE_CONFIG))
+        model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return model
 
 
 def resolve_model_path(name: str) -> str:
     """`tiny` becomes the tiny model's cache directory; anything else is returned as it is."""
     return str(tiny_model_dir()) if name == TINY else name
+
+
+def same_base_model(name: str, recorded: str) -> bool:
+    """Whether --model `name` and an adapter's recorded base are the same model (as paths, when both are)."""
+    if name == recorded:
+        return True
+    resolved = Path(resolve_model_path(name)).expanduser()
+    return resolved.is_dir() and Path(recorded).expanduser().is_dir() and resolved.resolve() == Path(recorded).resolve()
 
 
 def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):

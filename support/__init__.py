@@ -1,0 +1,15 @@
+"""What the scripts need besides the loop, one job per module.
+
+- cli: the usage-error type and the exit-status convention every script follows
+- files: atomic writes and the lock that keeps two runs out of one directory
+- precision: --precision to a dtype, and the autocast context
+- models: the one place that turns --model into a model and tokenizer (tiny, a directory, a hub name,
+  flan-t5-base's architecture with random weights)
+- train_args: train.py's options, their two default sets (flan-t5-base and tiny) and their checks
+- run_dir: the output directory's layout and policy (refuse, resume, overwrite)
+- checkpoints: training progress, RNG states, save/load/rotate for exact resume
+- distributed: torchrun setup and the reductions the loop needs
+- metrics: metrics.jsonl, the loss plot, peak memory
+- grounding: the account store that fills placeholders, and the invented-figure check
+- evaluation: base against fine-tuned: metrics, intent matching, the report
+"""

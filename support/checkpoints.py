@@ -1,0 +1,99 @@
+"""Checkpoints for exact resume: the adapter as safetensors; the optimizer, scheduler, scaler, RNG states
+and position in the epoch as plain tensors and values that torch.load(weights_only=True) reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora import load_adapter, save_adapter
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where a run is, and what it has seen: everything but tensors that resuming needs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    best_val_loss: float = math.inf
+    first_train_loss: float | None = None
+    history: list = field(default_factory=list)  # the rows of metrics.jsonl
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    steps = sorted((output_dir / CHECKPOINTS).glob("step-*"))
+    return steps[-1] if steps else None
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    progress: Progress,
+    rng_states: list,
+    base_model: str,
+    keep: int,
+) -> Path:
+    """Write checkpoints/step-N atomically (built in a temporary directory, then renamed); keep the last `keep`."""
+    root = output_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{progress.step:08d}"
+    staging = root / f".tmp-step-{progress.step:08d}"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_adapter(model, staging, base_model)
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_states,  # one per rank
+        "progress": {**progress.__dict__, "history": json.dumps(progress.history)},
+    }
+    torch.save(state, staging / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, device: torch.device, rank: int) -> Progress:
+    """Restore everything save_checkpoint wrote, this rank's RNG state included; return the progress."""
+    load_adapter(model, path)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][rank], device)
+    return Progress(**{**state["progress"], "history": json.loads(state["progress"]["history"])})

@@ -1,0 +1,49 @@
+"""Files written atomically (a crash mid-write leaves the old file, or none, never a half-written one),
+and a lock file that keeps two processes from doing the same work at once."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on `path` (created if need be) for the block; yields whether it was taken.
+
+    The kernel releases the lock when its holder exits, however it exits, so a lock left by a killed
+    process never blocks anyone. With blocking=False the block runs at once, told False if another
+    process holds the lock.
+    """
+    import fcntl
+
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,75 @@
+"""What a run reports: metrics.jsonl, the loss plot, the loss and throughput of a log interval, peak memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .files import atomic_write, atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training_loss.png"
+
+
+class IntervalMeter:
+    """The per-token training loss and the tokens per second since the last log line."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.tokens, self.seen_tokens = 0.0, 0.0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss_sum: float | None, supervised_tokens: float, seen_tokens: int) -> None:
+        """loss_sum is None for a skipped step: its tokens were seen but taught nothing."""
+        if loss_sum is not None:
+            self.loss_sum += loss_sum
+            self.tokens += supervised_tokens
+        self.seen_tokens += seen_tokens
+
+    def train_loss(self) -> float | None:
+        return self.loss_sum / self.tokens if self.tokens else None
+
+    def tokens_per_s(self) -> float:
+        return self.seen_tokens / (time.perf_counter() - self.start)
+
+
+def write_metrics_and_plot(output_dir: Path, history: list[dict]) -> None:
+    """metrics.jsonl (one JSON object per log line or validation) and training_loss.png, both atomically."""
+    atomic_write_text(output_dir / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("per-token cross-entropy")
+    ax.set_title("LoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(output_dir / PLOT_FILE, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: the most memory tensors ever held on `device`; CPU: this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def fmt(value) -> str:
+    """A loss for a log line: 4 decimals, or n/a when there is none."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.4f}"

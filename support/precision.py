@@ -1,0 +1,35 @@
+"""--precision to a dtype, and the autocast context that applies it.
+
+fp32 on the CPU; bf16 on a CUDA GPU that has it; fp16 only on CUDA (T5 overflows in fp16, so train.py
+pairs it with a gradient scaler and a warning).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from .cli import UsageError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on a CUDA GPU that supports it, else fp32; refuses what `device` cannot run."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA GPU; on the CPU use fp32 or bf16.")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU has no bf16: use --precision fp32 (or fp16, which T5 overflows in).")
+    return DTYPES[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """Mixed precision in `dtype` for the ops autocast covers; plain fp32 when dtype is fp32."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
