@@ -21,38 +21,16 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from data import (
-    IGNORE_INDEX,
-    TINY,
-    TRAIN_FILE,
-    LengthBucketSampler,
-    bucket_key,
-    collate,
-    encode_examples,
-    load_examples,
-    resolve_model_path,
-)
+from data import IGNORE_INDEX, TRAIN_FILE, LengthBucketSampler, bucket_key, collate, encode_examples, load_examples
 from lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora
-from train import peak_memory_mib, sequence_loss_sum
+from support.metrics import peak_memory_mib
+from support.models import TINY, flan_t5_base_architecture, load_model_and_tokenizer, resolve_model_path
+from train import train_step as train_py_step
 
-FLAN_T5_BASE = dict(
-    d_model=768,
-    d_kv=64,
-    d_ff=2048,
-    num_layers=12,
-    num_decoder_layers=12,
-    num_heads=12,
-    vocab_size=32128,
-    feed_forward_proj="gated-gelu",
-    decoder_start_token_id=0,
-    pad_token_id=0,
-    eos_token_id=1,
-)
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, by device-name substring, first
 # match wins (so the PCIe H100 comes before the SXM one). TF32, used for fp32 matmuls, is half of it.
 PEAK_BF16_FLOPS = (
@@ -88,26 +66,20 @@ def hardware() -> str:
 
 
 def build_model(name: str):
-    """flan-t5-base's architecture with random weights and an untied lm_head (as the real checkpoint), or tiny."""
-    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
-
-    if name == TINY:
-        return AutoModelForSeq2SeqLM.from_pretrained(resolve_model_path(TINY))
+    """flan-t5-base's architecture with random weights (the real checkpoint's layout), or the tiny model."""
     torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(**FLAN_T5_BASE))  # transformers 5 ties lm_head here: 222.9M
-    # The real checkpoint shares its input embeddings but has its own lm_head: 247.6M parameters.
-    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    return model
+    return flan_t5_base_architecture() if name != TINY else load_model_and_tokenizer(TINY)[0]
 
 
 def model_shapes(name: str):
     """The LoRA model's modules on the meta device: shapes for counting FLOPs, no weights, no memory."""
-    from transformers import AutoConfig, T5Config, T5ForConditionalGeneration
+    from transformers import AutoConfig, T5ForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(resolve_model_path(TINY)) if name == TINY else T5Config(**FLAN_T5_BASE)
-    with torch.device("meta"):
-        model = T5ForConditionalGeneration(config)
+    if name == TINY:
+        with torch.device("meta"):
+            model = T5ForConditionalGeneration(AutoConfig.from_pretrained(resolve_model_path(TINY)))
+    else:
+        model = flan_t5_base_architecture(device="meta")
     inject_lora(model)
     return model
 
@@ -143,13 +115,11 @@ def prepare_training(model, mode: str):
 
 
 def train_step(model, optimizer, batch, autocast_dtype):
-    """One optimizer step with train.py's loss: summed token cross-entropy over the supervised tokens."""
-    ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    with ctx:
-        loss = sequence_loss_sum(model, batch) / (batch["labels"] != IGNORE_INDEX).sum()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    """One optimizer step exactly as train.py makes it (loss, clipping, finite check), one micro-batch."""
+    scaler = torch.amp.GradScaler(device().type, enabled=False)
+    train_py_step(
+        model, optimizer, scaler, [batch], device=device(), dtype=autocast_dtype or torch.float32, max_grad_norm=1.0
+    )
 
 
 def time_steps(model, optimizer, batches, warmup: int, autocast_dtype=None) -> list[float]:

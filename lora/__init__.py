@@ -9,6 +9,7 @@ from .layer import (
     lora_disabled,
     lora_layers,
     merge_lora,
+    merged_state_dict,
     unmerge_lora,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "lora_disabled",
     "lora_layers",
     "merge_lora",
+    "merged_state_dict",
     "save_adapter",
     "unmerge_lora",
 ]

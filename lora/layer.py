@@ -226,6 +226,23 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
                 layer.merge()
 
 
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every adapter folded into its base weight and no lora_A/lora_B keys:
+    what a plain copy of the base model (or a plain nn.Linear, given a LoRALinear) loads with strict=True.
+
+    The model itself is left as it is; ΔW is computed in fp32 and rounded once into the weight's dtype.
+    """
+    layers = lora_layers(model) if not isinstance(model, LoRALinear) else {"": model}
+    state = model.state_dict()
+    for name, layer in layers.items():
+        prefix = f"{name}." if name else ""
+        del state[f"{prefix}lora_A"], state[f"{prefix}lora_B"]
+        if not layer.merged:
+            state[f"{prefix}weight"] = (layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype)
+    return state
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
     params = list(model.parameters())  # parameters() yields a shared tensor once

@@ -47,7 +47,7 @@ def t5_batch():
 
 @pytest.fixture(scope="session")
 def tiny_model_path():
-    from data import resolve_model_path
+    from support.models import resolve_model_path
 
     return resolve_model_path("tiny")
 

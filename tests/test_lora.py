@@ -16,6 +16,7 @@ from lora import (
     lora_disabled,
     lora_layers,
     merge_lora,
+    merged_state_dict,
     save_adapter,
     unmerge_lora,
 )
@@ -75,7 +76,7 @@ def test_train_eval_switch_never_merges():
 def test_flan_t5_base_architecture_counts():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from bench import FLAN_T5_BASE
+    from support.models import FLAN_T5_BASE_CONFIG as FLAN_T5_BASE
 
     config = T5Config(**FLAN_T5_BASE)
     with torch.device("meta"):  # shapes only: no 900 MB of random weights
@@ -109,10 +110,12 @@ def test_base_weight_keeps_its_state_dict_key():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(target_modules=("nothing",)), "no nn.Linear"),
+        (dict(target_modules=("nothing",)), r"\['nothing'\] match no nn.Linear"),
+        (dict(target_modules=("q", "wi")), r"\['wi'\] match no nn.Linear.*wi_0, wi_1"),  # gated T5 has no wi
         (dict(r=0), "rank r must be a positive integer"),
         (dict(r=-2), "rank r must be a positive integer"),
-        (dict(alpha=0), "alpha must be positive"),
+        (dict(alpha=0), "alpha must be a positive number"),
+        (dict(alpha="8"), "alpha must be a positive number"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
     ],
@@ -179,6 +182,33 @@ def test_merged_forward_is_the_base_matmul_alone():
     layer.merge()
     x = torch.randn(3, 8)
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight))
+
+
+@pytest.mark.parametrize("merge_first", [False, True])
+def test_merged_state_dict_loads_into_a_plain_linear_and_gives_the_same_output(merge_first):
+    torch.manual_seed(0)
+    layer = LoRALinear(8, 4, r=2, alpha=4, bias=True)
+    nn.init.normal_(layer.lora_B)
+    w0 = layer.weight.clone()
+    if merge_first:
+        layer.merge()
+    plain = nn.Linear(8, 4)
+    plain.load_state_dict(merged_state_dict(layer), strict=True)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(plain(x), layer(x), rtol=0, atol=1e-6)
+    assert not torch.allclose(plain(x), nn.functional.linear(x, w0, layer.bias), atol=1e-3)  # ΔW is in it
+
+
+def test_merged_state_dict_of_a_model_loads_into_its_plain_base(t5_batch):
+    model = tiny_t5()
+    inject_lora(model, r=4, alpha=8, dropout=0.0)
+    randomize_adapter(model)
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = tiny_t5(seed=9)
+    plain.load_state_dict(merged_state_dict(model), strict=True)
+    torch.testing.assert_close(logits(plain, t5_batch), logits(model, t5_batch), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(plain, t5_batch), logits(tiny_t5(), t5_batch), atol=1e-3)
+    assert all(torch.equal(v, weights_before[k]) for k, v in model.state_dict().items())  # the model is untouched
 
 
 def test_merge_refuses_non_finite_result():
@@ -348,21 +378,22 @@ def test_load_refuses_other_rank_in_injected_model(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field, value",
+    "field, value, message",
     [
-        ("use_dora", True),
-        ("bias", "all"),
-        ("fan_in_fan_out", True),
-        ("peft_type", "IA3"),
-        ("r", 0),
-        ("target_modules", ".*attn.*"),
-        ("modules_to_save", ["lm_head"]),
+        ("use_dora", True, "'use_dora'"),
+        ("bias", "all", "'bias'"),
+        ("fan_in_fan_out", True, "'fan_in_fan_out'"),
+        ("peft_type", "IA3", "'peft_type'"),
+        ("r", 0, "rank r must be a positive integer"),
+        ("lora_alpha", "16", "alpha must be a positive number"),
+        ("target_modules", ".*attn.*", "'target_modules'"),
+        ("modules_to_save", ["lm_head"], "'modules_to_save'"),
     ],
 )
-def test_load_refuses_unsupported_config(tmp_path, field, value):
+def test_load_refuses_unsupported_config(tmp_path, field, value, message):
     directory = saved_adapter(tmp_path)
     edit_config(directory, **{field: value})
-    with pytest.raises(AdapterError, match=f"'{field}'"):
+    with pytest.raises(AdapterError, match=message):
         load_adapter(tiny_t5(), directory)
 
 

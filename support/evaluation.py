@@ -1,0 +1,152 @@
+"""Evaluation of base against fine-tuned on held-out rows: the metrics, intent matching and the report.
+
+The report is data (eval_report.json); its markdown (eval_report.md) and the table printed by
+`infer.py --eval` are both rendered from that data.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable
+
+from tqdm.auto import tqdm
+
+from .grounding import UNAVAILABLE, AccountStore, invented_numbers
+
+REFUSAL_MARKER = "i can only help with banking"  # every out-of-domain answer in the dataset says this
+MODELS = ("base", "fine_tuned")
+NOTES = {
+    "exact_match": "raw output equals the reference response, placeholders included",
+    "intent_accuracy": "intent of the most similar training response (token F1 >= 0.5)",
+    "refusal": f"the answer contains '{REFUSAL_MARKER}'",
+    "invented_figure_rate": "answers holding a number found neither in the query nor the account store",
+}
+
+
+def normalize(text: str) -> list[str]:
+    return re.sub(r"[^\w\[\]\s]", " ", text.lower()).split()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return " ".join(prediction.split()) == " ".join(reference.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style F1 over lower-cased word tokens (punctuation dropped, placeholders kept whole)."""
+    pred, ref = normalize(prediction), normalize(reference)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or not common:
+        return float(pred == ref)
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+class IntentMatcher:
+    """Recognises a response's intent: the intent of the most similar training response (token F1),
+    or None when nothing in the training set is at least `threshold` similar."""
+
+    def __init__(self, rows: list[dict], threshold: float = 0.5) -> None:
+        self.responses = sorted({(row["response"], row["intent"]) for row in rows if row.get("intent")})
+        self.threshold = threshold
+
+    def __call__(self, response: str) -> str | None:
+        score, intent = max(
+            ((token_f1(response, known), intent) for known, intent in self.responses), default=(0.0, None)
+        )
+        return intent if score >= self.threshold else None
+
+
+def is_refusal(response: str) -> bool:
+    return REFUSAL_MARKER in response.lower()
+
+
+def score(rows: list[dict], outputs: list[str], store: AccountStore, matcher: IntentMatcher) -> dict:
+    """The metrics of one model's raw outputs against the reference rows."""
+    n = len(rows)
+    out_of_domain = [i for i, row in enumerate(rows) if row.get("intent") == "out_of_domain"]
+    in_domain = sorted(set(range(n)) - set(out_of_domain))
+    answers = [store.fill(output)[0] for output in outputs]
+    return {
+        "exact_match": sum(exact_match(o, r["response"]) for o, r in zip(outputs, rows)) / n,
+        "token_f1": sum(token_f1(o, r["response"]) for o, r in zip(outputs, rows)) / n,
+        "intent_accuracy": sum(matcher(o) == r.get("intent") for o, r in zip(outputs, rows)) / n,
+        "refusal_rate_out_of_domain": (
+            sum(is_refusal(outputs[i]) for i in out_of_domain) / len(out_of_domain) if out_of_domain else None
+        ),
+        "refusal_rate_in_domain": sum(is_refusal(outputs[i]) for i in in_domain) / len(in_domain)
+        if in_domain
+        else None,
+        "invented_figure_rate": sum(bool(invented_numbers(a, r["instruction"], store)) for a, r in zip(answers, rows))
+        / n,
+        "unfillable_placeholder_rate": sum(a == UNAVAILABLE for a in answers) / n,
+    }
+
+
+def evaluate(
+    generate: Callable[[list[str], bool], list[str]],
+    rows: list[dict],
+    store: AccountStore,
+    matcher: IntentMatcher,
+    batch_size: int,
+    sample_count: int,
+) -> dict:
+    """Generate with the adapter and without (generate(queries, base)), score both; the report's data."""
+    outputs = {name: [] for name in MODELS}
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    for batch in tqdm(batches, desc="evaluating", unit="batch", file=sys.stderr):
+        queries = [row["instruction"] for row in batch]
+        outputs["fine_tuned"] += generate(queries, False)
+        outputs["base"] += generate(queries, True)
+    samples = [
+        {
+            "query": rows[i]["instruction"],
+            "intent": rows[i].get("intent"),
+            "reference": rows[i]["response"],
+            **{name: store.fill(outputs[name][i])[0] for name in MODELS},
+        }
+        for i in _sample_indices(rows, sample_count)
+    ]
+    metrics = {name: score(rows, outputs[name], store, matcher) for name in MODELS}
+    return {"test_rows": len(rows), "metrics": metrics, "samples": samples, "notes": NOTES}
+
+
+def _sample_indices(rows: list[dict], count: int) -> list[int]:
+    """One row per intent first, so the sample table shows the range of the data."""
+    first_of_intent = {}
+    for i, row in enumerate(rows):
+        first_of_intent.setdefault(row.get("intent"), i)
+    chosen = list(first_of_intent.values())[:count]
+    return chosen + [i for i in range(len(rows)) if i not in chosen][: count - len(chosen)]
+
+
+def metrics_markdown(report: dict) -> str:
+    """The metrics table: one row per metric, one column per model."""
+    metrics = report["metrics"]
+
+    def cell(value):
+        return "n/a" if value is None else f"{value:.1%}"
+
+    lines = ["| metric | " + " | ".join(MODELS) + " |", "| --- |" + " --- |" * len(MODELS)]
+    for key in metrics[MODELS[0]]:
+        lines.append(f"| {key} | " + " | ".join(cell(metrics[name][key]) for name in MODELS) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    """eval_report.md: the heading, the metrics table, sample answers and what each metric means."""
+    lines = [
+        "# Evaluation: base vs fine-tuned\n",
+        f"Adapter `{report['adapter']}` on base `{report['base_model']}`, {report['test_rows']} held-out test rows.\n",
+        metrics_markdown(report),
+        "",
+        "| query | base answer | fine-tuned answer | reference |",
+        "| --- | --- | --- | --- |",
+    ]
+    for s in report["samples"]:
+        lines.append(
+            "| " + " | ".join(s[k].replace("|", "\\|") for k in ("query", "base", "fine_tuned", "reference")) + " |"
+        )
+    lines += ["", *(f"- {k}: {v}" for k, v in report["notes"].items())]
+    return "\n".join(lines) + "\n"
