@@ -62,3 +62,16 @@ def randomize_adapter(model, seed=3, scale=0.1):
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * scale)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One short tiny-model run shared by the tests that need a run directory or a trained adapter:
+    60 steps, validated and checkpointed every 30."""
+    import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    argv = ["--model", "tiny", "--max-steps", "60", "--eval-every", "30", "--save-every", "30", "--log-every", "10"]
+    summary = train.train(train.parse_args([*argv, "--output-dir", str(out)]))
+    assert summary["final_train_loss"] < summary["first_train_loss"]
+    return out
