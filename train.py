@@ -12,11 +12,9 @@ output directory, distributed helpers, metrics) is in `support/`, one job per fi
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -33,16 +31,16 @@ from data import (
     collate,
     encode_examples,
     load_examples,
+    sequential_batches,
 )
-from lora import AdapterError, count_parameters, inject_lora, lora_layers, save_adapter
+from lora import AdapterError, inject_lora, lora_layers, save_adapter
 from support import distributed as dist
 from support.checkpoints import Progress, load_checkpoint, rng_state, save_checkpoint
 from support.cli import UsageError, run_cli
-from support.files import atomic_write_text
-from support.metrics import IntervalMeter, fmt, peak_memory_mib, write_metrics_and_plot
+from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
 from support.models import ModelLoadError, load_model_and_tokenizer
-from support.precision import autocast, resolve_dtype
-from support.run_dir import BEST, RUN_CONFIG, prepare_output_dir
+from support.precision import autocast, training_dtype
+from support.run_dir import BEST, prepare_output_dir, start_run
 from support.train_args import parse_args, run_config, validate_args
 
 
@@ -87,9 +85,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         if args.compile:
             run.train_model = torch.compile(run.train_model)
         if env.is_main:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.output_dir / RUN_CONFIG, json.dumps(config, indent=2) + "\n")
-            tokenizer.save_pretrained(args.output_dir)
+            start_run(args.output_dir, config, tokenizer)
 
         start_time = time.perf_counter()
         aborted = fit(run, progress)
@@ -97,15 +93,9 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         if env.is_main:
             save_adapter(model, args.output_dir, base_path)
             write_metrics_and_plot(args.output_dir, progress.history)
-        summary = summarize(run, progress, time.perf_counter() - start_time, aborted)
-        log(
-            f"\ntrainable parameters {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
-            f"({100 * summary['trainable_share']:.3f}%); {progress.step} steps ({progress.skipped_steps} skipped) "
-            f"in {summary['time_s']:.1f} s; train loss {fmt(progress.first_train_loss)} -> "
-            f"{fmt(summary['final_train_loss'])}; best val loss {fmt(summary['best_val_loss'])}; peak memory "
-            f"{summary['peak_memory_mib']:.0f} MiB ({'max allocated' if env.device.type == 'cuda' else 'peak RSS'}); "
-            f"adapter in {args.output_dir}"
-        )
+        summary = run_summary(model, progress, time.perf_counter() - start_time, run.validating, env.device)
+        summary.update(output_dir=str(args.output_dir), aborted=aborted)
+        log("\n" + summary_line(summary, args.output_dir))
         if aborted:
             raise TrainingAborted(aborted)
         return summary
@@ -140,7 +130,7 @@ class Run:
     args: argparse.Namespace
     env: dist.Distributed
     model: torch.nn.Module  # the LoRA model, as saved
-    train_model: torch.nn.Module  # what the step calls: the model, wrapped in DDP and compiled as asked
+    train_model: torch.nn.Module  # what the step calls: the model, in DDP and compiled as asked
     base_path: str
     train_set: list
     sampler: LengthBucketSampler
@@ -169,11 +159,7 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows, log)
     sampler = LengthBucketSampler(
         [bucket_key(e) for e in train_set], args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size
     )
-    stride = env.world_size * args.batch_size
-    val_batches = [
-        collate(val_set[i : i + args.batch_size], pad_id, pad_multiple)
-        for i in range(env.rank * args.batch_size, len(val_set), stride)
-    ]
+    val_batches = sequential_batches(val_set, args.batch_size, pad_id, pad_multiple, env.rank, env.world_size)
     total_steps = args.max_steps or args.epochs * math.ceil(len(sampler) / args.grad_accum)
     warmup_steps = int(args.warmup_ratio * total_steps)
     lora_params = [p for layer in lora_layers(model).values() for p in layer.adapter_params().values()]
@@ -181,22 +167,8 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows, log)
         lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda"
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
-    dtype = resolve_dtype(args.precision, env.device)
-    if dtype == torch.float16:
-        warnings.warn(
-            "fp16: T5 overflows in half precision (inf after the feed-forward, then NaN); the gradient "
-            "scaler and NaN guards skip such steps, but prefer --precision bf16.",
-            stacklevel=1,
-        )
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    trainable, total = count_parameters(model)
-    log(
-        f"model {args.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
-        f"{len(train_set)} training rows, {total_steps} steps on {env.world_size} x {env.device.type}, "
-        f"precision {dtype}"
-    )
+    dtype = training_dtype(args.precision, env.device)
+    log(start_line(args.model, model, len(train_set), total_steps, f"{env.world_size} x {env.device.type}", dtype))
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
     return Run(
         args, env, model, model, base_path, train_set, sampler, val_batches, bool(val_rows), pad_id, pad_multiple,
@@ -217,7 +189,10 @@ def fit(run: Run, progress: Progress) -> str | None:
     args, env = run.args, run.env
     batches_per_epoch = len(run.sampler)
     meter = IntervalMeter()
-    bar = tqdm(total=run.total_steps, initial=progress.step, disable=not env.is_main, desc="training", unit="step")
+    bar = tqdm(
+        total=run.total_steps, initial=progress.step, disable=not env.is_main, desc="training", unit="step",
+        dynamic_ncols=True, mininterval=1.0,
+    )  # fmt: skip
     try:
         while progress.step < run.total_steps:
             run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
@@ -238,14 +213,17 @@ def fit(run: Run, progress: Progress) -> str | None:
                 run.scheduler.step()
                 progress.step += 1
                 bar.update(1)
-                record_step(run, progress, result, group, meter, bar)
+                record_step(run, progress, result, group, meter)
                 if progress.consecutive_skips >= args.max_skipped_steps:
                     return (
                         f"stopped: {progress.consecutive_skips} consecutive steps had a non-finite loss or "
                         "gradient; the last good adapter is kept. Lower --lr, or use --precision bf16 or fp32."
                     )
                 if progress.step % args.log_every == 0 or progress.step == run.total_steps:
-                    log_interval(run, progress, meter, result, batches_per_epoch, bar)
+                    epoch = round(progress.epoch + progress.batch_in_epoch / batches_per_epoch, 3)
+                    row = meter.row(progress.step, epoch, run.scheduler.get_last_lr()[0], result.grad_norm, progress)
+                    if row is not None:  # None when every step of the interval was skipped
+                        bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                     meter = IntervalMeter()
                 end_of_epoch = progress.batch_in_epoch >= batches_per_epoch
                 last_step = progress.step == run.total_steps
@@ -270,10 +248,6 @@ class StepResult:
     supervised_tokens: float  # labels != -100, over all processes' micro-batches
     grad_norm: float  # before clipping; nan when the step had nothing to learn from
     skipped: str | None = None  # why no update was made, if none was
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.supervised_tokens if self.supervised_tokens else math.nan
 
 
 def train_step(model, optimizer, scaler, micro_batches: list[dict], *, device, dtype, max_grad_norm) -> StepResult:
@@ -340,43 +314,12 @@ def evaluate(model, batches: list[dict], device: torch.device, dtype: torch.dtyp
     return loss_sum / max(tokens, 1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# What the loop does around each step: count skips, log, validate, checkpoint.
-
-
-def record_step(run: Run, progress: Progress, result: StepResult, group: list[dict], meter, bar) -> None:
-    if result.skipped is None:
-        progress.consecutive_skips = 0
-    else:
-        progress.skipped_steps += 1
-        if result.supervised_tokens:  # a non-finite step, not an empty one, counts towards the stop
-            progress.consecutive_skips += 1
+def record_step(run: Run, progress: Progress, result: StepResult, group: list[dict], meter: IntervalMeter) -> None:
+    progress.count_step(skipped=result.skipped is not None, empty=not result.supervised_tokens)
+    if result.skipped:
         run.log(f"step {progress.step}: skipped, {result.skipped}")
-    source_tokens = sum(int(b["attention_mask"].sum()) for b in group)
-    local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in group)
-    meter.add(
-        result.loss_sum if result.skipped is None else None,
-        result.supervised_tokens,
-        (source_tokens + local_tokens) * run.env.world_size,
-    )
-
-
-def log_interval(run: Run, progress: Progress, meter, result: StepResult, batches_per_epoch: int, bar) -> None:
-    train_loss = meter.train_loss()
-    if train_loss is None:  # every step of the interval was skipped
-        return
-    row = {
-        "step": progress.step,
-        "epoch": round(progress.epoch + progress.batch_in_epoch / batches_per_epoch, 3),
-        "train_loss": train_loss,
-        "lr": run.scheduler.get_last_lr()[0],
-        "grad_norm": result.grad_norm,
-        "skipped_steps": progress.skipped_steps,
-        "tokens_per_s": meter.tokens_per_s(),
-    }
-    progress.history.append(row)
-    progress.first_train_loss = progress.first_train_loss or train_loss
-    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+    seen = sum(int(b["attention_mask"].sum()) + int((b["labels"] != IGNORE_INDEX).sum()) for b in group)
+    meter.add(None if result.skipped else result.loss_sum, result.supervised_tokens, seen * run.env.world_size)
 
 
 def validate(run: Run, progress: Progress, end_of_epoch: bool, bar) -> None:
@@ -400,24 +343,6 @@ def checkpoint(run: Run, progress: Progress) -> None:
             progress, states, run.base_path, run.args.keep_checkpoints,
         )  # fmt: skip
         write_metrics_and_plot(run.args.output_dir, progress.history)
-
-
-def summarize(run: Run, progress: Progress, time_s: float, aborted: str | None) -> dict:
-    trainable, total = count_parameters(run.model)
-    return {
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_share": trainable / total,
-        "steps": progress.step,
-        "skipped_steps": progress.skipped_steps,
-        "time_s": time_s,
-        "first_train_loss": progress.first_train_loss,
-        "final_train_loss": next((r["train_loss"] for r in reversed(progress.history) if "train_loss" in r), None),
-        "best_val_loss": progress.best_val_loss if run.validating else None,
-        "peak_memory_mib": peak_memory_mib(run.env.device),
-        "output_dir": str(run.args.output_dir),
-        "aborted": aborted,
-    }
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .dataset import (
     collate,
     encode_examples,
     load_examples,
+    sequential_batches,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "collate",
     "encode_examples",
     "load_examples",
+    "sequential_batches",
 ]

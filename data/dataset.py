@@ -138,6 +138,14 @@ def collate(batch: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_
     }
 
 
+def sequential_batches(
+    rows: Sequence[EncodedExample], batch_size: int, pad_token_id: int, pad_to_multiple_of=None, rank=0, world_size=1
+) -> list[dict]:
+    """Collated batches in file order (for validation); rank r takes batches r, r + world_size, ..."""
+    starts = range(rank * batch_size, len(rows), world_size * batch_size)
+    return [collate(rows[i : i + batch_size], pad_token_id, pad_to_multiple_of) for i in starts]
+
+
 def bucket_key(example: EncodedExample) -> int:
     """What batches are grouped by: source plus target length.
 

@@ -32,6 +32,14 @@ class Progress:
     first_train_loss: float | None = None
     history: list = field(default_factory=list)  # the rows of metrics.jsonl
 
+    def count_step(self, skipped: bool, empty: bool) -> None:
+        """A non-finite step counts towards --max-skipped-steps; one with no supervised token does not."""
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += not empty
+
     def next_epoch(self) -> None:
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 

@@ -35,6 +35,24 @@ class IntervalMeter:
     def tokens_per_s(self) -> float:
         return self.seen_tokens / (time.perf_counter() - self.start)
 
+    def row(self, step: int, epoch: float, lr: float, grad_norm: float, progress) -> dict | None:
+        """The interval's line of metrics.jsonl, added to progress.history; None if it taught nothing."""
+        train_loss = self.train_loss()
+        if train_loss is None:
+            return None
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,  # the interval's last step's, before clipping
+            "skipped_steps": progress.skipped_steps,
+            "tokens_per_s": self.tokens_per_s(),
+        }
+        progress.history.append(row)
+        progress.first_train_loss = progress.first_train_loss or train_loss
+        return row
+
 
 def write_metrics_and_plot(output_dir: Path, history: list[dict]) -> None:
     """metrics.jsonl (one JSON object per log line or validation) and training_loss.png, both atomically."""
@@ -73,3 +91,44 @@ def peak_memory_mib(device: torch.device) -> float:
 def fmt(value) -> str:
     """A loss for a log line: 4 decimals, or n/a when there is none."""
     return "n/a" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.4f}"
+
+
+def run_summary(model, progress, time_s: float, validated: bool, device: torch.device) -> dict:
+    """What train() returns: parameter counts, steps, losses, time and memory."""
+    from lora import count_parameters
+
+    trainable, total = count_parameters(model)
+    return {
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / total,
+        "steps": progress.step,
+        "skipped_steps": progress.skipped_steps,
+        "time_s": time_s,
+        "first_train_loss": progress.first_train_loss,
+        "final_train_loss": next((r["train_loss"] for r in reversed(progress.history) if "train_loss" in r), None),
+        "best_val_loss": progress.best_val_loss if validated else None,
+        "peak_memory_mib": peak_memory_mib(device),
+        "peak_memory_kind": "max allocated" if device.type == "cuda" else "peak RSS",
+    }
+
+
+def start_line(model_name: str, model, rows: int, steps: int, where: str, dtype: torch.dtype) -> str:
+    from lora import count_parameters
+
+    trainable, total = count_parameters(model)
+    return (
+        f"model {model_name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), "
+        f"{rows} training rows, {steps} steps on {where}, precision {dtype}"
+    )
+
+
+def summary_line(summary: dict, output_dir: Path) -> str:
+    s = summary
+    return (
+        f"trainable parameters {s['trainable_parameters']:,} of {s['total_parameters']:,} "
+        f"({100 * s['trainable_share']:.3f}%); {s['steps']} steps ({s['skipped_steps']} skipped) in "
+        f"{s['time_s']:.1f} s; train loss {fmt(s['first_train_loss'])} -> {fmt(s['final_train_loss'])}; "
+        f"best val loss {fmt(s['best_val_loss'])}; peak memory {s['peak_memory_mib']:.0f} MiB "
+        f"({s['peak_memory_kind']}); adapter in {output_dir}"
+    )

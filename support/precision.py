@@ -6,6 +6,7 @@ pairs it with a gradient scaler and a warning).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -28,6 +29,21 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("this GPU has no bf16: use --precision fp32 (or fp16, which T5 overflows in).")
     return DTYPES[precision]
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """resolve_dtype for training: warns about fp16, and lets fp32 matmuls run as TF32 on CUDA."""
+    dtype = resolve_dtype(precision, device)
+    if dtype == torch.float16:
+        warnings.warn(
+            "fp16: T5 overflows in half precision (inf after the feed-forward, then NaN); the gradient "
+            "scaler and NaN guards skip such steps, but prefer --precision bf16.",
+            stacklevel=2,
+        )
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:

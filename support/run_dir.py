@@ -21,6 +21,7 @@ from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 
 from .checkpoints import CHECKPOINTS, latest_checkpoint
 from .cli import UsageError
+from .files import atomic_write_text
 from .metrics import METRICS_FILE, PLOT_FILE
 
 RUN_CONFIG = "training_config.json"
@@ -80,6 +81,13 @@ def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path | None:
         for name in (METRICS_FILE, RUN_CONFIG, PLOT_FILE, CONFIG_NAME, WEIGHTS_NAME):
             (out / name).unlink(missing_ok=True)
     return None
+
+
+def start_run(output_dir: Path, config: dict, tokenizer) -> None:
+    """Record the run's settings and tokenizer before the first step (resume checks the settings)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / RUN_CONFIG, json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(output_dir)
 
 
 def training_config_for(adapter_dir: Path) -> dict | None:
