@@ -85,8 +85,26 @@ def tiny_model_dir() -> Path:
         with file_lock(directory.parent / f".{directory.name}.lock"):  # other builders wait here, then reuse
             if not _is_built(directory):
                 shutil.rmtree(directory, ignore_errors=True)  # damaged: a build cut short, or files deleted
-                build_tiny_model(directory)
+                _build_in_own_process(directory)
     return directory
+
+
+def _build_in_own_process(directory: Path) -> None:
+    """build_tiny_model in a fresh Python: under torchrun, transformers 5's save_pretrained writes nothing
+    on a rank other than 0, and whichever rank takes the lock first is the one that builds."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = "import sys; from pathlib import Path; from support.models import build_tiny_model; "
+    code += "build_tiny_model(Path(sys.argv[1]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, env=env)
+    if result.returncode != 0 or not _is_built(directory):
+        reason = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise ModelLoadError(f"could not build the tiny model in {directory} ({reason[:200]}).")
 
 
 def _is_built(directory: Path) -> bool:

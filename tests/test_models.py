@@ -1,21 +1,26 @@
 """The one model builder: the tiny model's cache survives damage and concurrent builders."""
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from support.models import BUILT_MARKER, flan_t5_base_architecture, load_model_and_tokenizer, tiny_model_dir
+from support.models import BUILT_MARKER, _is_built, flan_t5_base_architecture, load_model_and_tokenizer, tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_damaged_tiny_model_cache_is_rebuilt(tmp_path, monkeypatch):
+def test_a_damaged_tiny_model_cache_is_rebuilt(tmp_path, monkeypatch, tiny_model_path):
     monkeypatch.setenv("LORA_T5_CACHE", str(tmp_path))
+    shutil.copytree(tiny_model_path, tmp_path / Path(tiny_model_path).name)  # the session's build, to damage
     directory = tiny_model_dir()
+    assert directory == tmp_path / Path(tiny_model_path).name
     reference = load_model_and_tokenizer("tiny")[0].state_dict()
     (directory / "model.safetensors").unlink()  # a file deleted by hand
-    model = load_model_and_tokenizer("tiny")[0]
-    assert all(torch.equal(value, reference[key]) for key, value in model.state_dict().items())
+    assert not _is_built(directory)
     for name in [p.name for p in directory.iterdir() if not p.name.startswith("tokenizer")]:
         (directory / name).unlink()  # a build cut short: only the tokenizer files are left
     assert not (directory / BUILT_MARKER).exists()
@@ -27,21 +32,33 @@ def test_a_damaged_tiny_model_cache_is_rebuilt(tmp_path, monkeypatch):
     )
 
 
-def test_concurrent_builders_share_one_build(tmp_path):
-    code = "from support.models import tiny_model_dir; print(tiny_model_dir())"
-    env = {**os.environ, "LORA_T5_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-        for _ in range(3)
-    ]
-    outputs = [p.communicate(timeout=300) for p in processes]
-    assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
-    assert len({out.strip() for out, _ in outputs}) == 1
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [
-        os.path.basename(outputs[0][0].strip())
-    ]
+RANKS_LOAD_TINY = """
+import sys, time
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from support.models import load_model_and_tokenizer
+dist.init_process_group("gloo")
+if dist.get_rank() == 0:
+    time.sleep(3)  # rank 1 takes the lock and builds: transformers' save_pretrained writes only on rank 0
+print(load_model_and_tokenizer("tiny")[2])
+"""
+
+
+def test_torchrun_ranks_share_one_build_whichever_rank_builds(tmp_path):
+    script = tmp_path / "load_tiny.py"
+    script.write_text(RANKS_LOAD_TINY)
+    env = {**os.environ, "LORA_T5_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+        + [str(script), str(ROOT)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = set(result.stdout.split())
+    assert len(paths) == 1 and BUILT_MARKER in os.listdir(paths.pop())
 
 
 def test_flan_t5_base_architecture_has_the_real_checkpoints_layout():

@@ -316,10 +316,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, capsys):
 
 def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path, capsys):
     """2 gloo processes at batch 10 see, step by step, the same 20 rows as 1 process accumulating 2 batches
-    of 10 (the epoch has an even number of batches, so none is split). Dropout is 0, so the adapters match.
-    The 2-process run starts on an empty tiny-model cache: both ranks build it at once."""
+    of 10 (the epoch has an even number of batches, so none is split). Dropout is 0, so the adapters match."""
     common = [*FAST, "--batch-size", "10", "--max-steps", "3", "--dropout", "0", "--log-every", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_T5_CACHE": str(tmp_path / "empty-cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
         + [str(ROOT / "train.py"), *common, "--output-dir", str(tmp_path / "ddp")],
