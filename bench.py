@@ -189,11 +189,20 @@ def pad_batch(batch: dict, length: int) -> dict:
     }
 
 
+WORKER_DEFAULTS = {"precision": "fp32", "compile": False, "pad_multiple": None, "pad_to": None}
+_worker_results: dict[str, dict] = {}
+
+
 def run_worker(spec: dict) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark worker {spec['mode']} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """Measure `spec` in a fresh process. A configuration measured before in this run is not measured
+    again: on the CPU the throughput section's runs are the training-step section's."""
+    key = json.dumps({**WORKER_DEFAULTS, **spec}, sort_keys=True)
+    if key not in _worker_results:
+        result = subprocess.run([sys.executable, __file__, "--worker", key], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"benchmark worker {spec['mode']} failed:\n{result.stderr[-2000:]}")
+        _worker_results[key] = json.loads(result.stdout.strip().splitlines()[-1])
+    return _worker_results[key]
 
 
 # ---------------------------------------------------------------------------------------------------------
