@@ -30,18 +30,18 @@ from data import (
     bucket_key,
     collate,
     encode_examples,
-    load_examples,
     sequential_batches,
 )
 from lora import AdapterError, inject_lora, lora_layers, save_adapter
+from support import checkpoints
 from support import distributed as dist
-from support.checkpoints import Progress, load_checkpoint, rng_state, save_checkpoint
-from support.cli import UsageError, run_cli
+from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
+from support.cli import UsageError, run_cli, stop_requests
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
 from support.models import ModelLoadError, load_model_and_tokenizer
 from support.precision import autocast, training_dtype
-from support.run_dir import BEST, prepare_output_dir, start_run
-from support.train_args import parse_args, run_config, validate_args
+from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
+from support.train_args import parse_args, read_data, run_config, validate_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__)
     return run_cli(
         lambda: train(args),
-        failures=(DataError, ModelLoadError, AdapterError, TrainingAborted),
+        failures=(DataError, ModelLoadError, AdapterError, CheckpointError, TrainingAborted),
         interrupted="the latest checkpoint (if any) is in the output directory; continue with --resume.",
     )
 
@@ -61,14 +61,16 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
     """
     validate_args(args)
     env = dist.setup_distributed()
+    lock = OutputDirLock(args.output_dir)  # rank 0 holds the directory until the run ends
     log = print if env.is_main else (lambda *a, **k: None)
     try:
         config = run_config(args, env.world_size)
-        resume_from = dist.on_main(lambda: prepare_output_dir(args, config), env.is_main)
+        resume_from = dist.on_main(lambda: lock.acquire() or prepare_output_dir(args, config), env.is_main)
 
-        # Data first: a bad file is refused before a model loads.
-        train_rows = load_examples(args.data)
-        val_rows = [] if args.val_data.lower() == "none" else load_examples(args.val_data)
+        train_rows, val_rows, val_note = read_data(args)  # data first: a bad file is refused before a model loads
+        if len(train_rows) < env.world_size:
+            raise DataError(f"{args.data} has {len(train_rows)} rows, fewer than the {env.world_size} processes.")
+        log(val_note)
 
         model, tokenizer, base_path = build_lora_model(args, env)
         if prepare_model is not None:
@@ -85,7 +87,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         if args.compile:
             run.train_model = torch.compile(run.train_model)
         if env.is_main:
-            start_run(args.output_dir, config, tokenizer)
+            start_run(args.output_dir, config, tokenizer, replace=args.overwrite)
 
         start_time = time.perf_counter()
         aborted = fit(run, progress)
@@ -100,6 +102,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             raise TrainingAborted(aborted)
         return summary
     finally:
+        lock.release()
         dist.teardown_distributed()
 
 
@@ -193,7 +196,7 @@ def fit(run: Run, progress: Progress) -> str | None:
         total=run.total_steps, initial=progress.step, disable=not env.is_main, desc="training", unit="step",
         dynamic_ncols=True, mininterval=1.0,
     )  # fmt: skip
-    try:
+    with stop_requests() as stop, bar:
         while progress.step < run.total_steps:
             run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
             epoch_batches = iter(list(run.sampler))
@@ -235,11 +238,16 @@ def fit(run: Run, progress: Progress) -> str | None:
                 save_now = progress.step % args.save_every == 0 if args.save_every else end_of_epoch
                 if save_now:
                     checkpoint(run, progress)
+                if dist.any_rank(bool(stop), env.device):  # Ctrl-C or SIGTERM: finish the step, save, stop
+                    if not save_now:
+                        checkpoint(run, progress)
+                    raise KeyboardInterrupt(
+                        f"{(stop or ['a signal'])[0]} at step {progress.step}: checkpoint saved in "
+                        f"{args.output_dir / CHECKPOINTS}; continue with --resume."
+                    )
                 if end_of_epoch:
                     break
         return None
-    finally:
-        bar.close()
 
 
 @dataclass
@@ -279,7 +287,11 @@ def train_step(model, optimizer, scaler, micro_batches: list[dict], *, device, d
     (step_loss_sum,) = dist.all_reduce_sum([step_loss_sum.item()], device)
     skipped = None
     if math.isfinite(step_loss_sum / global_tokens) and math.isfinite(grad_norm):
+        before = checkpoints.snapshot(optimizer)
         scaler.step(optimizer)
+        if not checkpoints.all_finite(params):  # finite gradients, yet the update overflowed: undo it
+            checkpoints.restore(optimizer, before)
+            skipped = "the update made the adapter non-finite"
     else:  # no update: the adapter and the optimizer state stay as the last good step left them
         skipped = f"non-finite loss {step_loss_sum / global_tokens} or grad norm {grad_norm}"
     scaler.update()  # in fp16, backs the scale off after an inf

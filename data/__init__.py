@@ -14,6 +14,7 @@ from .dataset import (
     build_prompt,
     collate,
     encode_examples,
+    hold_out,
     load_examples,
     sequential_batches,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "build_prompt",
     "collate",
     "encode_examples",
+    "hold_out",
     "load_examples",
     "sequential_batches",
 ]

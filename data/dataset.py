@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,13 @@ def collate(batch: Sequence[EncodedExample], pad_token_id: int, pad_to_multiple_
         "labels": labels,
         "decoder_input_ids": decoder_input_ids,
     }
+
+
+def hold_out(rows: Sequence, share: float, seed: int) -> tuple[list, list]:
+    """Split off int(share * len(rows)) rows chosen by `seed`; both parts keep the file's order."""
+    count = int(share * len(rows))
+    held = set(random.Random(seed).sample(range(len(rows)), count))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def sequential_batches(

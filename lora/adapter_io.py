@@ -35,6 +35,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in lora_layers(model).items():
         state[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to("cpu", copy=True).contiguous()
         state[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to("cpu", copy=True).contiguous()
+    damaged = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if damaged:  # never write an adapter that no one can use
+        raise AdapterError(f"the adapter holds NaN or infinite values (e.g. '{damaged[0]}'); it is not saved.")
     return state
 
 
@@ -107,9 +110,17 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         if field not in config:
             refuse(field, "is missing")
     try:
-        check_lora_hyperparameters(config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0)
+        check_lora_hyperparameters(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
     except ValueError as err:  # the fields are 'r', 'lora_alpha' and 'lora_dropout'
         raise AdapterError(f"{config_path}: {err}") from None
+    if "lora_dropout" in config and config["lora_dropout"] is None:
+        config["lora_dropout"] = 0.0
+    for field in ("use_rslora", "inference_mode"):
+        if field in config and not isinstance(config[field], bool):
+            refuse(field, f"must be true or false, got {config[field]!r}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        refuse("base_model_name_or_path", f"must be a model name or path, got {base!r}")
     targets = config["target_modules"]
     if isinstance(targets, str) and targets.isidentifier():
         targets = [targets]
@@ -127,6 +138,12 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         "layers_to_transform": (None, []),
         "rank_pattern": ({}, None),
         "alpha_pattern": ({}, None),
+        "init_lora_weights": (True, False, "gaussian", None),  # PiSSA, OLoRA, LoftQ... change the base weights
+        "layer_replication": (None, []),
+        "target_parameters": (None, []),
+        "exclude_modules": (None, []),
+        "loftq_config": ({}, None),
+        "use_qalora": (False, None),
     }
     for field, allowed in unsupported.items():
         if field in config and config[field] not in allowed:
@@ -152,16 +169,29 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
             )
         raise AdapterError(f"{weights_path} is missing: {directory} is not a complete adapter directory.")
 
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{weights_path} is not a readable safetensors file ({err}).") from None
+    for key, tensor in state.items():  # checked before the model is touched
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{weights_path}: '{key}' holds {tensor.dtype} values; LoRA weights are floats.")
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{weights_path}: '{key}' holds NaN or infinite values: the adapter is damaged.")
+
     layers = lora_layers(model)
     if not layers:
-        inject_lora(
-            model,
-            config["target_modules"],
-            r=config["r"],
-            alpha=config["lora_alpha"],
-            dropout=config.get("lora_dropout", 0.0) or 0.0,
-            use_rslora=bool(config.get("use_rslora", False)),
-        )
+        try:
+            inject_lora(
+                model,
+                config["target_modules"],
+                r=config["r"],
+                alpha=config["lora_alpha"],
+                dropout=config.get("lora_dropout", 0.0),
+                use_rslora=config.get("use_rslora", False),
+            )
+        except ValueError as err:  # a target the model lacks, a rank larger than its layers, a tied lm_head
+            raise AdapterError(f"{directory / CONFIG_NAME} does not fit this model: {err}") from None
         layers = lora_layers(model)
     else:
         for name, layer in layers.items():
@@ -177,11 +207,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                 )
             if layer.merged:
                 raise AdapterError(f"LoRA layer {name} is merged: unmerge_lora(model) before loading an adapter.")
-
-    try:
-        state = load_file(weights_path)
-    except (SafetensorError, OSError) as err:
-        raise AdapterError(f"{weights_path} is not a readable safetensors file ({err}).") from None
     expected = {}
     for name, layer in layers.items():
         expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -49,6 +50,11 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         check_lora_hyperparameters(r, alpha, dropout)
+        if r > min(in_features, out_features):
+            raise ValueError(
+                f"LoRA rank r={r} exceeds this layer's smallest dimension ({out_features}x{in_features}): "
+                "the update would not be low-rank; choose a smaller r."
+            )
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
@@ -133,12 +139,16 @@ class LoRALinear(nn.Module):
         )
 
 
+MAX_RANK = 65536  # beyond any layer of any T5: a larger r is a typo, and would try to allocate r x in
+MAX_ALPHA = 1e6  # alpha / r scales the update; past this, merged weights overflow fp16 and bf16
+
+
 def check_lora_hyperparameters(r: int, alpha: float, dropout: float = 0.0) -> None:
     """The one check of LoRA's hyperparameters, for the layer, the command line and adapter files alike."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
-    if not _is_number(alpha) or not alpha > 0:
-        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}.")
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= MAX_RANK:
+        raise ValueError(f"LoRA rank r must be a positive integer up to {MAX_RANK}, got {r!r}.")
+    if not _is_number(alpha) or not 0 < alpha <= MAX_ALPHA:
+        raise ValueError(f"LoRA alpha must be a positive number up to {MAX_ALPHA:g}, got {alpha!r}.")
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
 
@@ -184,12 +194,22 @@ def inject_lora(
             f"{', '.join(sorted(set(linear_names.values())))}."
         )
     replaced = [name for name, last in linear_names.items() if last in targets]
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = [name for name in replaced if owners[id(model.get_submodule(name).weight)] > 1]
+    if tied:  # e.g. lm_head tied to the input embeddings: merging would change the embeddings too
+        raise ValueError(
+            f"{tied[0]} shares its weight with another module (tied embeddings), so merging an update into it "
+            "would change that module too; leave it out of target_modules, or untie it first."
+        )
     for param in model.parameters():
         param.requires_grad_(False)
     for name in replaced:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, LoRALinear.from_linear(getattr(parent, child_name), r, alpha, dropout, use_rslora))
+        linear = getattr(parent, child_name)
+        layer = LoRALinear.from_linear(linear, r, alpha, dropout, use_rslora)
+        layer.train(linear.training)  # the mode of the model it joins: no dropout in an eval-mode model
+        setattr(parent, child_name, layer)
     return replaced
 
 

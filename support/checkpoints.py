@@ -19,6 +19,10 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that --resume cannot continue from."""
+
+
 @dataclass
 class Progress:
     """Where a run is, and what it has seen: everything but tensors that resuming needs."""
@@ -42,6 +46,26 @@ class Progress:
 
     def next_epoch(self) -> None:
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def snapshot(optimizer: torch.optim.Optimizer) -> list:
+    """An in-memory copy of the parameters an optimizer updates and of its state, for `restore`."""
+    return [
+        (p, p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()})
+        for group in optimizer.param_groups
+        for p in group["params"]
+    ]
+
+
+@torch.no_grad()
+def restore(optimizer: torch.optim.Optimizer, saved: list) -> None:
+    for param, value, state in saved:
+        param.copy_(value)
+        optimizer.state[param] = state
+
+
+def all_finite(params) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -98,10 +122,17 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, device: torch.device, rank: int) -> Progress:
     """Restore everything save_checkpoint wrote, this rank's RNG state included; return the progress."""
-    load_adapter(model, path)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"][rank], device)
-    return Progress(**{**state["progress"], "history": json.loads(state["progress"]["history"])})
+    try:
+        load_adapter(model, path)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][rank], device)
+        return Progress(**{**state["progress"], "history": json.loads(state["progress"]["history"])})
+    except Exception as err:  # a checkpoint is written atomically, so damage came from outside: say which
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({reason}); delete that directory to resume from the one "
+            "before it, or pass --overwrite to start afresh."
+        ) from None

@@ -8,13 +8,21 @@ traceback for these.
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+# Errors of the file system a user can fix: a full disk, a quota, a read-only place, missing permissions.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class UsageError(ValueError):
@@ -35,8 +43,41 @@ def run_cli(
     except failures as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        if interrupted:
-            print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(
+            f"error: could not write {err.filename or 'a file'} ({err.strerror}); free some space or fix the "
+            "permissions and run again (a training run continues from its last checkpoint with --resume).",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except KeyboardInterrupt as err:
+        if str(err) or interrupted:
+            print(f"\ninterrupted: {str(err) or interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+@contextmanager
+def stop_requests() -> Iterator[list[str]]:
+    """Inside the block, SIGINT (Ctrl-C) and SIGTERM are noted, not obeyed at once: the list yielded
+    receives the signal's name, so a loop can finish its step and save before it stops. A second
+    signal acts at once."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+        yield received
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(signum, frame):
+        received.append(signal.Signals(signum).name)
+        signal.signal(signum, previous[signum])
+
+    for sig in previous:
+        signal.signal(sig, note)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -61,6 +61,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on any process (so that all of them stop at the same step)."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
 def on_main(fn: Callable[[], T], is_main: bool) -> T:
     """Run `fn` on rank 0 only and hand its result, or the UsageError it raised, to every rank."""
     verdict = [None, None]  # (result, refusal)

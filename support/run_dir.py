@@ -6,31 +6,44 @@
                  best/                                             the adapter of lowest validation loss
                  checkpoints/step-N/                               for --resume
                  eval/                                             infer.py --eval's report
+                 .train.lock                                       held by the run writing here
 
-A directory holding another run is refused unless --resume (same settings) or --overwrite.
+The policy: a run holds its directory (a second run at the same time is refused); a directory holding
+another run is refused unless --resume (same settings, same data) or --overwrite; --overwrite replaces
+only what a run of ours wrote, refuses a directory holding anything else, and deletes nothing until
+the new run has checked its arguments, read its data and built its model.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 
-from .checkpoints import CHECKPOINTS, latest_checkpoint
+from .checkpoints import CHECKPOINTS, STATE_FILE, latest_checkpoint
 from .cli import UsageError
-from .files import atomic_write_text
+from .files import atomic_write_text, file_lock
 from .metrics import METRICS_FILE, PLOT_FILE
 
 RUN_CONFIG = "training_config.json"
 BEST = "best"
 EVAL = "eval"
+LOCK_FILE = ".train.lock"
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME}
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"}
+RUN_FILES = ADAPTER_FILES | TOKENIZER_FILES | {METRICS_FILE, PLOT_FILE, RUN_CONFIG, LOCK_FILE}
+EVAL_FILES = {"eval_report.json", "eval_report.md"}
 # What must match for --resume to continue a run exactly.
 RESUME_KEYS = (
     "model",
     "data",
+    "data_sha256",
+    "val_data",
     "r",
     "alpha",
     "dropout",
@@ -52,39 +65,147 @@ RESUME_KEYS = (
 )
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class OutputDirLock:
+    """The lock a run holds on its output directory (rank 0 only), released on exit however it exits."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self._context = None
+        self._created = False
+
+    def acquire(self) -> None:
+        out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--output-dir {out} is a file, not a directory: choose another --output-dir.")
+        try:
+            self._created = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            context = file_lock(out / LOCK_FILE, blocking=False)
+            taken = context.__enter__()
+        except OSError as err:
+            raise UsageError(
+                f"cannot write to --output-dir {out} ({err.strerror or err}): choose a directory you can write to."
+            ) from None
+        if not taken:
+            context.__exit__(None, None, None)
+            holder = (out / LOCK_FILE).read_text().strip() or "unknown"
+            raise UsageError(
+                f"another train.py (pid {holder}) is writing to {out}; wait for it to finish, or choose another "
+                "--output-dir."
+            )
+        self._context = context
+        (out / LOCK_FILE).write_text(f"{os.getpid()}\n")
+
+    def release(self) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+            if self._created and [p.name for p in self.output_dir.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(self.output_dir, ignore_errors=True)  # refused before any work: leave no trace
+
+
 def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path | None:
-    """Refuse to overwrite another run; return the checkpoint to resume from, if any."""
+    """Check the directory against the policy, touching nothing; return the checkpoint to resume from."""
     out = args.output_dir
-    previous = out / RUN_CONFIG
     if args.resume:
-        if not previous.is_file():
+        return resume_checkpoint(out, config)
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+    if entries and not args.overwrite:
+        raise UsageError(
+            f"{out} already holds files (a previous run?); pass --resume to continue it, --overwrite "
+            "to replace it, or choose another --output-dir."
+        )
+    if entries:
+        if not (out / RUN_CONFIG).is_file():
             raise UsageError(
-                f"--resume: {out} holds no run to resume ({RUN_CONFIG} is missing); drop --resume to start one."
+                f"--overwrite: {out} holds no training run ({RUN_CONFIG} is missing), so nothing in it is ours "
+                "to replace; choose another --output-dir."
             )
-        saved = json.loads(previous.read_text())
-        differing = [k for k in RESUME_KEYS if saved.get(k) != config.get(k)]
-        if differing:
-            k = differing[0]
+        foreign = foreign_entries(out)
+        if foreign:
             raise UsageError(
-                f"--resume: the run in {out} used {k}={saved.get(k)!r}, this command asks {k}={config.get(k)!r}; "
-                "resume with the same settings, or pass --overwrite to start afresh."
+                f"--overwrite: {out} holds {len(foreign)} file(s) a training run did not write, e.g. "
+                f"{foreign[0]}; move them away or choose another --output-dir."
             )
-        return latest_checkpoint(out)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise UsageError(
-                f"{out} already holds files (a previous run?); pass --resume to continue it, --overwrite "
-                "to replace it, or choose another --output-dir."
-            )
-        for stale in (CHECKPOINTS, BEST, EVAL):  # nothing of the old run may pass for the new one's
-            shutil.rmtree(out / stale, ignore_errors=True)
-        for name in (METRICS_FILE, RUN_CONFIG, PLOT_FILE, CONFIG_NAME, WEIGHTS_NAME):
-            (out / name).unlink(missing_ok=True)
     return None
 
 
-def start_run(output_dir: Path, config: dict, tokenizer) -> None:
-    """Record the run's settings and tokenizer before the first step (resume checks the settings)."""
+def resume_checkpoint(out: Path, config: dict) -> Path:
+    previous = out / RUN_CONFIG
+    if not previous.is_file():
+        raise UsageError(
+            f"--resume: {out} holds no run to resume ({RUN_CONFIG} is missing); drop --resume to start one."
+        )
+    try:
+        saved = json.loads(previous.read_text(encoding="utf-8"))
+        assert isinstance(saved, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+        raise UsageError(
+            f"--resume: {previous} is damaged (not a JSON object); pass --overwrite to start afresh."
+        ) from None
+    differing = [k for k in RESUME_KEYS if saved.get(k) != config.get(k)]
+    if differing:
+        k = differing[0]
+        what = "the data file's contents changed since" if k == "data_sha256" else f"{k}={config.get(k)!r} differs from"
+        raise UsageError(
+            f"--resume: {what} the run in {out} ({k}={saved.get(k)!r}); resume with the same settings and data, "
+            "or pass --overwrite to start afresh."
+        )
+    if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
+        raise UsageError(f"--resume: {out / CHECKPOINTS} is a file, not the checkpoints directory; move it away.")
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        raise UsageError(
+            f"--resume: {out} holds no checkpoint (the run stopped before its first); pass --overwrite to start afresh."
+        )
+    return checkpoint
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What in `out` (a previous run's directory) a run of ours did not write."""
+
+    def ours(path: Path, allowed: set[str]) -> bool:
+        return path.is_file() and (path.name in allowed or _atomic_leftover(path))
+
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name == BEST and entry.is_dir():
+            foreign += [str(p) for p in sorted(entry.iterdir()) if not ours(p, ADAPTER_FILES)]
+        elif entry.name == EVAL and entry.is_dir():
+            foreign += [str(p) for p in sorted(entry.iterdir()) if not ours(p, EVAL_FILES)]
+        elif entry.name == CHECKPOINTS and entry.is_dir():
+            for step in sorted(entry.iterdir()):
+                if not (step.is_dir() and step.name.startswith(("step-", ".tmp-step-"))):
+                    foreign.append(str(step))
+                    continue
+                foreign += [str(p) for p in sorted(step.iterdir()) if not ours(p, ADAPTER_FILES | {STATE_FILE})]
+        elif not ours(entry, RUN_FILES):
+            foreign.append(str(entry))
+    return foreign
+
+
+def _atomic_leftover(path: Path) -> bool:
+    """A temporary file of an atomic write cut short (support.files.atomic_write names them .NAME.*.tmp)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def start_run(output_dir: Path, config: dict, tokenizer, replace: bool) -> None:
+    """Replace the previous run's files if asked (checked by prepare_output_dir), then record the run's
+    settings and tokenizer before the first step."""
+    if replace:
+        for name in (CHECKPOINTS, BEST, EVAL):  # nothing of the old run may pass for the new one's
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+        for entry in output_dir.iterdir():
+            if entry.is_file() and entry.name != LOCK_FILE:
+                entry.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / RUN_CONFIG, json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(output_dir)

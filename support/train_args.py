@@ -9,12 +9,15 @@ import argparse
 import math
 from pathlib import Path
 
-from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TRAIN_FILE, VALIDATION_FILE
+from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TRAIN_FILE, VALIDATION_FILE, hold_out, load_examples
 from lora import check_lora_hyperparameters
 
 from .cli import UsageError
 from .models import TINY
 from .precision import default_device, resolve_dtype
+from .run_dir import file_sha256
+
+VALIDATION_SHARE = 0.1  # of the user's own rows, when --data is theirs and --val-data is left at auto
 
 T5_LINEAR_NAMES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo", "lm_head")
 # The tiny model is randomly initialised: at flan-t5's learning rate a 1-minute smoke run learns nothing.
@@ -63,8 +66,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     )
     p.add_argument(
         "--val-data",
-        default=str(VALIDATION_FILE),
-        help="validation rows for val_loss and the best adapter; 'none' to skip (default: bundled validation split)",
+        default="auto",
+        help="validation rows for val_loss and the best adapter: a file, 'none' to skip, or 'auto' (default): the "
+        "bundled validation split for the bundled training data, else a seeded tenth of --data held out",
     )
     p.add_argument(
         "--output-dir",
@@ -157,14 +161,18 @@ def validate_args(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise UsageError(f"{err} (--r, --alpha, --dropout)") from None
     checks = [
-        (args.lr > 0 and math.isfinite(args.lr), f"--lr must be positive, got {args.lr}"),
+        (0 < args.lr <= 1, f"--lr must be positive and at most 1, got {args.lr}"),
         (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
         (args.max_steps is None or args.max_steps > 0, f"--max-steps must be positive, got {args.max_steps}"),
         (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
         (args.grad_accum > 0, f"--grad-accum must be positive, got {args.grad_accum}"),
         (0 <= args.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}"),
-        (args.weight_decay >= 0, f"--weight-decay must be non-negative, got {args.weight_decay}"),
-        (args.max_grad_norm > 0, f"--max-grad-norm must be positive, got {args.max_grad_norm}"),
+        (0 <= args.weight_decay <= 10, f"--weight-decay must be in [0, 10], got {args.weight_decay}"),
+        (
+            0 < args.max_grad_norm and math.isfinite(args.max_grad_norm),
+            f"--max-grad-norm must be positive and finite, got {args.max_grad_norm}",
+        ),
+        (0 <= args.seed < 2**31, f"--seed must be in [0, 2**31), got {args.seed}"),
         (
             args.max_source_len > 1 and args.max_target_len > 1,
             "--max-source-len and --max-target-len must be at least 2",
@@ -185,8 +193,32 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown target module(s) {unknown}: T5's linear layers are {', '.join(T5_LINEAR_NAMES)}.")
 
 
+def read_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], str]:
+    """The training rows, the validation rows, and a line that says where the validation rows come from."""
+    rows = load_examples(args.data)
+    if args.val_data.lower() == "none":
+        return rows, [], "validation: none (--val-data none)"
+    if args.val_data != "auto":
+        return rows, load_examples(args.val_data), f"validation: {args.val_data}"
+    if Path(args.data).resolve() == TRAIN_FILE.resolve():
+        return rows, load_examples(VALIDATION_FILE), f"validation: the bundled split {VALIDATION_FILE}"
+    train_rows, held_out = hold_out(rows, VALIDATION_SHARE, args.seed)
+    if not held_out:
+        return rows, [], f"validation: none ({len(rows)} rows are too few to hold out a tenth; pass --val-data FILE)"
+    return (
+        train_rows,
+        held_out,
+        (
+            f"validation: {len(held_out)} of the {len(rows)} rows of {args.data} held out (seed {args.seed}); "
+            "pass --val-data FILE or none to choose"
+        ),
+    )
+
+
 def run_config(args: argparse.Namespace, world_size: int) -> dict:
-    """The run's settings as JSON values, as training_config.json records them."""
+    """The run's settings as JSON values, as training_config.json records them, with a fingerprint of the
+    training data so that --resume can tell when its contents changed."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["world_size"] = world_size
+    config["data_sha256"] = file_sha256(args.data) if Path(args.data).is_file() else None
     return config
