@@ -27,6 +27,7 @@ import torch
 
 from data import IGNORE_INDEX, TRAIN_FILE, LengthBucketSampler, bucket_key, collate, encode_examples, load_examples
 from lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora
+from support.cli import EXIT_USAGE
 from support.metrics import peak_memory_mib
 from support.models import TINY, flan_t5_base_architecture, load_model_and_tokenizer, resolve_model_path
 from train import train_step as train_py_step
@@ -475,6 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for name in ("batch_size", "reps", "epoch_sample", "new_tokens"):
+        if getattr(args, name) <= 0:
+            print(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}.", file=sys.stderr)
+            return EXIT_USAGE
+    if args.warmup < 0:
+        print(f"error: --warmup must be 0 or more, got {args.warmup}.", file=sys.stderr)
+        return EXIT_USAGE
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

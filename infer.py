@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from data import MAX_SOURCE_LEN, TEST_FILE, TRAIN_FILE, DataError, build_prompt, load_examples
+from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TEST_FILE, TRAIN_FILE, DataError, build_prompt, load_examples
 from lora import AdapterError, load_adapter, lora_disabled, merge_lora
 from lora.adapter_io import read_adapter_config
 from support import evaluation
@@ -78,6 +78,8 @@ class Assistant:
         name = model or recorded
         if not name:
             raise UsageError(f"{adapter_dir}/adapter_config.json names no base model: pass --model.")
+        if (Path(name) / "adapter_config.json").is_file() and not (Path(name) / "config.json").is_file():
+            raise UsageError(f"{name} is an adapter directory, not a base model: pass it as --adapter.")
         if model and recorded and not same_base_model(model, recorded):
             warn(f"the adapter was trained on {recorded}; loading it into {model} as --model asks.")
         self.device = default_device()
@@ -90,15 +92,23 @@ class Assistant:
                 f"{adapter_dir} does not record the prompt length it was trained with (no training_config.json "
                 f"from train.py); prompts are cut at {MAX_SOURCE_LEN} tokens."
             )
+        # Long enough for the longest answer the adapter was trained on (plus its </s>).
+        self.max_new_tokens = (self.training_config or {}).get("longest_target_tokens") or MAX_TARGET_LEN
         self.model, self.tokenizer, self.base_path = load_model_and_tokenizer(name)
         self.adapted = load_adapter(self.model, adapter_dir)  # strict: refuses an adapter of another model
         if merge:
             merge_lora(self.model)  # in fp32, before any cast: an answer then costs what the base model costs
         self.model.to(self.device, dtype=dtype).eval()
 
-    @torch.inference_mode()
-    def generate(self, queries: list[str], max_new_tokens: int = 64, base: bool = False, **generation) -> list[str]:
+    def generate(
+        self, queries: list[str], max_new_tokens: int | None = None, base: bool = False, **options
+    ) -> list[str]:
         """Raw model outputs (placeholders unfilled) for a batch of queries; base=True bypasses the adapter."""
+        return [text for text, _ in self.generate_with_ends(queries, max_new_tokens, base, **options)]
+
+    @torch.inference_mode()
+    def generate_with_ends(self, queries, max_new_tokens=None, base=False, **generation) -> list[tuple[str, bool]]:
+        """(raw output, whether it ended by itself rather than at the token limit) for each query."""
         prompts = [build_prompt(q) for q in queries]
         lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
         for query, length in zip(queries, lengths):
@@ -111,8 +121,10 @@ class Assistant:
             prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_source_len
         ).to(self.device)
         with lora_disabled(self.model) if base else nullcontext():
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **generation)
-        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, **generation)
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        ended = [bool((row[1:] == self.tokenizer.eos_token_id).any()) for row in output]
+        return [(text.strip(), end) for text, end in zip(texts, ended)]
 
 
 def generation_options(args: argparse.Namespace) -> dict:
@@ -131,21 +143,21 @@ def answer(assistant: Assistant, store: AccountStore, queries: list[str], args: 
     if args.sample:
         torch.manual_seed(args.seed)
     start = time.perf_counter()
-    raw = assistant.generate(queries, args.max_new_tokens, **generation_options(args))
+    raw = assistant.generate_with_ends(queries, args.max_new_tokens, **generation_options(args))
     if assistant.device.type == "cuda":
         torch.cuda.synchronize()
     latency = time.perf_counter() - start
     results = []
-    for query, output in zip(queries, raw):
-        response, problems = ground(output, query, store)
+    for query, (output, complete) in zip(queries, raw):
+        grounded = ground(output, query, store, complete)
         results.append(
             {
                 "query": query,
-                "response": response,
+                "response": grounded.response,
                 "raw_response": output,
                 "latency_s": round(latency, 4),
                 "batch_size": len(queries),
-                **({"withheld_because": problems} if problems else {}),
+                **({"withheld_because": grounded.problems} if grounded.problems else {}),
             }
         )
     return results
@@ -225,7 +237,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch for --file and --eval (default: 16)")
     g = p.add_argument_group("decoding (greedy by default)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="longest answer in tokens (default: the longest answer the adapter's run trained on, else "
+        f"{MAX_TARGET_LEN}); an answer cut off at this limit is withheld, with a reply that says so",
+    )
     g.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, greedy)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: 0.7)")
@@ -247,16 +265,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "max_new_tokens", "num_beams", "top_k"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
-    if args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
-        raise UsageError("--temperature must be positive and --top-p in (0, 1].")
+    if args.samples < 0:
+        raise UsageError(f"--samples must be 0 or more, got {args.samples}.")
+    if args.sample and not (0 < args.temperature < float("inf") and 0 < args.top_p <= 1):
+        raise UsageError("--temperature must be positive and finite, and --top-p in (0, 1].")
     if args.query is not None and not args.query.strip():
         raise UsageError('the query is empty: ask a question, e.g. python infer.py "I lost my card".')
     if sum(x is not None and x is not False for x in (args.query, args.file, args.eval or None)) > 1:
         raise UsageError("give one of: a query, --file or --eval.")
     if args.file is not None and not args.file.is_file():
-        raise UsageError(f"query file {args.file} does not exist.")
+        what = "is a directory" if args.file.is_dir() else "does not exist"
+        raise UsageError(f"query file {args.file} {what}: pass a text file with one question per line.")
+    report_dir = args.report_dir or args.adapter / EVAL
+    if args.eval and report_dir.exists() and not report_dir.is_dir():
+        raise UsageError(f"--report-dir {report_dir} is a file: pass a directory for eval_report.md and .json.")
     if args.eval_limit is not None and args.eval_limit <= 0:
         raise UsageError(f"--eval-limit must be positive, got {args.eval_limit}.")
 
@@ -264,7 +288,7 @@ def validate_args(args: argparse.Namespace) -> None:
 def read_queries(path: Path) -> list[str]:
     """The non-empty lines of a query file, stripped."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise UsageError(f"query file {path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
     queries = [line.strip() for line in text.splitlines() if line.strip()]

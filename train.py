@@ -15,6 +15,7 @@ import argparse
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -42,6 +43,10 @@ from support.models import ModelLoadError, load_model_and_tokenizer
 from support.precision import autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.train_args import parse_args, read_data, run_config, validate_args
+
+# A skipped first step calls the scheduler before the optimizer ever stepped, on purpose: the schedule
+# counts steps, not updates.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +229,7 @@ def fit(run: Run, progress: Progress) -> str | None:
                     )
                 if progress.step % args.log_every == 0 or progress.step == run.total_steps:
                     epoch = round(progress.epoch + progress.batch_in_epoch / batches_per_epoch, 3)
-                    row = meter.row(progress.step, epoch, run.scheduler.get_last_lr()[0], result.grad_norm, progress)
+                    row = meter.row(progress.step, epoch, run.scheduler.get_last_lr()[0], result, progress)
                     if row is not None:  # None when every step of the interval was skipped
                         bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                     meter = IntervalMeter()

@@ -35,10 +35,12 @@ def load_examples(path: str | Path) -> list[dict]:
     Every row is checked; a bad one is a DataError naming the file and the line (JSONL) or index (array).
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory: pass a JSONL file or a JSON array of rows.")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is allowed
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
     if text.lstrip().startswith("["):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-from .grounding import UNAVAILABLE, AccountStore, invented_numbers
+from .grounding import AccountStore, ground
 
 REFUSAL_MARKER = "i can only help with banking"  # every out-of-domain answer in the dataset says this
 MODELS = ("base", "fine_tuned")
@@ -21,7 +21,9 @@ NOTES = {
     "exact_match": "raw output equals the reference response, placeholders included",
     "intent_accuracy": "intent of the most similar training response (token F1 >= 0.5)",
     "refusal": f"the answer contains '{REFUSAL_MARKER}'",
-    "invented_figure_rate": "answers holding a number found neither in the query nor the account store",
+    "invented_figure_rate": "answers holding a number the user did not write (or one the user wrote, presented as "
+    "a figure of the store), outside the store's placeholders",
+    "unfillable_placeholder_rate": "answers withheld for a placeholder the store cannot fill, or malformed",
 }
 
 
@@ -67,7 +69,7 @@ def score(rows: list[dict], outputs: list[str], store: AccountStore, matcher: In
     n = len(rows)
     out_of_domain = [i for i, row in enumerate(rows) if row.get("intent") == "out_of_domain"]
     in_domain = sorted(set(range(n)) - set(out_of_domain))
-    answers = [store.fill(output)[0] for output in outputs]
+    answers = [ground(output, row["instruction"], store) for output, row in zip(outputs, rows)]
     return {
         "exact_match": sum(exact_match(o, r["response"]) for o, r in zip(outputs, rows)) / n,
         "token_f1": sum(token_f1(o, r["response"]) for o, r in zip(outputs, rows)) / n,
@@ -78,9 +80,8 @@ def score(rows: list[dict], outputs: list[str], store: AccountStore, matcher: In
         "refusal_rate_in_domain": sum(is_refusal(outputs[i]) for i in in_domain) / len(in_domain)
         if in_domain
         else None,
-        "invented_figure_rate": sum(bool(invented_numbers(a, r["instruction"], store)) for a, r in zip(answers, rows))
-        / n,
-        "unfillable_placeholder_rate": sum(a == UNAVAILABLE for a in answers) / n,
+        "invented_figure_rate": sum(a.reason == "invented_figure" for a in answers) / n,
+        "unfillable_placeholder_rate": sum(a.reason in ("missing_figure", "malformed") for a in answers) / n,
     }
 
 
@@ -104,7 +105,7 @@ def evaluate(
             "query": rows[i]["instruction"],
             "intent": rows[i].get("intent"),
             "reference": rows[i]["response"],
-            **{name: store.fill(outputs[name][i])[0] for name in MODELS},
+            **{name: ground(outputs[name][i], rows[i]["instruction"], store).response for name in MODELS},
         }
         for i in _sample_indices(rows, sample_count)
     ]

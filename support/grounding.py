@@ -1,14 +1,19 @@
 """Answers grounded in an account store: the model writes placeholders, this code fills them.
 
-A placeholder the store cannot fill, a malformed one, or a number that neither the user nor the store
-gave is never shown and never guessed: the whole answer becomes UNAVAILABLE.
+What a figure in an answer may be, checked on the model's raw output, token by token:
+- a placeholder, `[NAME]`, standing alone, that the store can fill: its value is the store's;
+- a number the user wrote in the query (same value, same sign), echoed in a sentence that does not
+  present it as one of the store's figures (a balance, a rate, a fee, an account or routing number).
+Anything else withholds the whole answer, with a reply that says why: a figure the store lacks, a
+number nobody gave, or an answer that came out malformed or cut off. Nothing is guessed.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from data import DataError
@@ -19,16 +24,33 @@ UNAVAILABLE = (
     "I'm sorry, I can't give you that figure right now because it isn't available in your account "
     "records. Please check the mobile app or call our support line."
 )
-NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
-BRACKETED = re.compile(r"\[([^\[\]]*)\]")
+GARBLED = "I'm sorry, my answer came out garbled, so I won't show it. Please ask again or rephrase your question."
+CUT_OFF = (
+    "I'm sorry, my answer was cut off before it ended, so I won't show it. Please ask again, or ask a shorter question."
+)
+MAX_AMOUNT = Decimal(10) ** 15  # larger is no account figure: a typo, or a file that is not an account store
+NUMBER = re.compile(r"(?<![\w.])(-)?\$?(-)?(\d[\d,]*(?:\.\d+)?)")
+PLACEHOLDER = re.compile(r"\[([^\[\]]*)\]")
 PLACEHOLDER_NAME = re.compile(r"[A-Z0-9_]+")
+BARE_PLACEHOLDER = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")  # CHECKING_BALANCE without its brackets
+STORE_FIGURE_WORDS = re.compile(r"\b(balance|rate|apr|fee|routing|account number|transactions?)\b", re.IGNORECASE)
+CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f-\x9f]")  # ANSI escapes, then control characters
 
 
 class AccountsError(DataError):
     """An account store file that cannot be used."""
 
 
-def money(amount: float) -> str:
+@dataclass
+class Grounded:
+    """What the user may see for one raw model output."""
+
+    response: str
+    reason: str | None = None  # None (shown), "missing_figure", "invented_figure", "malformed" or "cut_off"
+    problems: list[str] = field(default_factory=list)
+
+
+def money(amount: Decimal) -> str:
     return f"-${-amount:,.2f}" if amount < 0 else f"${amount:,.2f}"
 
 
@@ -39,57 +61,46 @@ class AccountStore:
     {"balance": number, "recent_transactions": [{"date", "description", "amount"}]}}, "bank":
     {"support_phone", "routing_number", "branch_hours": str, "loan_rates": {kind: percent},
     "fees": {"overdraft"|"monthly"|"atm"|"wire": number}}}. Any part may be left out: its placeholders
-    then answer "unavailable".
+    then answer "unavailable". Account and fee names may be written as people write them ("Checking
+    Account"); amounts are exact decimals; control characters in text are dropped.
     """
 
     def __init__(self, data: dict, source: str = "account store") -> None:
         self.source = source
         self.values: dict[str, str] = {}
-        self.numbers: set[float] = set()
         if not isinstance(data, dict):
             self._fail("the file must hold a JSON object")
-        accounts = self._section(data, "accounts")
-        for kind, account in accounts.items():
+        for kind, account in self._section(data, "accounts").items():
             where = f"accounts.{kind}"
             if not isinstance(account, dict):
                 self._fail(f"'{where}' must be an object")
-            stem = kind.upper()
+            stem = placeholder_stem(kind, drop=("account", "acct"))
             if "balance" in account:
-                self.values[f"{stem}_BALANCE"] = money(self._number(account["balance"], f"{where}.balance"))
+                self.values[f"{stem}_BALANCE"] = money(self._amount(account["balance"], f"{where}.balance"))
             if "recent_transactions" in account:
-                transactions = account["recent_transactions"]
-                if not isinstance(transactions, list):
-                    self._fail(f"'{where}.recent_transactions' must be a list")
-                lines = []
-                for i, tx in enumerate(transactions):
-                    tx_where = f"{where}.recent_transactions[{i}]"
-                    if not isinstance(tx, dict) or not all(isinstance(tx.get(k), str) for k in ("date", "description")):
-                        self._fail(f"'{tx_where}' needs string 'date' and 'description' and a number 'amount'")
-                    lines.append(
-                        f"{tx['date']} {tx['description']} "
-                        f"{money(self._number(tx.get('amount'), tx_where + '.amount'))}"
-                    )
-                    self._strings(tx["date"], tx["description"])
-                self.values[f"{stem}_RECENT_TRANSACTIONS"] = "; ".join(lines) if lines else "no recent transactions"
+                self.values[f"{stem}_RECENT_TRANSACTIONS"] = self._transactions(account["recent_transactions"], where)
         bank = self._section(data, "bank")
         for key in ("support_phone", "routing_number", "branch_hours"):
             if key in bank:
-                if not isinstance(bank[key], str) or not bank[key].strip():
+                if not isinstance(bank[key], str) or not clean(bank[key]):
                     self._fail(f"'bank.{key}' must be a non-empty string")
-                self.values[key.upper()] = bank[key]
-                self._strings(bank[key])
+                self.values[key.upper()] = clean(bank[key])
         for kind, rate in self._section(bank, "loan_rates", "bank.").items():
-            self.values[f"{kind.upper()}_LOAN_RATE"] = f"{self._number(rate, f'bank.loan_rates.{kind}'):.2f}%"
+            stem = placeholder_stem(kind, drop=("loan",))
+            self.values[f"{stem}_LOAN_RATE"] = f"{self._amount(rate, f'bank.loan_rates.{kind}'):.2f}%"
         for kind, fee in self._section(bank, "fees", "bank.").items():
-            self.values[f"{kind.upper()}_FEE"] = money(self._number(fee, f"bank.fees.{kind}"))
+            stem = placeholder_stem(kind, drop=("fee",))
+            self.values[f"{stem}_FEE"] = money(self._amount(fee, f"bank.fees.{kind}"))
 
     @classmethod
     def load(cls, path: str | Path) -> AccountStore:
         path = Path(path)
+        if path.is_dir():
+            raise AccountsError(f"accounts file {path} is a directory: pass a JSON file (see {DEFAULT_ACCOUNTS}).")
         if not path.is_file():
             raise AccountsError(f"accounts file {path} does not exist.")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"), parse_float=Decimal)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AccountsError(f"accounts file {path} is not valid JSON ({err}).") from None
         return cls(data, str(path))
@@ -97,16 +108,16 @@ class AccountStore:
     def fill(self, text: str) -> tuple[str, list[str]]:
         """Replace every placeholder; return (answer, problems). Any problem makes the answer UNAVAILABLE."""
         problems = []
-        for name in BRACKETED.findall(text):
+        for name in PLACEHOLDER.findall(text):
             if not PLACEHOLDER_NAME.fullmatch(name):
                 problems.append(f"malformed placeholder [{name}]")
             elif name not in self.values:
                 problems.append(f"no value for [{name}]")
-        if BRACKETED.sub("", text).count("[") or BRACKETED.sub("", text).count("]"):
+        if PLACEHOLDER.sub("", text).count("[") or PLACEHOLDER.sub("", text).count("]"):
             problems.append("unbalanced bracket")
         if problems:
             return UNAVAILABLE, problems
-        return BRACKETED.sub(lambda m: self.values[m.group(1)], text), []
+        return PLACEHOLDER.sub(lambda m: self.values[m.group(1)], text), []
 
     # validation helpers
     def _fail(self, what: str):
@@ -118,37 +129,79 @@ class AccountStore:
             self._fail(f"'{prefix}{key}' must be an object")
         return section
 
-    def _number(self, value, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    def _amount(self, value, where: str) -> Decimal:
+        if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
             self._fail(f"'{where}' must be a number, got {value!r}")
-        self.numbers.add(round(float(value), 2))
-        return float(value)
+        amount = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
+        if not amount.is_finite() or abs(amount) >= MAX_AMOUNT:
+            self._fail(f"'{where}' is not a plausible amount: {str(value)[:40]}")
+        return amount
 
-    def _strings(self, *texts: str) -> None:
-        for text in texts:
-            self.numbers |= numbers_in(text)
+    def _transactions(self, transactions, where: str) -> str:
+        if not isinstance(transactions, list):
+            self._fail(f"'{where}.recent_transactions' must be a list")
+        lines = []
+        for i, tx in enumerate(transactions):
+            tx_where = f"{where}.recent_transactions[{i}]"
+            if not isinstance(tx, dict) or not all(isinstance(tx.get(k), str) for k in ("date", "description")):
+                self._fail(f"'{tx_where}' needs string 'date' and 'description' and a number 'amount'")
+            amount = money(self._amount(tx.get("amount"), tx_where + ".amount"))
+            lines.append(f"{clean(tx['date'])} {clean(tx['description'])} {amount}")
+        return "; ".join(lines) if lines else "no recent transactions"
 
 
-def numbers_in(text: str) -> set[float]:
-    """Every number written in `text`, as a value: "$2,682.00" and "2682" are both 2682.0."""
-    found = set()
-    for match in NUMBER.findall(text):
+def placeholder_stem(name: str, drop: tuple[str, ...] = ()) -> str:
+    """ "Checking Account" -> CHECKING, "credit card" -> CREDIT_CARD: the stem the model's placeholders use."""
+    words = re.findall(r"[a-z0-9]+", name.lower())
+    while len(words) > 1 and words[-1] in drop:
+        words.pop()
+    return "_".join(words).upper()
+
+
+def clean(text: str) -> str:
+    """Store text as it may reach a terminal: no escape sequences, no control characters."""
+    return CONTROL.sub("", text).strip()
+
+
+def numbers_in(text: str) -> list[Decimal]:
+    """Every number written in `text`, as a signed value: "-$42.10" is -42.10, "$2,682.00" is 2682."""
+    found = []
+    for match in NUMBER.finditer(text):
         try:
-            found.add(round(float(match.replace(",", "").rstrip(".")), 2))
-        except ValueError:
+            value = Decimal(match.group(3).replace(",", "").rstrip("."))
+        except InvalidOperation:
             continue
+        found.append(-value if match.group(1) or match.group(2) else value)
     return found
 
 
-def invented_numbers(answer: str, query: str, store: AccountStore) -> set[float]:
-    """Numbers in an answer that neither the user nor the account store gave."""
-    return numbers_in(answer) - numbers_in(query) - store.numbers
-
-
-def ground(raw: str, query: str, store: AccountStore) -> tuple[str, list[str]]:
-    """The answer a user may see for the model's raw output, and why it was withheld (empty if it was not)."""
+def ground(raw: str, query: str, store: AccountStore, complete: bool = True) -> Grounded:
+    """What the user may see for the model's raw output `raw` (see the module's docstring)."""
+    if not complete:
+        return Grounded(CUT_OFF, "cut_off", ["the answer was cut off at the token limit"])
+    outside = PLACEHOLDER.sub(" ", raw)  # the text around the placeholders
+    glued = [m.group(0) for m in PLACEHOLDER.finditer(raw) if _touches_word(raw, m.start(), m.end())]
+    bare = BARE_PLACEHOLDER.findall(outside)
+    if glued or bare or "[" in outside or "]" in outside:
+        detail = f"placeholder glued to text: {glued[0]}" if glued else f"placeholder without brackets: {bare[0]}"
+        return Grounded(GARBLED, "malformed", [detail if glued or bare else "unbalanced bracket"])
     response, problems = store.fill(raw)
-    invented = invented_numbers(response, query, store)
-    if invented:  # a figure neither the user nor the store gave: the model made it up
-        return UNAVAILABLE, [f"number(s) {sorted(invented)} found in neither the query nor the store"]
-    return response, problems
+    if problems:
+        reason = "malformed" if any(not p.startswith("no value") for p in problems) else "missing_figure"
+        return Grounded(UNAVAILABLE if reason == "missing_figure" else GARBLED, reason, problems)
+    user_numbers = set(numbers_in(query))
+    for sentence in re.split(r"(?<=[.!?])\s+", outside):
+        for number in numbers_in(sentence):
+            if number not in user_numbers:
+                return Grounded(UNAVAILABLE, "invented_figure", [f"{number} is in neither the query nor the store"])
+            if STORE_FIGURE_WORDS.search(sentence):
+                return Grounded(
+                    UNAVAILABLE, "invented_figure", [f"the user's {number} is presented as a figure of the store"]
+                )
+    return Grounded(response)
+
+
+def _touches_word(text: str, start: int, end: int) -> bool:
+    before = text[start - 1] if start > 0 else " "
+    after = text[end] if end < len(text) else " "
+    return before.isalnum() or after.isalnum()

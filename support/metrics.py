@@ -35,7 +35,7 @@ class IntervalMeter:
     def tokens_per_s(self) -> float:
         return self.seen_tokens / (time.perf_counter() - self.start)
 
-    def row(self, step: int, epoch: float, lr: float, grad_norm: float, progress) -> dict | None:
+    def row(self, step: int, epoch: float, lr: float, last, progress) -> dict | None:
         """The interval's line of metrics.jsonl, added to progress.history; None if it taught nothing."""
         train_loss = self.train_loss()
         if train_loss is None:
@@ -45,10 +45,12 @@ class IntervalMeter:
             "epoch": epoch,
             "train_loss": train_loss,
             "lr": lr,
-            "grad_norm": grad_norm,  # the interval's last step's, before clipping
+            "grad_norm": last.grad_norm,  # the interval's last step's, before clipping
             "skipped_steps": progress.skipped_steps,
             "tokens_per_s": self.tokens_per_s(),
         }
+        if last.skipped:
+            row["last_step_skipped"] = last.skipped
         progress.history.append(row)
         progress.first_train_loss = progress.first_train_loss or train_loss
         return row
@@ -56,7 +58,7 @@ class IntervalMeter:
 
 def write_metrics_and_plot(output_dir: Path, history: list[dict]) -> None:
     """metrics.jsonl (one JSON object per log line or validation) and training_loss.png, both atomically."""
-    atomic_write_text(output_dir / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
+    atomic_write_text(output_dir / METRICS_FILE, "".join(json.dumps(_finite_or_null(row)) + "\n" for row in history))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,10 +75,16 @@ def write_metrics_and_plot(output_dir: Path, history: list[dict]) -> None:
     ax.set_ylabel("per-token cross-entropy")
     ax.set_title("LoRA fine-tuning")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     atomic_write(output_dir / PLOT_FILE, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def _finite_or_null(row: dict) -> dict:
+    """NaN and infinity are not JSON: write null (the row's skipped_steps and last_step_skipped say why)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def peak_memory_mib(device: torch.device) -> float:

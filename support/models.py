@@ -24,7 +24,7 @@ import torch
 
 from data import TRAIN_FILE, build_prompt, load_examples
 
-from .files import file_lock
+from .files import current_umask, file_lock
 
 TINY = "tiny"
 TINY_VOCAB_SIZE = 800
@@ -168,6 +168,7 @@ def build_tiny_model(directory: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / BUILT_MARKER).touch()
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
         staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

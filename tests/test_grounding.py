@@ -1,14 +1,18 @@
 """Grounded figures: placeholders filled from the account store, nothing invented ever shown."""
 
+import json
+from decimal import Decimal
+
 import pytest
 
 from support.grounding import (
+    CUT_OFF,
     DEFAULT_ACCOUNTS,
+    GARBLED,
     UNAVAILABLE,
     AccountsError,
     AccountStore,
     ground,
-    invented_numbers,
     money,
     numbers_in,
 )
@@ -23,24 +27,67 @@ def test_placeholders_are_filled_from_the_store(store):
     answer, problems = store.fill("Savings: [SAVINGS_BALANCE]. Call [SUPPORT_PHONE]. Car loans from [CAR_LOAN_RATE].")
     assert problems == []
     assert answer == "Savings: $10,450.55. Call 1-800-555-0199. Car loans from 6.49%."
-    assert money(2682) == "$2,682.00" and money(-42.1) == "-$42.10"
+    assert money(Decimal(2682)) == "$2,682.00" and money(Decimal("-42.1")) == "-$42.10"
     assert store.fill("Recent: [CHECKING_RECENT_TRANSACTIONS]")[0].startswith(
         "Recent: 2026-11-20 Green Grocer -$42.10;"
     )
 
 
+def test_every_figure_of_the_demo_store_is_filled_and_shown(store):
+    """The README's own store, end to end: debits and negative amounts included, nothing withheld."""
+    assert len(store.values) == 3 * 2 + 3 + 4 + 4
+    for name, value in store.values.items():
+        grounded = ground(f"Here it is: [{name}].", "Tell me my figures", store)
+        assert (grounded.reason, grounded.response) == (None, f"Here it is: {value}."), name
+
+
 @pytest.mark.parametrize(
-    "raw, problem",
+    "raw, query, reason",
     [
-        ("Your balance is [MORTGAGE_BALANCE].", "no value for [MORTGAGE_BALANCE]"),
-        ("Your balance is [savings balance].", "malformed placeholder"),
-        ("Your balance is [SAVINGS_BAL", "unbalanced bracket"),
+        ("I can help you send $250 to Mom.", "Transfer 500 to Mom", "invented_figure"),
+        ("Your balance is $2,026.00.", "What is my balance?", "invented_figure"),  # 2026 is only in a date
+        ("Your checking balance is $25.00.", "What is my balance?", "invented_figure"),  # the wire fee's value
+        ("Your balance is $10,450.549.", "savings balance?", "invented_figure"),  # rounds to the real one
+        ("Your balance is $1,000,000.00.", "My balance is $1,000,000, right?", "invented_figure"),  # user's claim
+        ("Your balance is CHECKING_BALANCE.", "balance?", "malformed"),  # a placeholder without brackets
+        ("Your balance is [CHECKING_BALANCE]1.", "balance?", "malformed"),  # glued to a digit
+        ("Your balance is [MORTGAGE_BALANCE].", "balance?", "missing_figure"),
+        ("Your balance is [savings balance].", "balance?", "malformed"),
+        ("Your balance is [SAVINGS_BAL", "balance?", "malformed"),
     ],
 )
-def test_an_unfillable_placeholder_is_never_shown_or_invented(store, raw, problem):
-    answer, problems = store.fill(raw)
-    assert answer == UNAVAILABLE and any(problem in p for p in problems)
-    assert "[" not in answer and not numbers_in(answer)
+def test_a_figure_nobody_gave_is_never_shown(store, raw, query, reason):
+    grounded = ground(raw, query, store)
+    assert grounded.reason == reason and grounded.problems
+    assert grounded.response in (UNAVAILABLE, GARBLED) and "[" not in grounded.response
+    assert not numbers_in(grounded.response)
+
+
+@pytest.mark.parametrize(
+    "raw, query",
+    [
+        ("I can help you send $500 to Mom.", "Transfer 500 to Mom"),
+        ("I can help you send $1,250.50 to Priya.", "send USD 1,250.50 to Priya"),
+        ("The current balance of your savings account is [SAVINGS_BALANCE].", "savings balance?"),
+    ],
+)
+def test_a_number_the_user_wrote_or_a_filled_placeholder_is_shown(store, raw, query):
+    grounded = ground(raw, query, store)
+    assert grounded.reason is None and "[" not in grounded.response
+
+
+def test_an_answer_cut_off_at_the_token_limit_says_so(store):
+    grounded = ground("I'm sorry to hear that. Please call us at [SU", "I lost my card", store, complete=False)
+    assert grounded.reason == "cut_off" and grounded.response == CUT_OFF and "figure" not in CUT_OFF
+
+
+def test_numbers_keep_their_sign():
+    assert numbers_in("paid -$42.10 and got $1,850.00, -3 and 5") == [
+        Decimal("-42.10"),
+        Decimal("1850.00"),
+        Decimal(-3),
+        Decimal(5),
+    ]
 
 
 def test_a_store_without_a_figure_says_unavailable():
@@ -48,10 +95,25 @@ def test_a_store_without_a_figure_says_unavailable():
     assert empty.fill("It is [CHECKING_BALANCE].")[0] == UNAVAILABLE
 
 
-def test_invented_numbers(store):
-    assert invented_numbers("I will send $500.00 to Mom.", "Transfer 500 to Mom", store) == set()
-    assert invented_numbers("Your balance is $10,450.55.", "balance?", store) == set()
-    assert invented_numbers("Your balance is $1,234.00.", "balance?", store) == {1234.0}
+def test_store_values_are_exact_named_as_people_write_them_and_free_of_control_characters(tmp_path):
+    path = tmp_path / "accounts.json"
+    data = {
+        "accounts": {
+            "Checking Account": {
+                "balance": 12345678901234.57,
+                "recent_transactions": [
+                    {"date": "2026-11-20", "description": "\x1b[31mEvil\x1b[0m Shop\x07", "amount": -5}
+                ],
+            },
+            "credit card": {"balance": 1},
+        },
+        "bank": {"fees": {"Wire Fee": 25}},
+    }
+    path.write_text("\ufeff" + json.dumps(data))  # a byte-order mark is fine
+    store = AccountStore.load(path)
+    assert store.values["CHECKING_BALANCE"] == "$12,345,678,901,234.57"  # a float would print ...234.56
+    assert store.values["CHECKING_RECENT_TRANSACTIONS"] == "2026-11-20 Evil Shop -$5.00"
+    assert store.values["CREDIT_CARD_BALANCE"] == "$1.00" and store.values["WIRE_FEE"] == "$25.00"
 
 
 @pytest.mark.parametrize(
@@ -62,6 +124,8 @@ def test_invented_numbers(store):
         ('{"accounts": {"checking": {"balance": "lots"}}}', "'accounts.checking.balance' must be a number"),
         ('{"accounts": {"savings": {"recent_transactions": [{"date": "x"}]}}}', "recent_transactions[0]"),
         ('{"bank": {"fees": {"wire": null}}}', "'bank.fees.wire' must be a number"),
+        ('{"accounts": {"checking": {"balance": 1' + "0" * 400 + "}}}", "not a plausible amount"),
+        ('{"accounts": {"checking": {"balance": 12345678901234567890}}}', "not a plausible amount"),
     ],
 )
 def test_malformed_accounts_file_is_a_clear_error(tmp_path, content, message):
@@ -71,11 +135,6 @@ def test_malformed_accounts_file_is_a_clear_error(tmp_path, content, message):
         AccountStore.load(path)
 
 
-def test_ground_withholds_an_answer_with_an_invented_figure(store):
-    assert ground("I can help you send $500 to Mom.", "Transfer 500 to Mom", store) == (
-        "I can help you send $500 to Mom.",
-        [],
-    )
-    response, problems = ground("I can help you send $250 to Mom.", "Transfer 500 to Mom", store)
-    assert response == UNAVAILABLE and "250" in problems[0]
-    assert ground("Your balance is [SAVINGS_BALANCE].", "savings?", store) == ("Your balance is $10,450.55.", [])
+def test_an_accounts_path_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(AccountsError, match="is a directory"):
+        AccountStore.load(tmp_path)

@@ -10,7 +10,7 @@ from conftest import randomize_adapter, tiny_t5
 import infer
 from data import TEST_FILE, load_examples
 from lora import inject_lora, save_adapter
-from support.grounding import DEFAULT_ACCOUNTS, UNAVAILABLE, AccountStore
+from support.grounding import CUT_OFF, DEFAULT_ACCOUNTS, UNAVAILABLE, AccountStore
 from support.models import load_model_and_tokenizer
 
 
@@ -82,20 +82,23 @@ def test_answers_never_show_an_invented_figure():
     class FakeAssistant:
         device = torch.device("cpu")
 
-        def generate(self, queries, max_new_tokens, **options):
+        def generate_with_ends(self, queries, max_new_tokens, **options):
             return [
-                "I can help you send $250 to Mom.",
-                "I can help you send $500 to Mom.",
-                "Your balance is [SAVINGS_BALANCE].",
+                ("I can help you send $250 to Mom.", True),
+                ("I can help you send $500 to Mom.", True),
+                ("Your balance is [SAVINGS_BALANCE].", True),
+                ("I'm sorry to hear that. Please call us at [SU", False),
             ]
 
     args = infer.parse_args([])
-    results = infer.answer(FakeAssistant(), store, ["Transfer 500 to Mom"] * 2 + ["savings balance?"], args)
+    queries = ["Transfer 500 to Mom"] * 2 + ["savings balance?", "I lost my card"]
+    results = infer.answer(FakeAssistant(), store, queries, args)
     assert results[0]["response"] == UNAVAILABLE and results[0]["raw_response"].startswith("I can help")
     assert "250" in results[0]["withheld_because"][0]
     assert results[1]["response"] == "I can help you send $500 to Mom." and "withheld_because" not in results[1]
     assert results[2]["response"] == "Your balance is $10,450.55."
-    assert {r["batch_size"] for r in results} == {3} and len({r["latency_s"] for r in results}) == 1
+    assert results[3]["response"] == CUT_OFF and "cut off" in results[3]["withheld_because"][0]
+    assert {r["batch_size"] for r in results} == {4} and len({r["latency_s"] for r in results}) == 1
 
 
 def test_answers_single_json_file_and_interactive(trained_run, tmp_path, capsys, monkeypatch):
