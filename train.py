@@ -44,10 +44,6 @@ from support.precision import autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.train_args import parse_args, read_data, run_config, validate_args
 
-# A skipped first step calls the scheduler before the optimizer ever stepped, on purpose: the schedule
-# counts steps, not updates.
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-
 
 def main(argv: list[str] | None = None) -> int:
     """`python train.py ...`: train, and turn the errors a user can meet into one line and an exit status."""
@@ -91,7 +87,8 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         run.train_model = DistributedDataParallel(model) if env.world_size > 1 else model
         if args.compile:
             run.train_model = torch.compile(run.train_model)
-        if env.is_main:
+        if env.is_main:  # infer.py's default answer length covers the longest answer trained on
+            config["longest_target_tokens"] = max(len(example.labels) for example in run.train_set)
             start_run(args.output_dir, config, tokenizer, replace=args.overwrite)
 
         start_time = time.perf_counter()
@@ -218,7 +215,9 @@ def fit(run: Run, progress: Progress) -> str | None:
                     run.train_model, run.optimizer, run.scaler, group,
                     device=env.device, dtype=run.dtype, max_grad_norm=args.max_grad_norm,
                 )  # fmt: skip
-                run.scheduler.step()
+                with warnings.catch_warnings():  # the schedule counts steps, skipped ones too: no warning
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                    run.scheduler.step()
                 progress.step += 1
                 bar.update(1)
                 record_step(run, progress, result, group, meter)

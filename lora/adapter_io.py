@@ -90,12 +90,13 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     """Read and check `adapter_config.json`; refuse what this implementation would not reproduce."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise AdapterError(f"adapter directory {directory} does not exist: pass the --output-dir of a training run.")
+        what = "is a file" if directory.exists() else "does not exist"
+        raise AdapterError(f"adapter directory {directory} {what}: pass the --output-dir of a training run.")
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterError(f"{config_path} is missing: {directory} is not a complete adapter directory.")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(config_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{config_path} is not valid JSON ({err}).") from None
     if not isinstance(config, dict):
@@ -161,6 +162,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME
+    if weights_path.is_dir():
+        raise AdapterError(f"{weights_path} is a directory, not a safetensors file: the adapter is damaged.")
     if not weights_path.is_file():
         if (directory / "adapter_model.bin").is_file():
             raise AdapterError(

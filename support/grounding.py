@@ -182,9 +182,12 @@ def ground(raw: str, query: str, store: AccountStore, complete: bool = True) -> 
     outside = PLACEHOLDER.sub(" ", raw)  # the text around the placeholders
     glued = [m.group(0) for m in PLACEHOLDER.finditer(raw) if _touches_word(raw, m.start(), m.end())]
     bare = BARE_PLACEHOLDER.findall(outside)
-    if glued or bare or "[" in outside or "]" in outside:
-        detail = f"placeholder glued to text: {glued[0]}" if glued else f"placeholder without brackets: {bare[0]}"
-        return Grounded(GARBLED, "malformed", [detail if glued or bare else "unbalanced bracket"])
+    if glued:
+        return Grounded(GARBLED, "malformed", [f"placeholder glued to text: {glued[0]}"])
+    if bare:
+        return Grounded(GARBLED, "malformed", [f"placeholder without brackets: {bare[0]}"])
+    if "[" in outside or "]" in outside:
+        return Grounded(GARBLED, "malformed", ["unbalanced bracket"])
     response, problems = store.fill(raw)
     if problems:
         reason = "malformed" if any(not p.startswith("no value") for p in problems) else "missing_figure"

@@ -54,6 +54,8 @@ def test_every_figure_of_the_demo_store_is_filled_and_shown(store):
         ("Your balance is [MORTGAGE_BALANCE].", "balance?", "missing_figure"),
         ("Your balance is [savings balance].", "balance?", "malformed"),
         ("Your balance is [SAVINGS_BAL", "balance?", "malformed"),
+        ("Your balance is ]SAVINGS[.", "balance?", "malformed"),
+        ("Call us at [SU", "I lost my card", "malformed"),
     ],
 )
 def test_a_figure_nobody_gave_is_never_shown(store, raw, query, reason):

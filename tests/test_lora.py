@@ -388,6 +388,19 @@ def test_load_refuses_other_rank_in_injected_model(tmp_path):
         ("lora_alpha", "16", "alpha must be a positive number"),
         ("target_modules", ".*attn.*", "'target_modules'"),
         ("modules_to_save", ["lm_head"], "'modules_to_save'"),
+        ("use_rslora", "false", "'use_rslora' must be true or false"),
+        ("lora_alpha", True, "alpha must be a positive number"),
+        ("lora_alpha", float("inf"), "alpha must be a positive number"),
+        ("lora_alpha", 1e300, "alpha must be a positive number up to"),
+        ("r", 10**12, "rank r must be a positive integer up to"),
+        ("r", 64, "exceeds this layer's smallest dimension"),  # the tiny T5's layers are 32 wide
+        ("lora_dropout", 2.0, "dropout must be in"),
+        ("lora_dropout", "0.1", "dropout must be in"),
+        ("base_model_name_or_path", 5, "'base_model_name_or_path' must be a model name or path"),
+        ("layer_replication", [[0, 1]], "'layer_replication'"),
+        ("target_parameters", ["q.weight"], "'target_parameters'"),
+        ("exclude_modules", ["q"], "'exclude_modules'"),
+        ("init_lora_weights", "pissa", "'init_lora_weights'"),
     ],
 )
 def test_load_refuses_unsupported_config(tmp_path, field, value, message):
@@ -395,6 +408,26 @@ def test_load_refuses_unsupported_config(tmp_path, field, value, message):
     edit_config(directory, **{field: value})
     with pytest.raises(AdapterError, match=message):
         load_adapter(tiny_t5(), directory)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t.to(torch.int32), "holds torch.int32 values"),
+        (lambda t: t > 0, "holds torch.bool values"),
+        (lambda t: t.fill_(float("nan")), "NaN or infinite values"),
+    ],
+)
+def test_load_refuses_tensors_that_are_no_lora_weights(tmp_path, damage, message):
+    directory = saved_adapter(tmp_path)
+    tensors = load_file(directory / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key] = damage(tensors[key])
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = tiny_t5()
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(model, directory)
+    assert not lora_layers(model)  # refused before the model was touched
 
 
 def test_load_refuses_pickle_and_missing_files(tmp_path):

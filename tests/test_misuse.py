@@ -1,0 +1,393 @@
+"""What a careless or hostile user tries: nothing is lost, nothing wrong is shown, every mistake is one
+sentence and an exit status, never a traceback."""
+
+import errno
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import logits, randomize_adapter, tiny_t5
+from safetensors.torch import load_file, save_file
+
+import bench
+import infer
+import train
+from data import TRAIN_FILE
+from lora import AdapterError, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from support import distributed
+from support.run_dir import OutputDirLock
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny", "--log-every", "1"]
+
+
+def run_train(capsys, *argv):
+    code = train.main([*FAST, *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(TRAIN_FILE.read_text().splitlines(keepends=True)[:40]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, small_data):
+    """A finished 2-step run with a checkpoint after each step; tests copy it before they touch it."""
+    out = tmp_path_factory.mktemp("small") / "run"
+    assert (
+        train.main(
+            [*FAST, "--data", str(small_data), "--max-steps", "2", "--save-every", "1", "--output-dir", str(out)]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.fixture
+def run_copy(small_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    return out
+
+
+# --- data lost --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, code, message",
+    [
+        (["--data", "NOTJSON"], 1, "invalid JSON"),
+        (["--target-modules", "q", "wi"], 2, "['wi'] match no nn.Linear"),
+        (["--model", "/nonexistent/model"], 1, "does not exist"),
+        (["--lr", "inf"], 2, "--lr must be positive"),
+    ],
+)
+def test_overwrite_touches_nothing_until_the_new_run_is_ready(
+    run_copy, small_data, tmp_path, capsys, extra, code, message
+):
+    before = snapshot(run_copy)
+    (tmp_path / "NOTJSON").write_text("this is not json\n")
+    extra = [str(tmp_path / "NOTJSON") if e == "NOTJSON" else e for e in extra]
+    argv = ["--data", str(small_data), "--max-steps", "2", "--overwrite", "--output-dir", run_copy, *extra]
+    result, _, err = run_train(capsys, *argv)
+    assert result == code and message in err and "Traceback" not in err
+    assert snapshot(run_copy) == before
+
+
+def test_overwrite_refuses_files_a_run_did_not_write(run_copy, small_data, capsys):
+    (run_copy / "eval").mkdir()
+    (run_copy / "eval" / "my_notes.txt").write_text("mine")
+    (run_copy / "best" / "photo.jpg").write_bytes(b"\xff\xd8")
+    before = snapshot(run_copy)
+    code, _, err = run_train(capsys, "--data", small_data, "--overwrite", "--output-dir", run_copy)
+    assert code == 2 and "did not write" in err and "photo.jpg" in err
+    assert snapshot(run_copy) == before
+
+
+def test_overwrite_refuses_a_directory_that_holds_no_run(tmp_path, small_data, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run_train(capsys, "--data", small_data, "--overwrite", "--output-dir", tmp_path)
+    assert code == 2 and "holds no training run" in err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_run_on_the_same_directory_is_refused_and_a_dead_holder_is_no_obstacle(tmp_path, small_data, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = OutputDirLock(out)
+    holder.acquire()  # another run is writing here
+    code, _, err = run_train(capsys, "--data", small_data, "--max-steps", "1", "--output-dir", out)
+    assert code == 2 and f"another train.py (pid {os.getpid()}) is writing to" in err
+    holder.release()
+    (out / ".train.lock").write_text("999999\n")  # a holder that died: the kernel released its lock
+    code, _, err = run_train(
+        capsys, "--data", small_data, "--max-steps", "1", "--val-data", "none", "--output-dir", out
+    )
+    assert code == 0, err
+
+
+# --- resume -----------------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_changed_data(tmp_path, small_data, capsys):
+    data = tmp_path / "rows.jsonl"
+    shutil.copy(small_data, data)
+    out = tmp_path / "run"
+    common = ["--data", data, "--max-steps", "2", "--save-every", "1", "--output-dir", out]
+    assert run_train(capsys, *common)[0] == 0
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:30]))
+    code, _, err = run_train(capsys, *common, "--max-steps", "3", "--resume")
+    assert code == 2 and "contents changed" in err
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, small_data, capsys):
+    out = tmp_path / "run"
+    common = ["--data", small_data, "--max-steps", "1", "--val-data", "none", "--output-dir", out]
+    assert run_train(capsys, *common)[0] == 0
+    code, _, err = run_train(capsys, *common, "--resume")
+    assert code == 2 and "holds no checkpoint" in err
+
+
+@pytest.mark.parametrize("damage", ["corrupt config", "missing state", "truncated state", "checkpoints is a file"])
+def test_a_damaged_run_directory_is_one_sentence_on_resume(run_copy, small_data, capsys, damage):
+    step = sorted((run_copy / "checkpoints").iterdir())[-1]
+    if damage == "corrupt config":
+        (run_copy / "training_config.json").write_text('{"model": "tiny", ')
+    elif damage == "missing state":
+        (step / "training_state.pt").unlink()
+    elif damage == "truncated state":
+        state = step / "training_state.pt"
+        state.write_bytes(state.read_bytes()[:100])
+    else:
+        shutil.rmtree(run_copy / "checkpoints")
+        (run_copy / "checkpoints").write_text("")
+    code, _, err = run_train(
+        capsys, "--data", small_data, "--max-steps", "2", "--save-every", "1", "--output-dir", run_copy, "--resume"
+    )
+    assert code in (1, 2) and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- interrupts -------------------------------------------------------------------------------------------
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, capsys):
+    argv = ["--model", "tiny", "--max-steps", "12", "--save-every", "100", "--val-data", "none", "--dropout", "0.1"]
+    assert train.main([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), *argv, "--output-dir", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    err = ""
+    while "training:" not in err and process.poll() is None:  # the loop has begun
+        err += process.stderr.read(1)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    err += process.stderr.read()
+    assert process.wait() == 130, err[-2000:]
+    assert "interrupted: SIGTERM at step" in err and "continue with --resume" in err
+    checkpoints = list((out / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and not (out / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    assert train.main([*argv, "--output-dir", str(out), "--resume"]) == 0
+    straight, resumed = (
+        load_file(tmp_path / "straight" / "adapter_model.safetensors"),
+        load_file(out / "adapter_model.safetensors"),
+    )
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
+
+
+# --- validation data --------------------------------------------------------------------------------------
+
+
+def test_own_data_without_val_data_holds_out_a_seeded_tenth(tmp_path, small_data, capsys):
+    code, out, _ = run_train(capsys, "--data", small_data, "--max-steps", "1", "--output-dir", tmp_path / "run")
+    assert code == 0 and f"validation: 4 of the 40 rows of {small_data} held out (seed 42)" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in row for row in rows)
+
+
+# --- numerics and hyperparameters -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weight-decay", "inf"], "--weight-decay must be in [0, 10]"),
+        (["--lr", "1e30"], "--lr must be positive and at most 1"),
+        (["--alpha", "inf"], "alpha must be a positive number"),
+        (["--alpha", "nan"], "alpha must be a positive number"),
+        (["--max-grad-norm", "inf"], "--max-grad-norm must be positive and finite"),
+        (["--seed", "100000000000000000000"], "--seed must be in [0, 2**31)"),
+        (["--r", "100000"], "rank r must be a positive integer up to"),
+    ],
+)
+def test_absurd_hyperparameters_are_refused(tmp_path, capsys, extra, message):
+    code, _, err = run_train(capsys, "--output-dir", tmp_path / "run", *extra)
+    assert code == 2 and message in err and not (tmp_path / "run").exists()
+
+
+def test_an_update_that_makes_the_adapter_non_finite_is_undone():
+    model = tiny_t5()
+    inject_lora(model, r=4, alpha=8, dropout=0.0)
+    randomize_adapter(model)
+    from data import EncodedExample, collate
+
+    batch = collate([EncodedExample([5, 6, 1], [7, 8, 1])], 0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=float("inf"))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    result = train.train_step(
+        model.train(), optimizer, torch.amp.GradScaler("cpu", enabled=False), [batch],
+        device=torch.device("cpu"), dtype=torch.float32, max_grad_norm=1.0,
+    )  # fmt: skip
+    assert result.skipped == "the update made the adapter non-finite"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_non_finite_adapter_is_never_saved_nor_loaded(tmp_path, capsys, tiny_model_path):
+    model = tiny_t5()
+    inject_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        next(iter(lora_layers(model).values())).lora_B[0, 0] = float("nan")
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        save_adapter(model, tmp_path / "never")
+    assert not (tmp_path / "never" / "adapter_model.safetensors").exists()
+
+    from support.models import load_model_and_tokenizer
+
+    base, _, path = load_model_and_tokenizer("tiny")
+    inject_lora(base, r=4, alpha=8)
+    save_adapter(base, tmp_path / "damaged", base_model_name_or_path=path)
+    weights = tmp_path / "damaged" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    next(t for k, t in tensors.items() if "lora_A" in k)[0, 0] = float("inf")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    for extra in ([], ["--no-merge"]):
+        code = infer.main(["--adapter", str(tmp_path / "damaged"), *extra, "hello"])
+        err = capsys.readouterr().err
+        assert code == 1 and "NaN or infinite values: the adapter is damaged" in err and "Traceback" not in err
+
+
+# --- the LoRA library -------------------------------------------------------------------------------------
+
+
+def test_a_tied_lm_head_is_refused_and_an_untied_one_merges_without_touching_the_embeddings(t5_batch):
+    tied = tiny_t5(tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.shared.weight
+    with pytest.raises(ValueError, match="lm_head shares its weight"):
+        inject_lora(tied, ("q", "lm_head"), r=4, alpha=8)
+    assert not lora_layers(tied) and all(p.requires_grad for p in tied.parameters())  # refused before any change
+
+    untied = tiny_t5(tie_word_embeddings=True)
+    untied.lm_head.weight = torch.nn.Parameter(untied.shared.weight.detach().clone())
+    inject_lora(untied, ("q", "lm_head"), r=4, alpha=8, dropout=0.0)
+    randomize_adapter(untied)
+    embeddings, unmerged = untied.shared.weight.clone(), logits(untied, t5_batch)
+    merge_lora(untied)
+    assert torch.equal(untied.shared.weight, embeddings)
+    torch.testing.assert_close(logits(untied, t5_batch), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_new_lora_layers_take_the_mode_of_the_model_they_join(tmp_path, t5_batch):
+    model = tiny_t5().eval()
+    inject_lora(model, r=4, alpha=8, dropout=0.5)
+    randomize_adapter(model)
+    assert not any(module.training for module in model.modules())
+    assert torch.equal(logits(model, t5_batch), logits(model, t5_batch))
+    save_adapter(model, tmp_path)
+    loaded = tiny_t5().eval()
+    load_adapter(loaded, tmp_path)
+    assert not any(module.training for module in loaded.modules())
+    assert torch.equal(logits(loaded, t5_batch), logits(loaded, t5_batch))
+
+
+# --- one sentence, never a traceback ----------------------------------------------------------------------
+
+
+def test_train_refusals_that_used_to_be_tracebacks(tmp_path, small_data, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run_train(capsys, "--data", small_data, "--output-dir", tmp_path / "a-file")
+    assert code == 2 and "is a file, not a directory" in err
+    code, _, err = run_train(capsys, "--data", small_data, "--output-dir", tmp_path / "a-file" / "run")
+    assert code == 2 and "cannot write to --output-dir" in err  # a place no directory can be made in
+    code, _, err = run_train(capsys, "--data", tmp_path, "--output-dir", tmp_path / "out")
+    assert code == 1 and "is a directory" in err
+
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text(TRAIN_FILE.read_text().splitlines()[0] + "\n")
+    monkeypatch.setattr(train.dist, "setup_distributed", lambda: distributed.Distributed(0, 2, torch.device("cpu")))
+    monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    code, _, err = run_train(capsys, "--data", one_row, "--val-data", "none", "--output-dir", tmp_path / "two")
+    assert code == 1 and "fewer than the 2 processes" in err
+
+
+def test_a_full_disk_while_saving_is_one_sentence_and_keeps_the_last_checkpoint(
+    tmp_path, small_data, capsys, monkeypatch
+):
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def save_then_fill_the_disk(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr("support.checkpoints.torch.save", save_then_fill_the_disk)
+    out = tmp_path / "run"
+    code, _, err = run_train(capsys, "--data", small_data, "--max-steps", "3", "--save-every", "1", "--output-dir", out)
+    assert code == 1 and "No space left on device" in err and "--resume" in err and "Traceback" not in err
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000001"]
+
+
+def test_infer_refusals_that_used_to_be_tracebacks(trained_run, tmp_path, capsys, monkeypatch):
+    (tmp_path / "report").write_text("")
+    monkeypatch.setattr(infer, "Assistant", lambda *a, **k: pytest.fail("the model loaded"))
+    for argv, message in [
+        (["--eval", "--report-dir", str(tmp_path / "report")], "is a file"),
+        (["--samples", "-1", "--eval"], "--samples must be 0 or more"),
+        (["--file", str(tmp_path)], "is a directory"),
+    ]:
+        assert infer.main(["--adapter", str(trained_run), *argv]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.undo()
+    assert infer.main(["--adapter", str(trained_run), "--model", str(trained_run / "best"), "hi"]) == 2
+    assert "is an adapter directory, not a base model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "0"], ["--reps", "0"]])
+def test_bench_refuses_nonsense_counts(argv, capsys):
+    assert bench.main(argv) == 2 and "must be positive" in capsys.readouterr().err
+
+
+# --- smaller ----------------------------------------------------------------------------------------------
+
+
+def test_files_are_written_with_the_users_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        model = tiny_t5()
+        inject_lora(model, r=4, alpha=8)
+        save_adapter(model, tmp_path)
+    finally:
+        os.umask(previous)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o644}
+
+
+def test_metrics_are_strict_json_and_a_skipped_first_step_warns_nothing(tmp_path, small_data):
+    def infinite_first_forward(model):
+        calls = {"n": 0}
+
+        def hook(module, inputs, output):  # steps 1 and 3 fail, step 2 is good
+            calls["n"] += 1
+            return output + float("inf") if calls["n"] in (1, 3) else output
+
+        model.lm_head.register_forward_hook(hook)
+
+    args = train.parse_args([*FAST, "--data", str(small_data), "--max-steps", "3", "--log-every", "3"])
+    args.output_dir, args.save_every = tmp_path / "run", 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.train(args, prepare_model=infinite_first_forward)
+    assert not caught, [str(w.message) for w in caught]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl")) for line in lines]
+    logged = [r for r in rows if "train_loss" in r][0]
+    assert logged["grad_norm"] is None and "non-finite" in logged["last_step_skipped"]
+    assert math.isfinite(logged["train_loss"])
