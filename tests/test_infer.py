@@ -130,6 +130,9 @@ def test_prompts_are_cut_at_the_length_the_run_trained_with(trained_run):
     assistant = infer.Assistant(trained_run)
     assert assistant.max_source_len == json.loads((trained_run / "training_config.json").read_text())["max_source_len"]
     assert infer.Assistant(trained_run / "best").max_source_len == assistant.max_source_len
+    # Answers may be as long as the longest the run trained on: none is cut off by default.
+    longest = json.loads((trained_run / "training_config.json").read_text())["longest_target_tokens"]
+    assert assistant.max_new_tokens == longest > 64
 
 
 def test_merged_answers_equal_unmerged(trained_run):

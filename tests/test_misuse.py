@@ -359,6 +359,21 @@ def test_bench_refuses_nonsense_counts(argv, capsys):
 # --- smaller ----------------------------------------------------------------------------------------------
 
 
+def test_a_directory_where_a_file_belongs_is_named_as_one(tmp_path):
+    model = tiny_t5()
+    inject_lora(model, r=4, alpha=8)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    (tmp_path / "adapter" / "adapter_model.safetensors").mkdir()
+    with pytest.raises(AdapterError, match="is a directory, not a safetensors file"):
+        load_adapter(tiny_t5(), tmp_path / "adapter")
+    from data import load_examples
+
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + TRAIN_FILE.read_bytes()[:2000].rsplit(b"\n", 1)[0] + b"\n")
+    assert load_examples(bom)[0] == load_examples(TRAIN_FILE)[0]  # a byte-order mark is no error
+
+
 def test_files_are_written_with_the_users_umask(tmp_path):
     previous = os.umask(0o022)
     try:

@@ -24,8 +24,12 @@ def test_a_damaged_tiny_model_cache_is_rebuilt(tmp_path, monkeypatch, tiny_model
     for name in [p.name for p in directory.iterdir() if not p.name.startswith("tokenizer")]:
         (directory / name).unlink()  # a build cut short: only the tokenizer files are left
     assert not (directory / BUILT_MARKER).exists()
-    model, tokenizer, path = load_model_and_tokenizer("tiny")
-    assert path == str(directory)
+    previous = os.umask(0o022)
+    try:
+        model, tokenizer, path = load_model_and_tokenizer("tiny")
+    finally:
+        os.umask(previous)
+    assert path == str(directory) and directory.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
     assert all(torch.equal(value, reference[key]) for key, value in model.state_dict().items())
     assert tokenizer.decode(tokenizer("What is my savings balance?").input_ids, skip_special_tokens=True) == (
         "What is my savings balance?"
