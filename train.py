@@ -63,27 +63,24 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
     validate_args(args)
     env = dist.setup_distributed()
     lock = OutputDirLock(args.output_dir)  # rank 0 holds the directory until the run ends
-    log = print if env.is_main else (lambda *a, **k: None)
     try:
         config = run_config(args, env.world_size)
         resume_from = dist.on_main(lambda: lock.acquire() or prepare_output_dir(args, config), env.is_main)
 
-        train_rows, val_rows, val_note = read_data(args)  # data first: a bad file is refused before a model loads
-        if len(train_rows) < env.world_size:
-            raise DataError(f"{args.data} has {len(train_rows)} rows, fewer than the {env.world_size} processes.")
-        log(val_note)
+        train_rows, val_rows, val_note = read_data(args, env.world_size)  # refused before a model loads
+        env.log(val_note)
 
         model, tokenizer, base_path = build_lora_model(args, env)
         if prepare_model is not None:
             prepare_model(model)
-        run = setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows, log)
+        run = setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows)
 
         progress = Progress()
         if resume_from is not None:
             progress = load_checkpoint(
                 resume_from, model, run.optimizer, run.scheduler, run.scaler, env.device, env.rank
             )
-            log(f"resumed from {resume_from} at step {progress.step}")
+            env.log(f"resumed from {resume_from} at step {progress.step}")
         run.train_model = DistributedDataParallel(model) if env.world_size > 1 else model
         if args.compile:
             run.train_model = torch.compile(run.train_model)
@@ -98,8 +95,8 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             save_adapter(model, args.output_dir, base_path)
             write_metrics_and_plot(args.output_dir, progress.history)
         summary = run_summary(model, progress, time.perf_counter() - start_time, run.validating, env.device)
+        env.log("\n" + summary_line(summary, args.output_dir))
         summary.update(output_dir=str(args.output_dir), aborted=aborted)
-        log("\n" + summary_line(summary, args.output_dir))
         if aborted:
             raise TrainingAborted(aborted)
         return summary
@@ -141,25 +138,20 @@ class Run:
     sampler: LengthBucketSampler
     val_batches: list[dict]  # this process's share
     validating: bool  # whether any process has validation rows
-    pad_id: int
-    pad_multiple: int | None
+    pad: tuple[int, int | None]  # collate's pad token and multiple to pad to
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     dtype: torch.dtype
     total_steps: int
-    log: callable
 
 
-def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows, log) -> Run:
+def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> Run:
     """Tokenise, batch, and make the optimizer, schedule and gradient scaler."""
     train_set, train_truncated = encode_examples(train_rows, tokenizer, args.max_source_len, args.max_target_len)
     val_set, val_truncated = encode_examples(val_rows, tokenizer, args.max_source_len, args.max_target_len)
     if train_truncated or val_truncated:
-        log(
-            f"note: {train_truncated} training and {val_truncated} validation rows were truncated to "
-            f"{args.max_source_len}/{args.max_target_len} tokens"
-        )
+        env.log(f"note: {train_truncated} training and {val_truncated} validation rows were cut to the max lengths")
     pad_id, pad_multiple = tokenizer.pad_token_id, (8 if env.device.type == "cuda" else None)
     sampler = LengthBucketSampler(
         [bucket_key(e) for e in train_set], args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size
@@ -168,16 +160,14 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows, log)
     total_steps = args.max_steps or args.epochs * math.ceil(len(sampler) / args.grad_accum)
     warmup_steps = int(args.warmup_ratio * total_steps)
     lora_params = [p for layer in lora_layers(model).values() for p in layer.adapter_params().values()]
-    optimizer = torch.optim.AdamW(
-        lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda"
-    )
+    optimizer = torch.optim.AdamW(lora_params, args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
     dtype = training_dtype(args.precision, env.device)
-    log(start_line(args.model, model, len(train_set), total_steps, f"{env.world_size} x {env.device.type}", dtype))
+    env.log(start_line(args.model, model, len(train_set), total_steps, f"{env.world_size} x {env.device.type}", dtype))
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
     return Run(
-        args, env, model, model, base_path, train_set, sampler, val_batches, bool(val_rows), pad_id, pad_multiple,
-        optimizer, scheduler, scaler, dtype, total_steps, log,
+        args, env, model, model, base_path, train_set, sampler, val_batches, bool(val_rows), (pad_id, pad_multiple),
+        optimizer, scheduler, scaler, dtype, total_steps,
     )  # fmt: skip
 
 
@@ -189,8 +179,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def fit(run: Run, progress: Progress) -> str | None:
-    """The loop: epochs of length-bucketed batches, one train_step per --grad-accum micro-batches, with
-    logging, validation, checkpoints and a stop after repeated non-finite steps (returns why)."""
+    """The loop: a train_step per --grad-accum micro-batches; logs, validation, checkpoints; why it stopped early."""
     args, env = run.args, run.env
     batches_per_epoch = len(run.sampler)
     meter = IntervalMeter()
@@ -204,7 +193,7 @@ def fit(run: Run, progress: Progress) -> str | None:
             epoch_batches = iter(list(run.sampler))
             while progress.step < run.total_steps:
                 group = [
-                    collate([run.train_set[i] for i in indices], run.pad_id, run.pad_multiple)
+                    collate([run.train_set[i] for i in indices], *run.pad)
                     for _, indices in zip(range(args.grad_accum), epoch_batches)
                 ]
                 if not group:  # resumed exactly at an epoch's end
@@ -220,7 +209,10 @@ def fit(run: Run, progress: Progress) -> str | None:
                     run.scheduler.step()
                 progress.step += 1
                 bar.update(1)
-                record_step(run, progress, result, group, meter)
+                progress.count_step(skipped=result.skipped is not None, empty=not result.supervised_tokens)
+                meter.add_step(result, group, env.world_size)
+                if result.skipped:
+                    env.log(f"step {progress.step}: skipped, {result.skipped}")
                 if progress.consecutive_skips >= args.max_skipped_steps:
                     return (
                         f"stopped: {progress.consecutive_skips} consecutive steps had a non-finite loss or "
@@ -330,19 +322,10 @@ def evaluate(model, batches: list[dict], device: torch.device, dtype: torch.dtyp
     return loss_sum / max(tokens, 1)
 
 
-def record_step(run: Run, progress: Progress, result: StepResult, group: list[dict], meter: IntervalMeter) -> None:
-    progress.count_step(skipped=result.skipped is not None, empty=not result.supervised_tokens)
-    if result.skipped:
-        run.log(f"step {progress.step}: skipped, {result.skipped}")
-    seen = sum(int(b["attention_mask"].sum()) + int((b["labels"] != IGNORE_INDEX).sum()) for b in group)
-    meter.add(None if result.skipped else result.loss_sum, result.supervised_tokens, seen * run.env.world_size)
-
-
 def validate(run: Run, progress: Progress, end_of_epoch: bool, bar) -> None:
     """Validation loss; a new best is saved to best/."""
     val_loss = evaluate(run.model, run.val_batches, run.env.device, run.dtype)
-    epoch = progress.epoch + 1 if end_of_epoch else progress.epoch
-    progress.history.append({"step": progress.step, "epoch": epoch, "val_loss": val_loss})
+    progress.history.append({"step": progress.step, "epoch": progress.epoch + end_of_epoch, "val_loss": val_loss})
     if run.env.is_main:
         bar.write(f"step {progress.step}: val_loss {val_loss:.4f}")
     if val_loss < progress.best_val_loss:

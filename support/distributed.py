@@ -29,6 +29,10 @@ class Distributed:
         """Rank 0 alone logs and writes files."""
         return self.rank == 0
 
+    def log(self, *values) -> None:
+        if self.is_main:
+            print(*values)
+
 
 def setup_distributed() -> Distributed:
     """Join torchrun's process group (NCCL on CUDA, gloo on the CPU), or run as a single process."""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from data import IGNORE_INDEX
+
 from .files import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -28,6 +30,11 @@ class IntervalMeter:
             self.loss_sum += loss_sum
             self.tokens += supervised_tokens
         self.seen_tokens += seen_tokens
+
+    def add_step(self, result, micro_batches: list[dict], world_size: int) -> None:
+        """A step's loss if it updated the adapter, and the tokens it read on every process."""
+        seen = sum(int(b["attention_mask"].sum()) + int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        self.add(None if result.skipped else result.loss_sum, result.supervised_tokens, seen * world_size)
 
     def train_loss(self) -> float | None:
         return self.loss_sum / self.tokens if self.tokens else None

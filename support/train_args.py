@@ -9,7 +9,7 @@ import argparse
 import math
 from pathlib import Path
 
-from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TRAIN_FILE, VALIDATION_FILE, hold_out, load_examples
+from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TRAIN_FILE, VALIDATION_FILE, DataError, hold_out, load_examples
 from lora import check_lora_hyperparameters
 
 from .cli import UsageError
@@ -193,9 +193,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown target module(s) {unknown}: T5's linear layers are {', '.join(T5_LINEAR_NAMES)}.")
 
 
-def read_data(args: argparse.Namespace) -> tuple[list[dict], list[dict], str]:
+def read_data(args: argparse.Namespace, world_size: int = 1) -> tuple[list[dict], list[dict], str]:
     """The training rows, the validation rows, and a line that says where the validation rows come from."""
     rows = load_examples(args.data)
+    if len(rows) < world_size:
+        raise DataError(f"{args.data} has {len(rows)} rows, fewer than the {world_size} processes to share them.")
     if args.val_data.lower() == "none":
         return rows, [], "validation: none (--val-data none)"
     if args.val_data != "auto":

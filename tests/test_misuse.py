@@ -314,7 +314,7 @@ def test_train_refusals_that_used_to_be_tracebacks(tmp_path, small_data, capsys,
     monkeypatch.setattr(train.dist, "setup_distributed", lambda: distributed.Distributed(0, 2, torch.device("cpu")))
     monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     code, _, err = run_train(capsys, "--data", one_row, "--val-data", "none", "--output-dir", tmp_path / "two")
-    assert code == 1 and "fewer than the 2 processes" in err
+    assert code == 1 and "fewer than the 2 processes to share them" in err
 
 
 def test_a_full_disk_while_saving_is_one_sentence_and_keeps_the_last_checkpoint(
