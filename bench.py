@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     if args.quick:
-        args.model, args.reps, args.warmup, args.epoch_sample, args.new_tokens = TINY, 3, 1, 4, 16
+        args.model, args.reps, args.warmup, args.epoch_sample, args.new_tokens = TINY, 2, 1, 2, 8
 
     rows = encoded_rows(args.tokenizer)
     batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
