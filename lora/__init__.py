@@ -1,6 +1,8 @@
-"""Hand-written LoRA for T5: the layer, injection, merging and PEFT-layout adapter files."""
+"""Hand-written LoRA for T5: the layer, injection, merging, PEFT-layout adapter files, and the LoRA
+paper's analyses of what an adapter learned (`python -m lora.inspect`)."""
 
 from .adapter_io import AdapterError, load_adapter, save_adapter
+from .inspect import amplification, energy_rank, entropy_effective_rank, inspect_adapter, subspace_similarity
 from .layer import (
     LoRALinear,
     check_lora_hyperparameters,
@@ -15,6 +17,11 @@ from .layer import (
 
 __all__ = [
     "AdapterError",
+    "amplification",
+    "energy_rank",
+    "entropy_effective_rank",
+    "inspect_adapter",
+    "subspace_similarity",
     "LoRALinear",
     "check_lora_hyperparameters",
     "count_parameters",

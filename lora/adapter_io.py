@@ -152,13 +152,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Load an adapter saved by `save_adapter` or by PEFT into `model`; return the loaded module paths.
-
-    Injects LoRA with the file's r, alpha and targets when the model has none yet. Strict where PEFT is
-    lenient: a missing or unexpected key, a shape mismatch or an unsupported config field is an
-    AdapterError that names it. Reads safetensors only; nothing is unpickled.
-    """
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked config and tensors of an adapter directory (ours or PEFT's), without a model."""
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME
@@ -181,6 +176,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
             raise AdapterError(f"{weights_path}: '{key}' holds {tensor.dtype} values; LoRA weights are floats.")
         if not torch.isfinite(tensor).all():
             raise AdapterError(f"{weights_path}: '{key}' holds NaN or infinite values: the adapter is damaged.")
+    return config, state
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load an adapter saved by `save_adapter` or by PEFT into `model`; return the loaded module paths.
+
+    Injects LoRA with the file's r, alpha and targets when the model has none yet. Strict where PEFT is
+    lenient: a missing or unexpected key, a shape mismatch or an unsupported config field is an
+    AdapterError that names it. Reads safetensors only; nothing is unpickled.
+    """
+    directory = Path(directory)
+    config, state = read_adapter(directory)
+    weights_path = directory / WEIGHTS_NAME
 
     layers = lora_layers(model)
     if not layers:

@@ -1,0 +1,135 @@
+"""lora.inspect on constructed adapters whose answers are known, and its command line."""
+
+import json
+
+import pytest
+import torch
+from conftest import randomize_adapter, tiny_t5
+
+from lora import (
+    amplification,
+    energy_rank,
+    entropy_effective_rank,
+    inject_lora,
+    inspect_adapter,
+    lora_layers,
+    save_adapter,
+    subspace_similarity,
+)
+from lora.inspect import main
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[
+        0
+    ]
+
+
+def test_an_update_of_exact_rank_k_has_k_singular_values_and_effective_rank_k(tmp_path):
+    """r = 8, but B A = U_3 V_3ᵀ: three equal singular values, the other five zero."""
+    model = tiny_t5()
+    inject_lora(model, ("q",), r=8, alpha=8)  # scaling 1
+    with torch.no_grad():
+        for i, layer in enumerate(lora_layers(model).values()):
+            v = orthonormal(32, 3, seed=i).T  # (3, in)
+            u = orthonormal(32, 3, seed=100 + i)  # (out, 3)
+            layer.lora_A.zero_()
+            layer.lora_B.zero_()
+            layer.lora_A[:3] = v.float()
+            layer.lora_B[:, :3] = u.float()
+    save_adapter(model, tmp_path)
+    report = inspect_adapter(tmp_path)
+    assert len(report["modules"]) == 6
+    for row in report["modules"]:
+        sigma = torch.tensor(row["singular_values"])
+        assert len(sigma) == 8 and int((sigma > 1e-6).sum()) == 3
+        torch.testing.assert_close(sigma[:3], torch.ones(3, dtype=sigma.dtype), rtol=1e-5, atol=1e-5)
+        assert row["energy_rank"] == 3 and row["entropy_rank"] == pytest.approx(3.0, rel=1e-4)
+        assert row["delta_norm"] == pytest.approx(3**0.5, rel=1e-5)
+
+
+def test_effective_ranks_on_hand_made_spectra():
+    assert energy_rank(torch.tensor([3.0, 1.0, 0.0])) == 1  # 9 of 10 units of energy in the first
+    assert energy_rank(torch.tensor([3.0, 1.0, 1.0])) == 2  # 9 + 1 of 11 units
+    assert entropy_effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert entropy_effective_rank(torch.tensor([1.0, 1.0, 1.0, 1.0])) == pytest.approx(4.0)
+    assert energy_rank(torch.zeros(4)) == 0 and entropy_effective_rank(torch.zeros(4)) == 0.0
+
+
+def test_subspace_similarity_of_an_adapter_with_itself_and_with_a_random_one():
+    a = torch.randn(8, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    itself = subspace_similarity(a, a)
+    torch.testing.assert_close(torch.diagonal(itself), torch.ones(8, dtype=itself.dtype))
+    # Two independent random subspaces of dimension i and j in R^d: E‖V_iᵀ V_j‖_F² = i·j/d, so E φ = max(i, j)/d.
+    d, trials = 512, 40
+    mean = (
+        sum(
+            subspace_similarity(
+                a, torch.randn(8, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            )
+            for seed in range(1, trials + 1)
+        )
+        / trials
+    )
+    expected = torch.maximum(torch.arange(1, 9)[:, None], torch.arange(1, 9)[None, :]).double() / d
+    torch.testing.assert_close(mean, expected, rtol=0.25, atol=0)
+
+
+def test_an_update_in_w0s_top_directions_is_amplified_less_than_one_in_random_directions():
+    """Section 7.3: ΔW amplifies directions W0 does not emphasise; one inside W0's top directions is not."""
+    u0, v0 = orthonormal(64, 48, 1), orthonormal(48, 48, 2)
+    w0 = u0 @ torch.diag(torch.logspace(1, -2, 48, dtype=torch.float64)) @ v0.T  # (64, 48), decaying spectrum
+    r = 4
+    inside = u0[:, :r] @ v0[:, :r].T * 0.1
+    random = orthonormal(64, r, 3) @ orthonormal(48, r, 4).T * 0.1
+    amp_inside, _ = amplification(inside, w0, r)
+    amp_random, amp_random_directions = amplification(random, w0, r)
+    assert amp_inside < 0.1 < amp_random  # W0 is large along its top directions, small elsewhere
+    assert amp_random_directions > 0  # the baseline is computed too
+
+
+def test_the_command_line_on_a_peft_adapter_with_base_and_compare(tmp_path, capsys):
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    for seed, name in ((1, "one"), (2, "two")):
+        model = peft.get_peft_model(tiny_t5(), config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "lora_" in key:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        model.save_pretrained(tmp_path / name)
+    base = tiny_t5()
+    base.save_pretrained(tmp_path / "base")
+    argv = [str(tmp_path / "one"), "--base", str(tmp_path / "base"), "--compare", str(tmp_path / "two")]
+    assert main([*argv, "--json", "--out", str(tmp_path / "figures")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    row = report["modules"][0]
+    assert {"relative_norm", "amplification", "amplification_random", "phi", "energy_rank"} <= row.keys()
+    assert len(report["modules"]) == 12 and len(row["phi"]) == 4
+    for name in ("delta_norms.png", "spectra.png", "subspace_similarity.png"):
+        assert (tmp_path / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+    assert main([str(tmp_path / "one")]) == 0
+    assert capsys.readouterr().out.startswith("| module | ‖dW‖_F | σ_1 | energy rank (90%) | entropy rank |")
+
+
+def test_errors_are_one_sentence(tmp_path, capsys):
+    model = tiny_t5()
+    inject_lora(model, ("q", "v"), r=4, alpha=8)
+    randomize_adapter(model)
+    save_adapter(model, tmp_path / "qv")
+    other = tiny_t5()
+    inject_lora(other, ("q",), r=4, alpha=8)
+    save_adapter(other, tmp_path / "q")
+    wide = tiny_t5(d_model=48)
+    wide.save_pretrained(tmp_path / "wide")
+    capsys.readouterr()
+    for argv, message in [
+        ([str(tmp_path)], "adapter_config.json is missing"),
+        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "q")], "adapt different modules"),
+        ([str(tmp_path / "qv"), "--base", str(tmp_path / "wide")], "but the adapter's update is"),
+    ]:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
