@@ -161,7 +161,8 @@ def layer_and_kind(module: str) -> tuple[str, str]:
     parts = module.split(".")
     if "block" in parts:
         i = parts.index("block")
-        return f"{parts[0]} {parts[i + 1]}", ".".join(parts[i + 3 :]) or parts[-1]
+        kind = [part for part in parts[i + 2 :] if part != "layer" and not part.isdigit()]
+        return f"{parts[0]} {parts[i + 1]}", ".".join(kind) or parts[-1]
     return "other", module
 
 
@@ -181,7 +182,7 @@ def write_figures(report: dict, out: Path, phi_module: str | None = None) -> lis
         layer, kind = layer_and_kind(r["module"])
         grid[layers.index(layer), kinds.index(kind)] = r["delta_norm"]
     written = []
-    fig, ax = plt.subplots(figsize=(1.2 * len(kinds) + 3, 0.4 * len(layers) + 2))
+    fig, ax = plt.subplots(figsize=(0.9 * len(kinds) + 3, 0.5 * len(layers) + 2.5))
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), layers)

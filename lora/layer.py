@@ -71,7 +71,7 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
-        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias."""
+        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which it freezes."""
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -84,6 +84,9 @@ class LoRALinear(nn.Module):
             dtype=linear.weight.dtype,
         )
         layer.weight, layer.bias = linear.weight, linear.bias
+        layer.weight.requires_grad_(False)  # the base is frozen, as in a LoRALinear built from scratch
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
         device = linear.weight.device
         layer.lora_A = nn.Parameter(torch.empty_like(layer.lora_A, device=device))  # (r, in)
         layer.lora_B = nn.Parameter(torch.empty_like(layer.lora_B, device=device))  # (out, r)
