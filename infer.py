@@ -24,7 +24,7 @@ import torch
 
 from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TEST_FILE, TRAIN_FILE, DataError, build_prompt, load_examples
 from lora import AdapterError, load_adapter, lora_disabled, merge_lora
-from lora.adapter_io import read_adapter_config
+from lora.adapter_io import read_adapter
 from support import evaluation
 from support.cli import UsageError, run_cli
 from support.files import atomic_write_text
@@ -73,7 +73,7 @@ class Assistant:
     def __init__(
         self, adapter_dir: str | Path, model: str | None = None, merge: bool = True, precision: str = "auto"
     ) -> None:
-        config = read_adapter_config(adapter_dir)
+        config, _ = read_adapter(adapter_dir)  # a damaged adapter is refused before the base model loads
         recorded = config.get("base_model_name_or_path")
         name = model or recorded
         if not name:

@@ -49,7 +49,8 @@ def test_unusable_query_file_is_refused_before_the_model_loads(tmp_path, capsys,
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_missing_or_incomplete_adapter_is_a_clear_error(tmp_path, capsys):
+def test_missing_or_incomplete_adapter_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(infer, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded first"))
     code, _, err = run_infer(capsys, "--adapter", tmp_path / "missing", "hi")
     assert code == 1 and "does not exist" in err and "Traceback" not in err
     (tmp_path / "half").mkdir()
