@@ -39,7 +39,7 @@ from support import distributed as dist
 from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
 from support.cli import UsageError, run_cli, stop_requests
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
-from support.models import ModelLoadError, load_model_and_tokenizer
+from support.models import ModelLoadError, enable_activation_checkpointing, load_model_and_tokenizer
 from support.precision import autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.train_args import parse_args, read_data, run_config, validate_args
@@ -56,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, prepare_model=None) -> dict:
-    """The recipe: arguments -> data -> model with LoRA -> optimizer -> loop -> save. Returns a summary.
-
-    `prepare_model(model)` runs once the model is built, so that tests can install hooks.
-    """
+    """The recipe: arguments -> data -> model with LoRA -> optimizer -> loop -> save; returns a summary.
+    `prepare_model(model)`, called once the model is built, lets tests install hooks."""
     validate_args(args)
     env = dist.setup_distributed()
     lock = OutputDirLock(args.output_dir)  # rank 0 holds the directory until the run ends
@@ -120,6 +118,8 @@ def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
         )
     except ValueError as err:  # e.g. --target-modules wi on a gated T5, whose layers are wi_0 and wi_1
         raise UsageError(f"--target-modules: {err}") from None
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)  # non-reentrant, or the LoRA weights would get no gradient
     model.to(env.device).train()
     torch.manual_seed(args.seed + env.rank)  # dropout differs by rank; LoRA's init came from the shared seed
     return model, tokenizer, base_path
@@ -301,6 +301,7 @@ def sequence_loss_sum(model, batch: dict) -> torch.Tensor:
         input_ids=batch["input_ids"],  # (B, S)
         attention_mask=batch["attention_mask"],  # (B, S)
         decoder_input_ids=batch["decoder_input_ids"],  # (B, T); no labels, so the model computes no loss
+        use_cache=False,  # training reuses no key/value cache
     ).logits  # (B, T, V)
     labels = batch["labels"]  # (B, T)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

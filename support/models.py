@@ -190,6 +190,20 @@ def flan_t5_base_architecture(device: torch.device | str | None = None):
     return model
 
 
+def enable_activation_checkpointing(model, reentrant: bool = False) -> None:
+    """Recompute each T5 block's activations in the backward pass instead of keeping them.
+
+    Non-reentrant by default: with reentrant checkpointing and a frozen embedding, the blocks' inputs do not
+    require grad, and the LoRA weights inside the blocks get no gradient at all. transformers renamed the
+    switch in 5.x (gradient_ -> activation_checkpointing_enable); both spellings are handled.
+    """
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def resolve_model_path(name: str) -> str:
     """`tiny` becomes the tiny model's cache directory; anything else is returned as it is."""
     return str(tiny_model_dir()) if name == TINY else name

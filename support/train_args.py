@@ -132,6 +132,12 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         help="torch.compile the model: for CUDA; the first steps of each new batch shape compile (minutes), "
         "and on the CPU it is slower than without",
     )
+    opt.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each T5 block's activations in the backward pass instead of keeping them: less memory, "
+        "about one more forward pass of time; the gradients are the same",
+    )
     opt.add_argument("--seed", type=int, default=42, help="seed for LoRA init, dropout and batch order (default: 42)")
     run = p.add_argument_group("logging and checkpoints")
     run.add_argument("--log-every", type=int, default=10, help="optimizer steps between metrics lines (default: 10)")
