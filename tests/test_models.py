@@ -6,9 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from support.models import BUILT_MARKER, _is_built, flan_t5_base_architecture, load_model_and_tokenizer, tiny_model_dir
+from support.models import (
+    BUILT_MARKER,
+    _is_built,
+    flan_t5_architecture,
+    flan_t5_base_architecture,
+    load_model_and_tokenizer,
+    tiny_model_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +77,22 @@ def test_flan_t5_base_architecture_has_the_real_checkpoints_layout():
     model = flan_t5_base_architecture(device="meta")
     assert model.lm_head.weight is not model.shared.weight
     assert sum(p.numel() for p in model.parameters()) == 247_577_856
+
+
+@pytest.mark.parametrize(
+    "size, trainable, total",
+    [  # r=16 on q and v; totals are the real checkpoints' (separate lm_head), without LoRA
+        ("small", 688_128, 76_961_152),
+        ("base", 1_769_472, 247_577_856),
+        ("large", 4_718_592, 783_150_080),
+        ("xl", 9_437_184, 2_849_757_184),
+        ("xxl", 18_874_368, 11_135_332_352),
+    ],
+)
+def test_every_flan_t5_size_by_its_architecture(size, trainable, total):
+    from lora import count_parameters, inject_lora
+
+    model = flan_t5_architecture(size, device="meta")
+    base_total = count_parameters(model)[1]
+    inject_lora(model, ("q", "v"), r=16, alpha=32)
+    assert (count_parameters(model)[0], base_total) == (trainable, total)
