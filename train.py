@@ -33,14 +33,14 @@ from data import (
     encode_examples,
     sequential_batches,
 )
-from lora import AdapterError, inject_lora, lora_layers, save_adapter
+from lora import AdapterError, inject_lora, lora_layers, save_adapter, set_base_dtype
 from support import checkpoints
 from support import distributed as dist
 from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
 from support.cli import UsageError, run_cli, stop_requests
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
 from support.models import ModelLoadError, enable_activation_checkpointing, load_model_and_tokenizer
-from support.precision import autocast, training_dtype
+from support.precision import autocast, resolve_dtype, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.train_args import parse_args, read_data, run_config, validate_args
 
@@ -113,11 +113,10 @@ def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
     random.seed(args.seed)
     model, tokenizer, base_path = load_model_and_tokenizer(args.model)
     try:
-        inject_lora(
-            model, args.target_modules, r=args.r, alpha=args.alpha, dropout=args.dropout, use_rslora=args.use_rslora
-        )
+        inject_lora(model, args.target_modules, args.r, args.alpha, args.dropout, args.use_rslora)
     except ValueError as err:  # e.g. --target-modules wi on a gated T5, whose layers are wi_0 and wi_1
         raise UsageError(f"--target-modules: {err}") from None
+    set_base_dtype(model, resolve_dtype(args.base_dtype, env.device, "--base-dtype"))  # A and B stay fp32
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)  # non-reentrant, or the LoRA weights would get no gradient
     model.to(env.device).train()

@@ -12,6 +12,7 @@ from .layer import (
     lora_layers,
     merge_lora,
     merged_state_dict,
+    set_base_dtype,
     unmerge_lora,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "merge_lora",
     "merged_state_dict",
     "save_adapter",
+    "set_base_dtype",
     "unmerge_lora",
 ]

@@ -34,6 +34,11 @@ class LoRALinear(nn.Module):
     injected model and a merged state dict loads into a plain nn.Linear. Dropout touches the LoRA
     branch's input only, and only in train mode. Merging is explicit (`merge()`/`unmerge()`);
     `.train()` and `.eval()` never merge.
+
+    Mixed precision: the frozen W0 may be stored in bf16 or fp16 (`set_base_dtype`) while A and B stay
+    fp32, the dtype the optimizer updates. The low-rank branch casts its input to A's dtype, computes
+    B A x there, and casts the update to the base output's dtype before the sum (under autocast, autocast
+    picks the matmuls' dtype as usual). `merge()` computes scaling·B@A in fp32 and rounds once into W0's dtype.
     """
 
     def __init__(
@@ -105,8 +110,8 @@ class LoRALinear(nn.Module):
         result = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.merged or self.disabled:
             return result
-        low_rank = F.linear(self.dropout(x), self.lora_A)  # (..., r)
-        return result + self.scaling * F.linear(low_rank, self.lora_B)  # (..., out)
+        low_rank = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r), in A's dtype
+        return result + (self.scaling * F.linear(low_rank, self.lora_B)).to(result.dtype)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B @ A, (out, in), computed in fp32 whatever the parameters' dtype."""
@@ -247,6 +252,14 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = was_disabled
             if was_merged:
                 layer.merge()
+
+
+@torch.no_grad()
+def set_base_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every frozen parameter (the base model) in `dtype`; the trainable ones (A, B) keep theirs."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(dtype)
 
 
 @torch.no_grad()

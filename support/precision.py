@@ -20,14 +20,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(precision: str, device: torch.device, option: str = "--precision") -> torch.dtype:
     """'auto' is bf16 on a CUDA GPU that supports it, else fp32; refuses what `device` cannot run."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if precision == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA GPU; on the CPU use fp32 or bf16.")
+        raise UsageError(f"{option} fp16 needs a CUDA GPU; on the CPU use fp32 or bf16.")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("this GPU has no bf16: use --precision fp32 (or fp16, which T5 overflows in).")
+        raise UsageError(f"this GPU has no bf16: use {option} fp32 (or fp16, which T5 overflows in).")
     return DTYPES[precision]
 
 

@@ -58,6 +58,7 @@ RESUME_KEYS = (
     "weight_decay",
     "max_grad_norm",
     "precision",
+    "base_dtype",
     "seed",
     "max_source_len",
     "max_target_len",

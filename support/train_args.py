@@ -133,6 +133,13 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         "and on the CPU it is slower than without",
     )
     opt.add_argument(
+        "--base-dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="dtype the frozen base weights are stored in; A and B stay fp32. auto: bf16 on a CUDA GPU that has it "
+        "(half the memory of fp32), else fp32. fp16 needs CUDA",
+    )
+    opt.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute each T5 block's activations in the backward pass instead of keeping them: less memory, "
@@ -194,6 +201,7 @@ def validate_args(args: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(message + ".")
     resolve_dtype(args.precision, default_device())  # refuses fp16 on the CPU, bf16 on a GPU without it
+    resolve_dtype(args.base_dtype, default_device(), "--base-dtype")
     unknown = sorted(set(args.target_modules) - set(T5_LINEAR_NAMES))
     if unknown:
         raise UsageError(f"unknown target module(s) {unknown}: T5's linear layers are {', '.join(T5_LINEAR_NAMES)}.")

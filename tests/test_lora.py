@@ -18,6 +18,7 @@ from lora import (
     merge_lora,
     merged_state_dict,
     save_adapter,
+    set_base_dtype,
     unmerge_lora,
 )
 
@@ -439,3 +440,25 @@ def test_load_refuses_pickle_and_missing_files(tmp_path):
     (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
     with pytest.raises(AdapterError, match="only adapter_model.bin.*never unpickles"):
         load_adapter(tiny_t5(), directory)
+
+
+def test_a_bf16_base_with_an_fp32_adapter(t5_batch):
+    """The frozen base in bf16, A and B in fp32: the branch computes in fp32, gradients reach A and B in
+    fp32, merging rounds scaling·B@A into the bf16 weight once, and merged and unmerged outputs agree to bf16's
+    precision."""
+    model = tiny_t5()
+    inject_lora(model, r=4, alpha=8, dropout=0.0)
+    randomize_adapter(model)
+    set_base_dtype(model, torch.bfloat16)
+    layers = lora_layers(model).values()
+    assert all(layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32 for layer in layers)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    model(**t5_batch).loss.backward()
+    assert all(layer.lora_A.grad.dtype == torch.float32 and layer.lora_A.grad.abs().sum() > 0 for layer in layers)
+    unmerged = logits(model, t5_batch)
+    w0 = {id(layer): layer.weight.float().clone() for layer in layers}
+    merge_lora(model)
+    for layer in layers:
+        assert torch.equal(layer.weight, (w0[id(layer)] + layer.delta_weight()).to(torch.bfloat16))
+    merged = logits(model, t5_batch)
+    assert torch.isfinite(merged).all() and (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()

@@ -364,10 +364,9 @@ def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path,
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-6, atol=0)
 
 
-def test_bf16_autocast_on_the_cpu_trains_with_fp32_adapter(tmp_path):
-    summary = train.train(
-        train.parse_args(FAST + ["--max-steps", "2", "--precision", "bf16", "--output-dir", str(tmp_path)])
-    )
+@pytest.mark.parametrize("option", ["--precision", "--base-dtype"])
+def test_bf16_on_the_cpu_trains_with_fp32_adapter(tmp_path, option):
+    summary = train.train(train.parse_args(FAST + ["--max-steps", "2", option, "bf16", "--output-dir", str(tmp_path)]))
     assert summary["skipped_steps"] == 0 and summary["final_train_loss"] < 20
     tensors = adapter_tensors(tmp_path)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
