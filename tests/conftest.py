@@ -67,11 +67,11 @@ def randomize_adapter(model, seed=3, scale=0.1):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One short tiny-model run shared by the tests that need a run directory or a trained adapter:
-    60 steps, validated and checkpointed every 30."""
+    40 steps, validated and checkpointed every 20."""
     import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    argv = ["--model", "tiny", "--max-steps", "60", "--eval-every", "30", "--save-every", "30", "--log-every", "10"]
+    argv = ["--model", "tiny", "--max-steps", "40", "--eval-every", "20", "--save-every", "20", "--log-every", "10"]
     summary = train.train(train.parse_args([*argv, "--output-dir", str(out)]))
     assert summary["final_train_loss"] < summary["first_train_loss"]
     return out

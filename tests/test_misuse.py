@@ -6,10 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -161,36 +157,6 @@ def test_a_damaged_run_directory_is_one_sentence_on_resume(run_copy, small_data,
         capsys, "--data", small_data, "--max-steps", "2", "--save-every", "1", "--output-dir", run_copy, "--resume"
     )
     assert code in (1, 2) and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-
-
-# --- interrupts -------------------------------------------------------------------------------------------
-
-
-def test_sigterm_finishes_the_step_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, capsys):
-    argv = ["--model", "tiny", "--max-steps", "12", "--save-every", "100", "--val-data", "none", "--dropout", "0.1"]
-    assert train.main([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
-    out = tmp_path / "stopped"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(ROOT / "train.py"), *argv, "--output-dir", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    err = ""
-    while "training:" not in err and process.poll() is None:  # the loop has begun
-        err += process.stderr.read(1)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGTERM)
-    err += process.stderr.read()
-    assert process.wait() == 130, err[-2000:]
-    assert "interrupted: SIGTERM at step" in err and "continue with --resume" in err
-    checkpoints = list((out / "checkpoints").glob("step-*"))
-    assert len(checkpoints) == 1 and not (out / "adapter_model.safetensors").exists()
-    capsys.readouterr()
-    assert train.main([*argv, "--output-dir", str(out), "--resume"]) == 0
-    straight, resumed = (
-        load_file(tmp_path / "straight" / "adapter_model.safetensors"),
-        load_file(out / "adapter_model.safetensors"),
-    )
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
 
 
 # --- validation data --------------------------------------------------------------------------------------

@@ -287,8 +287,8 @@ def test_output_directory_holds_everything_infer_and_peft_need(trained_run):
     assert (trained_run / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
     rows = metrics(trained_run)
     assert {"step", "epoch", "train_loss", "lr", "grad_norm", "skipped_steps", "tokens_per_s"} <= rows[0].keys()
-    assert [r["step"] for r in rows if "val_loss" in r] == [30, 60]
-    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == ["step-00000030", "step-00000060"]
+    assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
+    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == ["step-00000020", "step-00000040"]
     from transformers import AutoModelForSeq2SeqLM
 
     config = json.loads((trained_run / "adapter_config.json").read_text())
@@ -305,10 +305,16 @@ def train_command(output_dir, *extra):
     ]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, capsys):
-    straight = tmp_path / "straight"
-    assert train.main(train_command(straight)[2:]) == 0  # in this process: only the killed run needs its own
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted run that killed and interrupted runs must match after --resume (in this process)."""
+    straight = tmp_path_factory.mktemp("straight") / "run"
+    assert train.main(train_command(straight)[2:]) == 0
+    return straight
 
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(straight_run, tmp_path, capsys):
+    straight = straight_run
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(train_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -332,6 +338,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, capsys):
     assert not all(torch.count_nonzero(v) == 0 for k, v in expected.items() if "lora_B" in k)
     losses = [[r["train_loss"] for r in metrics(run) if "train_loss" in r] for run in (killed, straight)]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-6, atol=0)
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resume_matches_an_uninterrupted_run(straight_run, tmp_path, capsys):
+    out = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        train_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
+    err = ""
+    while "training:" not in err and process.poll() is None:  # the loop has begun
+        err += process.stderr.read(1)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    err += process.stderr.read()
+    assert process.wait() == 130, err[-2000:]
+    assert "interrupted: SIGTERM at step" in err and "continue with --resume" in err
+    assert list((out / "checkpoints").glob("step-*")) and not (out / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    assert train.main(train_command(out, "--resume")[2:]) == 0
+    expected, resumed = adapter_tensors(straight_run), adapter_tensors(out)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
 
 
 # --- distributed ------------------------------------------------------------------------------------------
@@ -366,7 +394,7 @@ def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path,
 
 @pytest.mark.parametrize("option", ["--precision", "--base-dtype"])
 def test_bf16_on_the_cpu_trains_with_fp32_adapter(tmp_path, option):
-    summary = train.train(train.parse_args(FAST + ["--max-steps", "2", option, "bf16", "--output-dir", str(tmp_path)]))
+    summary = train.train(train.parse_args(FAST + ["--max-steps", "1", option, "bf16", "--output-dir", str(tmp_path)]))
     assert summary["skipped_steps"] == 0 and summary["final_train_loss"] < 20
     tensors = adapter_tensors(tmp_path)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
