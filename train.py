@@ -33,7 +33,7 @@ from data import (
     encode_examples,
     sequential_batches,
 )
-from lora import AdapterError, inject_lora, lora_layers, save_adapter, set_base_dtype
+from lora import AdapterError, inject_lora, lora_param_groups, save_adapter, set_base_dtype
 from support import checkpoints
 from support import distributed as dist
 from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
@@ -158,8 +158,8 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     val_batches = sequential_batches(val_set, args.batch_size, pad_id, pad_multiple, env.rank, env.world_size)
     total_steps = args.max_steps or args.epochs * math.ceil(len(sampler) / args.grad_accum)
     warmup_steps = int(args.warmup_ratio * total_steps)
-    lora_params = [p for layer in lora_layers(model).values() for p in layer.adapter_params().values()]
-    optimizer = torch.optim.AdamW(lora_params, args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda")
+    groups = lora_param_groups(model, args.lr, args.loraplus_lr_ratio)  # A and B, or LoRA+'s faster B
+    optimizer = torch.optim.AdamW(groups, args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
     dtype = training_dtype(args.precision, env.device)
     env.log(start_line(args.model, model, len(train_set), total_steps, f"{env.world_size} x {env.device.type}", dtype))

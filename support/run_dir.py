@@ -50,6 +50,7 @@ RESUME_KEYS = (
     "target_modules",
     "use_rslora",
     "lr",
+    "loraplus_lr_ratio",
     "epochs",
     "max_steps",
     "batch_size",

@@ -105,6 +105,12 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     opt.add_argument(
         "--warmup-ratio", type=float, default=None, help="share of steps for linear warm-up (default: 0.0; tiny: 0.03)"
     )
+    opt.add_argument(
+        "--loraplus-lr-ratio",
+        type=float,
+        default=None,
+        help="LoRA+: B learns this many times faster than A (the paper suggests 16; default: off)",
+    )
     opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on A and B (default: 0)")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default: 1.0)")
     opt.add_argument(
@@ -181,6 +187,10 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.grad_accum > 0, f"--grad-accum must be positive, got {args.grad_accum}"),
         (0 <= args.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}"),
         (0 <= args.weight_decay <= 10, f"--weight-decay must be in [0, 10], got {args.weight_decay}"),
+        (
+            args.loraplus_lr_ratio is None or 0 < args.loraplus_lr_ratio <= 1000,
+            f"--loraplus-lr-ratio must be in (0, 1000], got {args.loraplus_lr_ratio}",
+        ),
         (
             0 < args.max_grad_norm and math.isfinite(args.max_grad_norm),
             f"--max-grad-norm must be positive and finite, got {args.max_grad_norm}",

@@ -15,6 +15,7 @@ from lora import (
     load_adapter,
     lora_disabled,
     lora_layers,
+    lora_param_groups,
     merge_lora,
     merged_state_dict,
     save_adapter,
@@ -462,3 +463,18 @@ def test_a_bf16_base_with_an_fp32_adapter(t5_batch):
         assert torch.equal(layer.weight, (w0[id(layer)] + layer.delta_weight()).to(torch.bfloat16))
     merged = logits(model, t5_batch)
     assert torch.isfinite(merged).all() and (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()
+
+
+def test_lora_plus_groups_hold_exactly_the_as_and_the_bs():
+    model = tiny_t5()
+    inject_lora(model, r=4, alpha=8)
+    layers = list(lora_layers(model).values())
+    (plain,) = lora_param_groups(model, lr=1e-3)
+    assert plain["lr"] == 1e-3 and plain["params"] == [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+    a_group, b_group = lora_param_groups(model, lr=1e-3, loraplus_lr_ratio=16)
+    assert a_group["params"] == [layer.lora_A for layer in layers] and a_group["lr"] == 1e-3
+    assert b_group["params"] == [layer.lora_B for layer in layers] and b_group["lr"] == 16e-3
+    optimizer = torch.optim.AdamW(lora_param_groups(model, 1e-3, 16), 1e-3)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }

@@ -47,6 +47,7 @@ def adapter_tensors(directory):
         (["--target-modules", "q", "query"], "unknown target module(s) ['query']"),
         (["--dropout", "1"], "dropout must be in [0, 1)"),
         (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
+        (["--loraplus-lr-ratio", "0"], "--loraplus-lr-ratio must be in (0, 1000]"),
     ],
 )
 def test_invalid_values_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, message):
