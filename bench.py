@@ -30,6 +30,7 @@ from lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_l
 from support.cli import EXIT_USAGE
 from support.metrics import peak_memory_mib
 from support.models import TINY, flan_t5_base_architecture, load_model_and_tokenizer, resolve_model_path
+from support.precision import training_dtype
 from train import train_step as train_py_step
 
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, by device-name substring, first
@@ -115,23 +116,21 @@ def prepare_training(model, mode: str):
     return model, torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
 
 
-def train_step(model, optimizer, batch, autocast_dtype):
+def train_step(model, optimizer, batch, dtype=torch.float32):
     """One optimizer step exactly as train.py makes it (loss, clipping, finite check), one micro-batch."""
     scaler = torch.amp.GradScaler(device().type, enabled=False)
-    train_py_step(
-        model, optimizer, scaler, [batch], device=device(), dtype=autocast_dtype or torch.float32, max_grad_norm=1.0
-    )
+    train_py_step(model, optimizer, scaler, [batch], device=device(), dtype=dtype, max_grad_norm=1.0)
 
 
-def time_steps(model, optimizer, batches, warmup: int, autocast_dtype=None) -> list[float]:
+def time_steps(model, optimizer, batches, warmup: int, dtype=torch.float32) -> list[float]:
     """Seconds per training step over `batches`, after `warmup` untimed steps on the first batch."""
     for _ in range(warmup):
-        train_step(model, optimizer, batches[0], autocast_dtype)
+        train_step(model, optimizer, batches[0], dtype)
     times = []
     for batch in batches:
         sync()
         start = time.perf_counter()
-        train_step(model, optimizer, batch, autocast_dtype)
+        train_step(model, optimizer, batch, dtype)
         sync()
         times.append(time.perf_counter() - start)
     return times
@@ -144,9 +143,7 @@ def time_steps(model, optimizer, batches, warmup: int, autocast_dtype=None) -> l
 def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     dev = device()
-    if dev.type == "cuda":  # as train.py: fp32 matmuls run as TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dtype = training_dtype(spec.get("precision", "fp32"), dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
     model = build_model(spec["model"]).to(dev).train()
     model, optimizer = prepare_training(model, spec["mode"])
     trainable, total = count_parameters(model)
@@ -157,12 +154,11 @@ def worker(spec: dict) -> dict:
     ]
     if spec.get("pad_to"):
         batches = [pad_batch(b, spec["pad_to"]) for b in batches]
-    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}[spec.get("precision", "fp32")]
     if spec.get("compile"):
         model = torch.compile(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    times = time_steps(model, optimizer, batches, spec["warmup"], autocast_dtype)
+    times = time_steps(model, optimizer, batches, spec["warmup"], dtype)
     source_tokens = [int(b["attention_mask"].sum()) for b in batches]
     target_tokens = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     passes = 2 if spec["mode"] in ("lora", "peft") else 3  # see bench_throughput
@@ -256,8 +252,8 @@ def bench_ours_vs_peft(args, rows, batch_indices) -> list[dict]:
     del base
     times = {"ours": [], "peft": []}
     for _ in range(args.warmup):
-        train_step(ours, ours_opt, batch, None)
-        train_step(theirs, theirs_opt, batch, None)
+        train_step(ours, ours_opt, batch)
+        train_step(theirs, theirs_opt, batch)
     for _ in range(args.reps):
         times["ours"] += time_steps(ours, ours_opt, [batch], 0)
         times["peft"] += time_steps(theirs, theirs_opt, [batch], 0)
