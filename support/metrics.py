@@ -24,17 +24,14 @@ class IntervalMeter:
         self.loss_sum, self.tokens, self.seen_tokens = 0.0, 0.0, 0
         self.start = time.perf_counter()
 
-    def add(self, loss_sum: float | None, supervised_tokens: float, seen_tokens: int) -> None:
-        """loss_sum is None for a skipped step: its tokens were seen but taught nothing."""
-        if loss_sum is not None:
-            self.loss_sum += loss_sum
-            self.tokens += supervised_tokens
-        self.seen_tokens += seen_tokens
-
     def add_step(self, result, micro_batches: list[dict], world_size: int) -> None:
-        """A step's loss if it updated the adapter, and the tokens it read on every process."""
+        """A step's loss if it updated the adapter (a skipped step's tokens were read but taught nothing),
+        and the tokens it read on every process."""
+        if not result.skipped:
+            self.loss_sum += result.loss_sum
+            self.tokens += result.supervised_tokens
         seen = sum(int(b["attention_mask"].sum()) + int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-        self.add(None if result.skipped else result.loss_sum, result.supervised_tokens, seen * world_size)
+        self.seen_tokens += seen * world_size
 
     def train_loss(self) -> float | None:
         return self.loss_sum / self.tokens if self.tokens else None
