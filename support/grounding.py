@@ -188,10 +188,12 @@ def ground(raw: str, query: str, store: AccountStore, complete: bool = True) -> 
         return Grounded(GARBLED, "malformed", [f"placeholder without brackets: {bare[0]}"])
     if "[" in outside or "]" in outside:
         return Grounded(GARBLED, "malformed", ["unbalanced bracket"])
+    malformed = [name for name in PLACEHOLDER.findall(raw) if not PLACEHOLDER_NAME.fullmatch(name)]
+    if malformed:
+        return Grounded(GARBLED, "malformed", [f"malformed placeholder [{malformed[0]}]"])
     response, problems = store.fill(raw)
-    if problems:
-        reason = "malformed" if any(not p.startswith("no value") for p in problems) else "missing_figure"
-        return Grounded(UNAVAILABLE if reason == "missing_figure" else GARBLED, reason, problems)
+    if problems:  # the placeholders are well formed: what is left is a figure the store lacks
+        return Grounded(UNAVAILABLE, "missing_figure", problems)
     user_numbers = set(numbers_in(query))
     for sentence in re.split(r"(?<=[.!?])\s+", outside):
         for number in numbers_in(sentence):
