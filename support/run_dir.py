@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
@@ -80,7 +81,7 @@ class OutputDirLock:
 
     def __init__(self, output_dir: Path) -> None:
         self.output_dir = output_dir
-        self._context = None
+        self._held = ExitStack()  # holds the file lock while the run lasts
         self._created = False
 
     def acquire(self) -> None:
@@ -90,28 +91,24 @@ class OutputDirLock:
         try:
             self._created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
-            context = file_lock(out / LOCK_FILE, blocking=False)
-            taken = context.__enter__()
+            taken = self._held.enter_context(file_lock(out / LOCK_FILE, blocking=False))
         except OSError as err:
             raise UsageError(
                 f"cannot write to --output-dir {out} ({err.strerror or err}): choose a directory you can write to."
             ) from None
         if not taken:
-            context.__exit__(None, None, None)
+            self._held.close()
             holder = (out / LOCK_FILE).read_text().strip() or "unknown"
             raise UsageError(
                 f"another train.py (pid {holder}) is writing to {out}; wait for it to finish, or choose another "
                 "--output-dir."
             )
-        self._context = context
         (out / LOCK_FILE).write_text(f"{os.getpid()}\n")
 
     def release(self) -> None:
-        if self._context is not None:
-            self._context.__exit__(None, None, None)
-            self._context = None
-            if self._created and [p.name for p in self.output_dir.iterdir()] == [LOCK_FILE]:
-                shutil.rmtree(self.output_dir, ignore_errors=True)  # refused before any work: leave no trace
+        self._held.close()  # nothing to do when the lock was never taken
+        if self._created and self.output_dir.is_dir() and [p.name for p in self.output_dir.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(self.output_dir, ignore_errors=True)  # refused before any work: leave no trace
 
 
 def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path | None:
