@@ -1,11 +1,12 @@
-"""Hand-written LoRA for T5: the layer, injection, merging, PEFT-layout adapter files, and the LoRA
-paper's analyses of what an adapter learned (`python -m lora.inspect`)."""
+"""Hand-written LoRA for T5: the layer (`layer.py`) and its variants DoRA (`dora.py`) and PiSSA
+(`pissa.py`), putting them into a model and merging them (`model.py`), PEFT-layout adapter files
+(`adapter_io.py`), and the LoRA paper's analyses of what an adapter learned (`python -m lora.inspect`)."""
 
 from .adapter_io import AdapterError, load_adapter, save_adapter
+from .dora import DoRALinear
 from .inspect import amplification, energy_rank, entropy_effective_rank, inspect_adapter, subspace_similarity
-from .layer import (
-    LoRALinear,
-    check_lora_hyperparameters,
+from .layer import LoRALinear, check_lora_hyperparameters
+from .model import (
     count_parameters,
     inject_lora,
     lora_disabled,
@@ -16,6 +17,7 @@ from .layer import (
     set_base_dtype,
     unmerge_lora,
 )
+from .pissa import pissa_as_lora, pissa_init
 
 __all__ = [
     "AdapterError",
@@ -24,6 +26,7 @@ __all__ = [
     "entropy_effective_rank",
     "inspect_adapter",
     "subspace_similarity",
+    "DoRALinear",
     "LoRALinear",
     "check_lora_hyperparameters",
     "count_parameters",
@@ -34,6 +37,8 @@ __all__ = [
     "lora_param_groups",
     "merge_lora",
     "merged_state_dict",
+    "pissa_as_lora",
+    "pissa_init",
     "save_adapter",
     "set_base_dtype",
     "unmerge_lora",

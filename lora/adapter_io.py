@@ -1,7 +1,8 @@
 """Adapter files in PEFT's layout: `adapter_config.json` and `adapter_model.safetensors`.
 
-Keys are `base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r):
-exactly what `peft.PeftModel.from_pretrained` reads and what PEFT's `save_pretrained` writes.
+Keys are `base_model.model.<module path>.lora_A.weight` (r, in), `...lora_B.weight` (out, r) and, for
+DoRA, `...lora_magnitude_vector` (out,): exactly what `peft.PeftModel.from_pretrained` reads and what
+PEFT's `save_pretrained` writes (the magnitude's key has no `.weight`: read from PEFT's own files).
 PEFT ignores keys that lack the `base_model.model.` prefix with only a warning; our loader is strict.
 """
 
@@ -18,41 +19,57 @@ from torch import nn
 
 from support.files import atomic_write, atomic_write_text
 
-from .layer import check_lora_hyperparameters, inject_lora, lora_layers
+from .dora import DoRALinear
+from .layer import check_lora_hyperparameters
+from .model import inject_lora, lora_layers
+from .pissa import pissa_as_lora, pissa_niter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 
 
 class AdapterError(ValueError):
     """An adapter directory or file that cannot be used as it is."""
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names, copied to the CPU."""
+def adapter_state_dict(model: nn.Module, pissa_as_lora: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names, copied to the CPU (see `save_adapter` for pissa_as_lora)."""
     state = {}
     for name, layer in lora_layers(model).items():
-        state[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to("cpu", copy=True).contiguous()
-        state[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to("cpu", copy=True).contiguous()
+        tensors = {param_name: param.detach() for param_name, param in layer.adapter_params().items()}
+        if pissa_as_lora and layer.init != "lora":
+            tensors["lora_A"], tensors["lora_B"], _, _ = _pissa_as_lora(layer)
+        for param_name, tensor in tensors.items():
+            state[f"{KEY_PREFIX}{name}.{PEFT_NAMES[param_name]}"] = tensor.to("cpu", copy=True).contiguous()
     damaged = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
     if damaged:  # never write an adapter that no one can use
         raise AdapterError(f"the adapter holds NaN or infinite values (e.g. '{damaged[0]}'); it is not saved.")
     return state
 
 
-def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
-    """PEFT's LoraConfig fields for the LoRA layers in `model` (they must share r, alpha, dropout)."""
+_pissa_as_lora = pissa_as_lora  # the parameter of the same name shadows the function
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None, pissa_as_lora: bool = False) -> dict:
+    """PEFT's LoraConfig fields for the LoRA layers in `model` (they must share one setting)."""
     layers = lora_layers(model)
     if not layers:
         raise AdapterError("the model has no LoRA layers: call inject_lora(model) first.")
-    settings = {(lay.r, lay.alpha, _dropout_p(lay), lay.use_rslora) for lay in layers.values()}
+    settings = {
+        (lay.r, lay.alpha, _dropout_p(lay), lay.use_rslora, isinstance(lay, DoRALinear), lay.init)
+        for lay in layers.values()
+    }
     if len(settings) != 1:
         raise AdapterError(
-            f"LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
+            f"LoRA layers differ in (r, alpha, dropout, use_rslora, use_dora, init): {sorted(settings)}; "
             "one adapter file holds one setting."
         )
-    r, alpha, dropout, use_rslora = settings.pop()
+    r, alpha, dropout, use_rslora, use_dora, init = settings.pop()
+    if pissa_as_lora and init != "lora":  # a rank-2r plain LoRA of the original base
+        _, _, r, alpha = _pissa_as_lora(next(iter(layers.values())))
+        init = "lora"
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_2_SEQ_LM",
@@ -64,8 +81,8 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": use_rslora,
-        "use_dora": False,
-        "init_lora_weights": True,
+        "use_dora": use_dora,
+        "init_lora_weights": True if init == "lora" else init,
         "inference_mode": True,
         "modules_to_save": None,
     }
@@ -75,11 +92,22 @@ def _dropout_p(layer) -> float:
     return layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's adapter to `directory` in PEFT's layout; each file is written atomically."""
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    pissa_as_lora: bool = False,
+) -> Path:
+    """Write the model's adapter to `directory` in PEFT's layout; each file is written atomically.
+
+    A PiSSA adapter applies to the residual base W0 − s·B0 A0, which a loader rebuilds by redoing the
+    SVD. With `pissa_as_lora` it is written instead as the rank-2r plain LoRA adapter of the original
+    base (`pissa_as_lora` in pissa.py; PEFT's `path_initial_model_for_weight_conversion`), which any
+    LoRA loader applies to the unmodified model. Without PiSSA layers the flag changes nothing.
+    """
     directory = Path(directory)
-    config = adapter_config(model, base_model_name_or_path)
-    state = adapter_state_dict(model)
+    config = adapter_config(model, base_model_name_or_path, pissa_as_lora)
+    state = adapter_state_dict(model, pissa_as_lora)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
@@ -116,7 +144,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         raise AdapterError(f"{config_path}: {err}") from None
     if "lora_dropout" in config and config["lora_dropout"] is None:
         config["lora_dropout"] = 0.0
-    for field in ("use_rslora", "inference_mode"):
+    for field in ("use_rslora", "use_dora", "inference_mode"):
         if field in config and not isinstance(config[field], bool):
             refuse(field, f"must be true or false, got {config[field]!r}")
     base = config.get("base_model_name_or_path")
@@ -130,8 +158,16 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
             "target_modules", f"must be a non-empty list of module names, got {targets!r} (regexes are not supported)"
         )
     config["target_modules"] = targets
+    init = config.get("init_lora_weights", True)
+    is_pissa = isinstance(init, str) and init.startswith("pissa")
+    if is_pissa:
+        try:
+            pissa_niter(init)
+        except ValueError:
+            refuse("init_lora_weights", f"is {init!r}; PiSSA's are 'pissa' and 'pissa_niter_N'")
+    config["init"] = init if is_pissa else "lora"
+    config["use_dora"] = bool(config.get("use_dora"))
     unsupported = {
-        "use_dora": (False, None),
         "bias": ("none", None),
         "fan_in_fan_out": (False, None),
         "lora_bias": (False, None),
@@ -139,7 +175,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         "layers_to_transform": (None, []),
         "rank_pattern": ({}, None),
         "alpha_pattern": ({}, None),
-        "init_lora_weights": (True, False, "gaussian", None),  # PiSSA, OLoRA, LoftQ... change the base weights
+        # OLoRA, LoftQ, EVA... change the base weights or need data to rebuild them; PiSSA is read above
+        "init_lora_weights": (True, False, "gaussian", None, *([init] if is_pissa else [])),
         "layer_replication": (None, []),
         "target_parameters": (None, []),
         "exclude_modules": (None, []),
@@ -182,48 +219,83 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Load an adapter saved by `save_adapter` or by PEFT into `model`; return the loaded module paths.
 
-    Injects LoRA with the file's r, alpha and targets when the model has none yet. Strict where PEFT is
-    lenient: a missing or unexpected key, a shape mismatch or an unsupported config field is an
-    AdapterError that names it. Reads safetensors only; nothing is unpickled.
+    Injects LoRA (DoRA, PiSSA) with the file's settings when the model has none yet; for a PiSSA file
+    that redoes the SVD, so `model` must be the original base. Strict where PEFT is lenient: a missing
+    or unexpected key, a shape mismatch or an unsupported config field is an AdapterError that names
+    it. Reads safetensors only; nothing is unpickled.
     """
     directory = Path(directory)
     config, state = read_adapter(directory)
     weights_path = directory / WEIGHTS_NAME
+    setting = {
+        "r": config["r"],
+        "alpha": config["lora_alpha"],
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "use_dora": config["use_dora"],
+        "init": config["init"],
+    }
 
     layers = lora_layers(model)
     if not layers:
+        if setting["init"] not in ("lora", "pissa"):  # "pissa_niter_N"
+            raise AdapterError(
+                f"{directory} is a PiSSA adapter initialised by a randomised SVD ({setting['init']}), whose "
+                "residual base cannot be rebuilt exactly: save it with pissa_as_lora=True (train.py does) "
+                "and load that plain LoRA adapter instead."
+            )
         try:
             inject_lora(
                 model,
                 config["target_modules"],
-                r=config["r"],
-                alpha=config["lora_alpha"],
+                r=setting["r"],
+                alpha=setting["alpha"],
                 dropout=config.get("lora_dropout", 0.0),
-                use_rslora=config.get("use_rslora", False),
+                use_rslora=setting["use_rslora"],
+                use_dora=setting["use_dora"],
+                init=setting["init"],
             )
         except ValueError as err:  # a target the model lacks, a rank larger than its layers, a tied lm_head
             raise AdapterError(f"{directory / CONFIG_NAME} does not fit this model: {err}") from None
         layers = lora_layers(model)
     else:
         for name, layer in layers.items():
-            if (layer.r, layer.alpha, layer.use_rslora) != (
-                config["r"],
-                config["lora_alpha"],
-                bool(config.get("use_rslora", False)),
-            ):
+            ours = {
+                "r": layer.r,
+                "alpha": layer.alpha,
+                "use_rslora": layer.use_rslora,
+                "use_dora": isinstance(layer, DoRALinear),
+                "init": layer.init,
+            }
+            if ours != setting:
+                differ = ", ".join(
+                    f"{key}={ours[key]!r} here, {setting[key]!r} in the file"
+                    for key in ours
+                    if ours[key] != setting[key]
+                )
                 raise AdapterError(
-                    f"the model's LoRA layer {name} has r={layer.r}, alpha={layer.alpha}, "
-                    f"use_rslora={layer.use_rslora} but {directory} was saved with r={config['r']}, "
-                    f"alpha={config['lora_alpha']}; load into a fresh base model."
+                    f"the model's LoRA layer {name} does not match {directory} ({differ}); "
+                    "load into a fresh base model."
                 )
             if layer.merged:
                 raise AdapterError(f"LoRA layer {name} is merged: unmerge_lora(model) before loading an adapter.")
     expected = {}
     for name, layer in layers.items():
-        expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        for param_name, param in layer.adapter_params().items():
+            expected[f"{KEY_PREFIX}{name}.{PEFT_NAMES[param_name]}"] = param
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
+    magnitude = PEFT_NAMES["lora_magnitude"]
+    if missing and missing[0].endswith(magnitude):
+        raise AdapterError(
+            f"{directory / CONFIG_NAME} says use_dora: true, but {weights_path} holds no DoRA magnitude "
+            f"(no '{missing[0]}'): the adapter is damaged or its config is wrong."
+        )
+    stray_magnitudes = [key for key in unexpected if key.endswith(magnitude)]
+    if stray_magnitudes:
+        raise AdapterError(
+            f"{weights_path} holds a DoRA magnitude ('{stray_magnitudes[0]}') but {directory / CONFIG_NAME} "
+            "does not say use_dora: true: the adapter is damaged or its config is wrong."
+        )
     if missing:
         raise AdapterError(
             f"{weights_path} lacks {len(missing)} key(s) the model needs, e.g. '{missing[0]}': "

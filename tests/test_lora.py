@@ -382,7 +382,8 @@ def test_load_refuses_other_rank_in_injected_model(tmp_path):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("use_dora", True, "'use_dora'"),
+        ("use_dora", True, "says use_dora: true, but .* holds no DoRA magnitude .*lora_magnitude_vector"),
+        ("use_dora", "yes", "'use_dora' must be true or false"),
         ("bias", "all", "'bias'"),
         ("fan_in_fan_out", True, "'fan_in_fan_out'"),
         ("peft_type", "IA3", "'peft_type'"),
@@ -402,7 +403,8 @@ def test_load_refuses_other_rank_in_injected_model(tmp_path):
         ("layer_replication", [[0, 1]], "'layer_replication'"),
         ("target_parameters", ["q.weight"], "'target_parameters'"),
         ("exclude_modules", ["q"], "'exclude_modules'"),
-        ("init_lora_weights", "pissa", "'init_lora_weights'"),
+        ("init_lora_weights", "olora", "'init_lora_weights'"),
+        ("init_lora_weights", "pissa_niter_x", "PiSSA's are 'pissa' and 'pissa_niter_N'"),
     ],
 )
 def test_load_refuses_unsupported_config(tmp_path, field, value, message):
