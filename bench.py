@@ -100,18 +100,21 @@ def sync():
 
 
 def prepare_training(model, mode: str):
-    """Make `model` trainable as `mode` (lora, full, peft) and return (model, optimizer)."""
-    if mode == "lora":
-        inject_lora(model)
-    elif mode == "peft":
+    """Make `model` trainable as `mode` (lora, dora, full, peft, peft_dora) and return (model, optimizer)."""
+    if mode in ("lora", "dora"):
+        inject_lora(model, use_dora=mode == "dora")
+    elif mode in ("peft", "peft_dora"):
         import peft
 
-        model = peft.get_peft_model(
-            model,
-            peft.LoraConfig(
-                r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"
-            ),
+        config = peft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules=["q", "v"],
+            task_type="SEQ_2_SEQ_LM",
+            use_dora=mode == "peft_dora",
         )
+        model = peft.get_peft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
 
@@ -161,7 +164,7 @@ def worker(spec: dict) -> dict:
     times = time_steps(model, optimizer, batches, spec["warmup"], dtype)
     source_tokens = [int(b["attention_mask"].sum()) for b in batches]
     target_tokens = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
-    passes = 2 if spec["mode"] in ("lora", "peft") else 3  # see bench_throughput
+    passes = 3 if spec["mode"] == "full" else 2  # see bench_throughput
     return {
         "times": times,
         "real_tokens": [s + t for s, t in zip(source_tokens, target_tokens)],
@@ -266,6 +269,70 @@ def bench_ours_vs_peft(args, rows, batch_indices) -> list[dict]:
         }
         for name, t in times.items()
     ]
+
+
+def bench_variants(args, rows, batch_indices) -> list[dict]:
+    """6: LoRA's variants on one batch: step time interleaved in one process (ours LoRA, ours DoRA and, if
+    installed, PEFT's DoRA), peak memory each in a fresh process, and PiSSA's one-off SVD at injection
+    (its steps are LoRA's). LoRA+ changes only learning rates, so it costs nothing per step."""
+    import copy
+
+    dev = device()
+    modes = ["lora", "dora"] + (["peft_dora"] if peft_installed() else [])
+    base = build_model(args.model)
+    batch = {k: v.to(dev) for k, v in collate([rows[i] for i in batch_indices], 0).items()}
+    models = {mode: prepare_training(copy.deepcopy(base).to(dev).train(), mode) for mode in modes}
+    for _ in range(args.warmup):
+        for model, optimizer in models.values():
+            train_step(model, optimizer, batch)
+    times = {mode: [] for mode in modes}
+    for _ in range(args.reps):
+        for mode, (model, optimizer) in models.items():
+            times[mode] += time_steps(model, optimizer, [batch], 0)
+    del models
+    lora_median = statistics.median(times["lora"])
+    results = []
+    for mode in modes:
+        memory = run_worker(
+            {
+                "model": args.model,
+                "mode": mode,
+                "tokenizer": args.tokenizer,
+                "warmup": 1,
+                "batches": [batch_indices] * 2,
+            }
+        )
+        median = statistics.median(times[mode])
+        results.append(
+            {
+                "variant": {"lora": "LoRA (ours)", "dora": "DoRA (ours)", "peft_dora": "DoRA (PEFT)"}[mode],
+                "trainable": memory["trainable"],
+                "median_step_s": median,
+                "vs_lora": median / lora_median - 1,
+                "peak_mib": memory["peak_mib"],
+                "init_s": None,
+            }
+        )
+    for init in ("pissa", "pissa_niter_4"):
+        inits = []
+        for _ in range(max(1, min(args.reps, 3))):
+            model = copy.deepcopy(base).to(dev)
+            sync()
+            start = time.perf_counter()
+            inject_lora(model, init=init)
+            sync()
+            inits.append(time.perf_counter() - start)
+        results.append(
+            {
+                "variant": f"LoRA, init={init}",
+                "trainable": count_parameters(model)[0],
+                "median_step_s": None,
+                "vs_lora": None,
+                "peak_mib": None,
+                "init_s": statistics.median(inits),
+            }
+        )
+    return results
 
 
 def bench_epoch(args, rows) -> list[dict]:
@@ -466,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["train", "peft", "epoch", "inference", "throughput"],
+        choices=["train", "peft", "variants", "epoch", "inference", "throughput"],
         help="run only these sections",
     )
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
@@ -490,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = encoded_rows(args.tokenizer)
     batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
-    sections = set(args.only or ["train", "peft", "epoch", "inference", "throughput"])
+    sections = set(args.only or ["train", "peft", "variants", "epoch", "inference", "throughput"])
     results = {
         "hardware": hardware(),
         "model": args.model,
@@ -529,6 +596,21 @@ def main(argv: list[str] | None = None) -> int:
                 ("implementation", "implementation", ""),
                 ("median step (s)", "median_step_s", ".3f"),
                 ("vs ours", "vs_ours", "+.1%"),
+            ],
+        )
+    if "variants" in sections:
+        report(
+            "variants",
+            "LoRA's variants: training step (interleaved in one process), peak memory (fresh process each), "
+            "PiSSA's SVD at injection",
+            bench_variants(args, rows, batch_indices),
+            [
+                ("variant", "variant", ""),
+                ("trainable params", "trainable", ","),
+                ("median step (s)", "median_step_s", ".3f"),
+                ("vs LoRA", "vs_lora", "+.1%"),
+                ("peak memory (MiB)", "peak_mib", ",.0f"),
+                ("injection (s)", "init_s", ".2f"),
             ],
         )
     if "epoch" in sections:

@@ -90,7 +90,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         aborted = fit(run, progress)
 
         if env.is_main:
-            save_adapter(model, args.output_dir, base_path)
+            save_adapter(model, args.output_dir, base_path, pissa_as_lora=True)  # PiSSA: for the original base
             write_metrics_and_plot(args.output_dir, progress.history)
         summary = run_summary(model, progress, time.perf_counter() - start_time, run.validating, env.device)
         env.log("\n" + summary_line(summary, args.output_dir))
@@ -113,7 +113,9 @@ def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
     random.seed(args.seed)
     model, tokenizer, base_path = load_model_and_tokenizer(args.model)
     try:
-        inject_lora(model, args.target_modules, args.r, args.alpha, args.dropout, args.use_rslora)
+        inject_lora(
+            model, args.target_modules, args.r, args.alpha, args.dropout, args.use_rslora, args.use_dora, args.init
+        )  # a PiSSA init draws from the seeded RNG too, so a resumed run rebuilds the same residual base
     except ValueError as err:  # e.g. --target-modules wi on a gated T5, whose layers are wi_0 and wi_1
         raise UsageError(f"--target-modules: {err}") from None
     set_base_dtype(model, resolve_dtype(args.base_dtype, env.device, "--base-dtype"))  # A and B stay fp32
@@ -331,7 +333,7 @@ def validate(run: Run, progress: Progress, end_of_epoch: bool, bar) -> None:
     if val_loss < progress.best_val_loss:
         progress.best_val_loss = val_loss
         if run.env.is_main:
-            save_adapter(run.model, run.args.output_dir / BEST, run.base_path)
+            save_adapter(run.model, run.args.output_dir / BEST, run.base_path, pissa_as_lora=True)
 
 
 def checkpoint(run: Run, progress: Progress) -> None:

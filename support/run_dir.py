@@ -50,6 +50,8 @@ RESUME_KEYS = (
     "dropout",
     "target_modules",
     "use_rslora",
+    "use_dora",
+    "init",
     "lr",
     "loraplus_lr_ratio",
     "epochs",

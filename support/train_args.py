@@ -11,6 +11,7 @@ from pathlib import Path
 
 from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TRAIN_FILE, VALIDATION_FILE, DataError, hold_out, load_examples
 from lora import check_lora_hyperparameters
+from lora.pissa import pissa_niter
 
 from .cli import UsageError
 from .models import TINY
@@ -94,6 +95,19 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         "(default: q v; tiny: q k v o wi_0 wi_1 wo)",
     )
     lora.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    lora.add_argument(
+        "--use-dora",
+        action="store_true",
+        help="DoRA: also train each weight row's magnitude (Liu et al. 2024); see lora/dora.py",
+    )
+    lora.add_argument(
+        "--init",
+        default="lora",
+        metavar="{lora,pissa,pissa_niter_N}",
+        help="how A and B start: lora (B = 0; default), or PiSSA from W0's top-r singular vectors, by an exact "
+        "SVD (pissa) or a randomised one with N iterations (pissa_niter_4: fast on big layers); the saved "
+        "adapter is then a rank-2r plain LoRA of the original base. See lora/pissa.py",
+    )
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default: 3e-4; tiny: 3e-3)")
     opt.add_argument("--epochs", type=int, default=None, help="passes over the training data (default: 5; tiny: 4)")
@@ -179,6 +193,11 @@ def validate_args(args: argparse.Namespace) -> None:
         check_lora_hyperparameters(args.r, args.alpha, args.dropout)
     except ValueError as err:
         raise UsageError(f"{err} (--r, --alpha, --dropout)") from None
+    if args.init != "lora":
+        try:
+            pissa_niter(args.init)
+        except ValueError as err:
+            raise UsageError(f"--init: {err}") from None
     checks = [
         (0 < args.lr <= 1, f"--lr must be positive and at most 1, got {args.lr}"),
         (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),

@@ -21,6 +21,7 @@ def test_quick_benchmark_runs_every_section(tmp_path, capsys):
     for heading in (
         "## Training step: LoRA",
         "## Training step: our LoRA layer vs PEFT's",
+        "## LoRA's variants",
         "## One epoch",
         "## Inference",
         "## Training throughput",
@@ -32,6 +33,11 @@ def test_quick_benchmark_runs_every_section(tmp_path, capsys):
     assert modes["lora"]["trainable"] == modes["peft"]["trainable"] < modes["full"]["trainable"]
     assert all(row["median_step_s"] > 0 and row["peak_mib"] > 0 for row in report["train_step"])
     assert [row["implementation"] for row in report["ours_vs_peft"]] == ["ours", "peft"]
+    variants = {row["variant"]: row for row in report["variants"]}
+    pissa = ["LoRA, init=pissa", "LoRA, init=pissa_niter_4"]
+    assert list(variants) == ["LoRA (ours)", "DoRA (ours)", "DoRA (PEFT)", *pissa]
+    assert variants["DoRA (ours)"]["trainable"] == variants["DoRA (PEFT)"]["trainable"] > modes["lora"]["trainable"]
+    assert variants["LoRA, init=pissa"]["trainable"] == modes["lora"]["trainable"]
     assert [row["batches"] for row in report["epoch"]] == [185, 185, "-"]  # same rows, same batch count
     bucketed, padded, unpadded = (row["matmul_tflop"] for row in report["epoch"])
     assert unpadded < bucketed < padded
