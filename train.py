@@ -38,6 +38,7 @@ from support import checkpoints
 from support import distributed as dist
 from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
 from support.cli import UsageError, run_cli, stop_requests
+from support.memory import MemoryPlanError, check_plan
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
 from support.models import ModelLoadError, enable_activation_checkpointing, load_model_and_tokenizer
 from support.precision import autocast, resolve_dtype, training_dtype
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__)
     return run_cli(
         lambda: train(args),
-        failures=(DataError, ModelLoadError, AdapterError, CheckpointError, TrainingAborted),
+        failures=(DataError, ModelLoadError, AdapterError, CheckpointError, MemoryPlanError, TrainingAborted),
         interrupted="the latest checkpoint (if any) is in the output directory; continue with --resume.",
     )
 
@@ -108,14 +109,15 @@ class TrainingAborted(RuntimeError):
 
 
 def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
-    """The base model with LoRA injected, on its device, in train mode; LoRA's init comes from --seed."""
+    """The base model with LoRA injected, on its device, in train mode; LoRA's init (PiSSA's randomised SVD
+    too, so that --resume rebuilds the same residual base) comes from --seed."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model, tokenizer, base_path = load_model_and_tokenizer(args.model)
     try:
         inject_lora(
             model, args.target_modules, args.r, args.alpha, args.dropout, args.use_rslora, args.use_dora, args.init
-        )  # a PiSSA init draws from the seeded RNG too, so a resumed run rebuilds the same residual base
+        )
     except ValueError as err:  # e.g. --target-modules wi on a gated T5, whose layers are wi_0 and wi_1
         raise UsageError(f"--target-modules: {err}") from None
     set_base_dtype(model, resolve_dtype(args.base_dtype, env.device, "--base-dtype"))  # A and B stay fp32
@@ -165,6 +167,7 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
     dtype = training_dtype(args.precision, env.device)
     env.log(start_line(args.model, model, len(train_set), total_steps, f"{env.world_size} x {env.device.type}", dtype))
+    env.log(check_plan(model, train_set, dtype, env.device, args).describe())  # on CUDA: refuses what won't fit
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
     return Run(
         args, env, model, model, base_path, train_set, sampler, val_batches, bool(val_rows), (pad_id, pad_multiple),
@@ -233,11 +236,10 @@ def fit(run: Run, progress: Progress) -> str | None:
                 if end_of_epoch:
                     progress.next_epoch()
                 save_now = progress.step % args.save_every == 0 if args.save_every else end_of_epoch
-                if save_now:
+                stopping = dist.any_rank(bool(stop), env.device)  # Ctrl-C or SIGTERM: finish the step, save, stop
+                if save_now or stopping:
                     checkpoint(run, progress)
-                if dist.any_rank(bool(stop), env.device):  # Ctrl-C or SIGTERM: finish the step, save, stop
-                    if not save_now:
-                        checkpoint(run, progress)
+                if stopping:
                     raise KeyboardInterrupt(
                         f"{(stop or ['a signal'])[0]} at step {progress.step}: checkpoint saved in "
                         f"{args.output_dir / CHECKPOINTS}; continue with --resume."

@@ -160,6 +160,11 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         "(half the memory of fp32), else fp32. fp16 needs CUDA",
     )
     opt.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="on CUDA, start even when the printed memory plan exceeds the GPU's free memory (it is an estimate)",
+    )
+    opt.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute each T5 block's activations in the backward pass instead of keeping them: less memory, "
