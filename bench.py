@@ -1,12 +1,14 @@
 """Benchmarks: LoRA against full fine-tuning, bucketed batches against padding to 128, our layer against
 PEFT's, merged inference against the base model, and training throughput with model FLOPs utilisation
-(bf16 against fp32, with and without torch.compile, on CUDA). Prints markdown tables.
+(bf16 against fp32, with and without torch.compile, on CUDA), LoRA's variants (DoRA, PiSSA), and the
+memory of bigger bases (bf16 base, activation checkpointing, on flan-t5-xl). Prints markdown tables.
 
     python bench.py                 # flan-t5-base's architecture with random weights (timings don't depend on values)
     python bench.py --quick         # the tiny model, a few repetitions: checks the script works (< 3 min on 2 cores)
 
 Every timing is the median of several repetitions after warm-up runs. Training-step memory is measured
-in a fresh process per configuration (CUDA: max allocated; CPU: peak RSS of that process). Sequence
+in a fresh process per configuration (CUDA: max allocated; CPU: the process's resident set sampled every
+millisecond while the steps run, so that building the model does not count). Sequence
 lengths come from the bundled training split tokenised with --tokenizer (default: the tiny model's
 tokenizer, since flan-t5's needs the hub; pass a local flan-t5 directory to use its lengths).
 """
@@ -15,21 +17,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from data import IGNORE_INDEX, TRAIN_FILE, LengthBucketSampler, bucket_key, collate, encode_examples, load_examples
-from lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora
+from lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora, set_base_dtype
 from support.cli import EXIT_USAGE
 from support.metrics import peak_memory_mib
-from support.models import TINY, flan_t5_base_architecture, load_model_and_tokenizer, resolve_model_path
+from support.models import (
+    TINY,
+    enable_activation_checkpointing,
+    flan_t5_architecture,
+    flan_t5_base_architecture,
+    load_model_and_tokenizer,
+    resolve_model_path,
+)
 from support.precision import training_dtype
 from train import train_step as train_py_step
 
@@ -68,9 +79,34 @@ def hardware() -> str:
 
 
 def build_model(name: str):
-    """flan-t5-base's architecture with random weights (the real checkpoint's layout), or the tiny model."""
+    """A flan-t5 size's architecture with random weights (the real checkpoint's layout), or the tiny model."""
     torch.manual_seed(0)
-    return flan_t5_base_architecture() if name != TINY else load_model_and_tokenizer(TINY)[0]
+    return flan_t5_architecture(name.removeprefix("flan-t5-")) if name != TINY else load_model_and_tokenizer(TINY)[0]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """This process's peak resident memory while the block runs, sampled every millisecond. ru_maxrss
+    would include building the model, which can peak above training (a bf16 base is built in fp32)."""
+
+    def __enter__(self):
+        self.peak_mib, self._done = rss_mib(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.wait(0.001):
+            self.peak_mib = max(self.peak_mib, rss_mib())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, rss_mib())
 
 
 def model_shapes(name: str):
@@ -149,8 +185,16 @@ def worker(spec: dict) -> dict:
     dtype = training_dtype(spec.get("precision", "fp32"), dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
     model = build_model(spec["model"]).to(dev).train()
     model, optimizer = prepare_training(model, spec["mode"])
+    if spec.get("base_dtype") == "bf16":
+        set_base_dtype(model, torch.bfloat16)  # A and B stay fp32, as train.py --base-dtype bf16
+    if spec.get("checkpointing"):
+        enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
-    rows = encoded_rows(spec["tokenizer"])
+    if spec.get("shape"):  # (batch, source, target): random tokens of fixed lengths
+        rows = random_rows(*spec["shape"], vocab_size=model.config.vocab_size)
+        spec["batches"] = [list(range(spec["shape"][0]))] * spec["reps"]
+    else:
+        rows = encoded_rows(spec["tokenizer"])
     batches = [
         {k: v.to(dev) for k, v in collate([rows[i] for i in idx], 0, spec.get("pad_multiple")).items()}
         for idx in spec["batches"]
@@ -161,7 +205,8 @@ def worker(spec: dict) -> dict:
         model = torch.compile(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    times = time_steps(model, optimizer, batches, spec["warmup"], dtype)
+    with PeakRSS() as rss:
+        times = time_steps(model, optimizer, batches, spec["warmup"], dtype)
     source_tokens = [int(b["attention_mask"].sum()) for b in batches]
     target_tokens = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     passes = 3 if spec["mode"] == "full" else 2  # see bench_throughput
@@ -169,10 +214,24 @@ def worker(spec: dict) -> dict:
         "times": times,
         "real_tokens": [s + t for s, t in zip(source_tokens, target_tokens)],
         "model_flops": [passes * forward_matmul_flops(model, s, t) for s, t in zip(source_tokens, target_tokens)],
-        "peak_mib": peak_memory_mib(dev),
+        "peak_mib": peak_memory_mib(dev),  # CUDA: max allocated; CPU: the process's peak RSS
+        "step_peak_mib": peak_memory_mib(dev) if dev.type == "cuda" else rss.peak_mib,  # while steps ran
         "trainable": trainable,
         "total": total,
     }
+
+
+def random_rows(batch_size: int, source_len: int, target_len: int, vocab_size: int):
+    from data.dataset import EncodedExample
+
+    generator = torch.Generator().manual_seed(0)
+    return [
+        EncodedExample(
+            torch.randint(2, vocab_size, (source_len,), generator=generator).tolist(),
+            torch.randint(2, vocab_size, (target_len,), generator=generator).tolist(),
+        )
+        for _ in range(batch_size)
+    ]
 
 
 def pad_batch(batch: dict, length: int) -> dict:
@@ -189,7 +248,14 @@ def pad_batch(batch: dict, length: int) -> dict:
     }
 
 
-WORKER_DEFAULTS = {"precision": "fp32", "compile": False, "pad_multiple": None, "pad_to": None}
+WORKER_DEFAULTS = {
+    "precision": "fp32",
+    "compile": False,
+    "pad_multiple": None,
+    "pad_to": None,
+    "base_dtype": "fp32",
+    "checkpointing": False,
+}
 _worker_results: dict[str, dict] = {}
 
 
@@ -198,7 +264,10 @@ def run_worker(spec: dict) -> dict:
     again: on the CPU the throughput section's runs are the training-step section's."""
     key = json.dumps({**WORKER_DEFAULTS, **spec}, sort_keys=True)
     if key not in _worker_results:
-        result = subprocess.run([sys.executable, __file__, "--worker", key], capture_output=True, text=True)
+        env = os.environ.copy()
+        if spec.get("return_freed_memory"):  # every large block mmapped, so freeing it returns it to the OS
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # (else glibc may keep the fp32 copies a bf16 base freed)
+        result = subprocess.run([sys.executable, __file__, "--worker", key], capture_output=True, text=True, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"benchmark worker {spec['mode']} failed:\n{result.stderr[-2000:]}")
         _worker_results[key] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -234,7 +303,7 @@ def bench_train_step(args, rows, batch_indices) -> list[dict]:
             {
                 "mode": mode,
                 "median_step_s": statistics.median(out["times"]),
-                "peak_mib": out["peak_mib"],
+                "peak_mib": out["step_peak_mib"],
                 "trainable": out["trainable"],
                 "total": out["total"],
             }
@@ -309,7 +378,7 @@ def bench_variants(args, rows, batch_indices) -> list[dict]:
                 "trainable": memory["trainable"],
                 "median_step_s": median,
                 "vs_lora": median / lora_median - 1,
-                "peak_mib": memory["peak_mib"],
+                "peak_mib": memory["step_peak_mib"],
                 "init_s": None,
             }
         )
@@ -332,6 +401,60 @@ def bench_variants(args, rows, batch_indices) -> list[dict]:
                 "init_s": statistics.median(inits),
             }
         )
+    return results
+
+
+MEMORY_CONFIGS = (  # label, mode, base dtype, activation checkpointing
+    ("(a) PEFT LoRA, fp32 base", "peft", "fp32", False),
+    ("(b) ours, fp32 base", "lora", "fp32", False),
+    ("(c) ours, bf16 base", "lora", "bf16", False),
+    ("(d) ours, bf16 base + checkpointing", "lora", "bf16", True),
+)
+
+
+def bench_memory(args, batch_indices) -> list[dict]:
+    """7: what a bigger base needs. One LoRA step (r=16 on q, v; AdamW) per configuration, each in a fresh
+    process: peak memory while the steps ran (CPU: resident set sampled every ms; CUDA: max allocated) and
+    the step time. flan-t5-xl's architecture (that of bigscience/T0_3B) at batch 8, 32 source / 64 target
+    tokens, then flan-t5-base's at the bundled data's lengths (CUDA: flan-t5-large and xl, both 8x32/64)."""
+    on_cuda = torch.cuda.is_available()
+    fixed = (args.batch_size, 32, 64)
+    if args.quick:
+        plans = [(TINY, (2, 8, 16), 1, 0)]
+    elif on_cuda:
+        plans = [("flan-t5-large", fixed, args.reps, args.warmup), ("flan-t5-xl", fixed, args.reps, args.warmup)]
+    else:  # a step of xl takes minutes on a CPU: one, without warm-up (memory, not speed, is the point)
+        plans = [("flan-t5-xl", fixed, 1, 0), ("flan-t5-base", None, 3, 1)]
+    results = []
+    for model_name, shape, reps, warmup in plans:
+        baseline = None
+        for label, mode, base_dtype, checkpointing in MEMORY_CONFIGS:
+            if mode == "peft" and not peft_installed():
+                continue
+            spec = {
+                "model": model_name,
+                "mode": mode,
+                "tokenizer": args.tokenizer,
+                "warmup": warmup,
+                "reps": reps,
+                "base_dtype": base_dtype,
+                "checkpointing": checkpointing,
+                "return_freed_memory": True,
+            }
+            spec.update({"shape": list(shape)} if shape else {"batches": [batch_indices] * reps})
+            out = run_worker(spec)
+            baseline = baseline or out["step_peak_mib"]
+            results.append(
+                {
+                    "model": model_name,
+                    "tokens": f"{shape[0]} x {shape[1]}/{shape[2]}" if shape else f"{len(batch_indices)} x real",
+                    "config": label,
+                    "step_peak_mib": out["step_peak_mib"],
+                    "vs_a": out["step_peak_mib"] / baseline,
+                    "median_step_s": statistics.median(out["times"]),
+                    "steps": len(out["times"]),
+                }
+            )
     return results
 
 
@@ -533,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["train", "peft", "variants", "epoch", "inference", "throughput"],
+        choices=["train", "peft", "variants", "memory", "epoch", "inference", "throughput"],
         help="run only these sections",
     )
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
@@ -557,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = encoded_rows(args.tokenizer)
     batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
-    sections = set(args.only or ["train", "peft", "variants", "epoch", "inference", "throughput"])
+    sections = set(args.only or ["train", "peft", "variants", "memory", "epoch", "inference", "throughput"])
     results = {
         "hardware": hardware(),
         "model": args.model,
@@ -611,6 +734,21 @@ def main(argv: list[str] | None = None) -> int:
                 ("vs LoRA", "vs_lora", "+.1%"),
                 ("peak memory (MiB)", "peak_mib", ",.0f"),
                 ("injection (s)", "init_s", ".2f"),
+            ],
+        )
+    if "memory" in sections:
+        report(
+            "memory",
+            "Bigger bases: peak memory of a LoRA step with a bf16 base and activation checkpointing",
+            bench_memory(args, batch_indices),
+            [
+                ("model", "model", ""),
+                ("batch x source/target tokens", "tokens", ""),
+                ("configuration", "config", ""),
+                ("peak memory while training (MiB)", "step_peak_mib", ",.0f"),
+                ("vs (a)", "vs_a", ".2f"),
+                ("median step (s)", "median_step_s", ".2f"),
+                ("timed steps", "steps", ""),
             ],
         )
     if "epoch" in sections:
