@@ -76,7 +76,7 @@ def plan_memory(
     frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
     adapter = sum(p.numel() for p in params if p.requires_grad) * ADAM_BYTES_PER_TRAINABLE
     base_dtype = next(p.dtype for p in params if not p.requires_grad and p.is_floating_point())
-    value_bytes = min(torch.finfo(compute_dtype).bits, torch.finfo(base_dtype).bits) // 8  # a bf16 base computes in bf16
+    value_bytes = min(torch.finfo(compute_dtype).bits, torch.finfo(base_dtype).bits) // 8  # a bf16 base: bf16
     activations = activation_bytes(model.config, batch_size, source_len, target_len, value_bytes, checkpointing)
     return MemoryPlan(frozen, adapter, activations)
 
