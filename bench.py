@@ -37,7 +37,6 @@ from support.models import (
     TINY,
     enable_activation_checkpointing,
     flan_t5_architecture,
-    flan_t5_base_architecture,
     load_model_and_tokenizer,
     resolve_model_path,
 )
@@ -117,7 +116,7 @@ def model_shapes(name: str):
         with torch.device("meta"):
             model = T5ForConditionalGeneration(AutoConfig.from_pretrained(resolve_model_path(TINY)))
     else:
-        model = flan_t5_base_architecture(device="meta")
+        model = flan_t5_architecture(name.removeprefix("flan-t5-"), device="meta")
     inject_lora(model)
     return model
 
@@ -180,6 +179,9 @@ def time_steps(model, optimizer, batches, warmup: int, dtype=torch.float32) -> l
 
 
 def worker(spec: dict) -> dict:
+    from transformers import T5ForConditionalGeneration  # noqa: F401  (imported before the runtime is measured)
+
+    runtime_mib = rss_mib()  # the interpreter, torch and transformers, before any model
     torch.manual_seed(0)
     dev = device()
     dtype = training_dtype(spec.get("precision", "fp32"), dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
@@ -216,6 +218,7 @@ def worker(spec: dict) -> dict:
         "model_flops": [passes * forward_matmul_flops(model, s, t) for s, t in zip(source_tokens, target_tokens)],
         "peak_mib": peak_memory_mib(dev),  # CUDA: max allocated; CPU: the process's peak RSS
         "step_peak_mib": peak_memory_mib(dev) if dev.type == "cuda" else rss.peak_mib,  # while steps ran
+        "runtime_mib": 0.0 if dev.type == "cuda" else runtime_mib,
         "trainable": trainable,
         "total": total,
     }
@@ -414,48 +417,76 @@ MEMORY_CONFIGS = (  # label, mode, base dtype, activation checkpointing
 
 def bench_memory(args, batch_indices) -> list[dict]:
     """7: what a bigger base needs. One LoRA step (r=16 on q, v; AdamW) per configuration, each in a fresh
-    process: peak memory while the steps ran (CPU: resident set sampled every ms; CUDA: max allocated) and
-    the step time. flan-t5-xl's architecture (that of bigscience/T0_3B) at batch 8, 32 source / 64 target
-    tokens, then flan-t5-base's at the bundled data's lengths (CUDA: flan-t5-large and xl, both 8x32/64)."""
+    process: peak memory while the step ran (CPU: resident set sampled every ms; CUDA: max allocated),
+    beside train.py's memory plan for the same configuration, and the step time. flan-t5-xl's architecture
+    (that of bigscience/T0_3B) at batch 8, 32 source / 64 target tokens, then flan-t5-base's at the bundled
+    data's lengths (CUDA: flan-t5-large and xl, both 8 x 32/64).
+
+    On a CPU without bf16 matrix instructions, PyTorch's bf16 backward falls back to a plain GEMM (about
+    1 GFLOP/s a thread here): one bf16 step of xl takes over an hour, so there the bf16 rows of xl show
+    the plan only, unless --memory-bf16-xl."""
     on_cuda = torch.cuda.is_available()
     fixed = (args.batch_size, 32, 64)
     if args.quick:
-        plans = [(TINY, (2, 8, 16), 1, 0)]
+        plans = [(TINY, (2, 8, 16))]
     elif on_cuda:
-        plans = [("flan-t5-large", fixed, args.reps, args.warmup), ("flan-t5-xl", fixed, args.reps, args.warmup)]
-    else:  # a step of xl takes minutes on a CPU: one, without warm-up (memory, not speed, is the point)
-        plans = [("flan-t5-xl", fixed, 1, 0), ("flan-t5-base", None, 3, 1)]
+        plans = [("flan-t5-large", fixed), ("flan-t5-xl", fixed)]
+    else:
+        plans = [("flan-t5-xl", fixed), ("flan-t5-base", None)]
+    rows = encoded_rows(args.tokenizer)
+    real = [rows[i] for i in batch_indices]
     results = []
-    for model_name, shape, reps, warmup in plans:
+    for model_name, shape in plans:
         baseline = None
+        batch, source_len, target_len = shape or (
+            len(real),
+            max(len(r.input_ids) for r in real),
+            max(len(r.labels) for r in real),
+        )
         for label, mode, base_dtype, checkpointing in MEMORY_CONFIGS:
             if mode == "peft" and not peft_installed():
                 continue
-            spec = {
-                "model": model_name,
-                "mode": mode,
-                "tokenizer": args.tokenizer,
-                "warmup": warmup,
-                "reps": reps,
-                "base_dtype": base_dtype,
-                "checkpointing": checkpointing,
-                "return_freed_memory": True,
-            }
-            spec.update({"shape": list(shape)} if shape else {"batches": [batch_indices] * reps})
-            out = run_worker(spec)
-            baseline = baseline or out["step_peak_mib"]
+            plan = memory_plan(model_name, base_dtype, checkpointing, batch, source_len, target_len)
+            slow = not on_cuda and base_dtype == "bf16" and model_name == "flan-t5-xl" and not args.memory_bf16_xl
+            out = None
+            if not slow:
+                spec = {
+                    "model": model_name,
+                    "mode": mode,
+                    "tokenizer": args.tokenizer,
+                    "warmup": args.warmup if on_cuda else 0,  # a CPU step of xl takes minutes: memory is the point
+                    "reps": args.reps if on_cuda else 1,
+                    "base_dtype": base_dtype,
+                    "checkpointing": checkpointing,
+                    "return_freed_memory": True,
+                }
+                spec.update({"shape": list(shape)} if shape else {"batches": [batch_indices] * spec["reps"]})
+                out = run_worker(spec)
+                baseline = baseline or out["step_peak_mib"]
             results.append(
                 {
                     "model": model_name,
-                    "tokens": f"{shape[0]} x {shape[1]}/{shape[2]}" if shape else f"{len(batch_indices)} x real",
+                    "tokens": f"{batch} x {source_len}/{target_len}",
                     "config": label,
-                    "step_peak_mib": out["step_peak_mib"],
-                    "vs_a": out["step_peak_mib"] / baseline,
-                    "median_step_s": statistics.median(out["times"]),
-                    "steps": len(out["times"]),
+                    "step_peak_mib": out and out["step_peak_mib"],
+                    "runtime_mib": out and out["runtime_mib"],
+                    "plan_mib": plan / 2**20,
+                    "vs_a": out and baseline and out["step_peak_mib"] / baseline,
+                    "median_step_s": out and statistics.median(out["times"]),
+                    "steps": len(out["times"]) if out else "not run: bf16 GEMM fallback on this CPU",
                 }
             )
     return results
+
+
+def memory_plan(model_name: str, base_dtype: str, checkpointing: bool, batch: int, source: int, target: int) -> int:
+    """train.py's memory plan (support/memory.py) for a configuration, in bytes, from the model's shapes."""
+    from support.memory import plan_memory
+
+    model = model_shapes(model_name)
+    if base_dtype == "bf16":
+        set_base_dtype(model, torch.bfloat16)
+    return plan_memory(model, batch, source, target, torch.float32, checkpointing).total_bytes
 
 
 def bench_epoch(args, rows) -> list[dict]:
@@ -659,6 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["train", "peft", "variants", "memory", "epoch", "inference", "throughput"],
         help="run only these sections",
     )
+    p.add_argument(
+        "--memory-bf16-xl",
+        action="store_true",
+        help="on a CPU, also run flan-t5-xl's bf16-base steps of the memory section (over an hour each without "
+        "bf16 matrix instructions)",
+    )
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -746,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("batch x source/target tokens", "tokens", ""),
                 ("configuration", "config", ""),
                 ("peak memory while training (MiB)", "step_peak_mib", ",.0f"),
+                ("of which runtime (MiB)", "runtime_mib", ",.0f"),
+                ("memory plan (MiB)", "plan_mib", ",.0f"),
                 ("vs (a)", "vs_a", ".2f"),
                 ("median step (s)", "median_step_s", ".2f"),
                 ("timed steps", "steps", ""),

@@ -14,6 +14,7 @@ from lora import (
     LoRALinear,
     inject_lora,
     load_adapter,
+    lora_disabled,
     lora_layers,
     merge_lora,
     merged_state_dict,
@@ -254,3 +255,33 @@ def test_tampered_file_is_still_refused(tmp_path):
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match=f"'{key}' has shape"):
         load_adapter(tiny_t5(), tmp_path)
+
+
+def test_pissa_merged_equals_unmerged_and_lora_disabled_gives_the_residual(t5_batch):
+    model = tiny_t5()
+    inject_lora(model, r=4, alpha=8, init="pissa")
+    randomize(model)
+    unmerged = logits(model, t5_batch)
+    merge_lora(model)
+    torch.testing.assert_close(logits(model, t5_batch), unmerged, **TIGHT)
+    unmerge_lora(model)
+    residual = tiny_t5()  # what lora_disabled leaves: W0 − s·B0 A0, as PEFT's disable_adapter
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            residual.get_submodule(name).weight.copy_(layer.weight)
+    with lora_disabled(model):
+        torch.testing.assert_close(logits(model, t5_batch), logits(residual, t5_batch), **TIGHT)
+
+
+@pytest.mark.parametrize("flags", [["--use-dora"], ["--init", "pissa_niter_2"]])
+def test_train_py_variants_train_save_and_answer_in_infer_py(tmp_path, flags):
+    import train
+    from infer import Assistant
+
+    argv = ["--model", "tiny", "--val-data", "none", "--max-steps", "3", "--output-dir", str(tmp_path), *flags]
+    summary = train.train(train.parse_args(argv))
+    assert summary["skipped_steps"] == 0
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] is ("--use-dora" in flags) and config["init_lora_weights"] is True
+    assert config["r"] == (128 if "--init" in flags else 64)  # PiSSA is saved as rank-2r plain LoRA
+    assert len(Assistant(tmp_path, precision="fp32").generate(["I lost my card"], max_new_tokens=4)) == 1
