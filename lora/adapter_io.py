@@ -34,15 +34,31 @@ class AdapterError(ValueError):
     """An adapter directory or file that cannot be used as it is."""
 
 
-def adapter_state_dict(model: nn.Module, pissa_as_lora: bool = False) -> dict[str, torch.Tensor]:
+def named_adapter(model: nn.Module, name: str | None) -> dict[str, nn.Module]:
+    """The layers (or, for an extra adapter, the LowRank modules) that hold adapter `name`, by module path;
+    name=None: the model's only adapter."""
+    layers = lora_layers(model)
+    names = list(dict.fromkeys(n for layer in layers.values() for n in layer.adapters()))
+    if name is None:
+        if len(names) > 1:
+            raise AdapterError(f"the model holds several adapters ({', '.join(names)}): say which, with name=.")
+        return layers
+    if name not in names:
+        raise AdapterError(f"the model has no adapter named '{name}' (it has {', '.join(names) or 'none'}).")
+    return {path: layer.adapters()[name] for path, layer in layers.items() if name in layer.adapters()}
+
+
+def adapter_state_dict(
+    model: nn.Module, pissa_as_lora: bool = False, name: str | None = None
+) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names, copied to the CPU (see `save_adapter` for pissa_as_lora)."""
     state = {}
-    for name, layer in lora_layers(model).items():
+    for path, layer in named_adapter(model, name).items():
         tensors = {param_name: param.detach() for param_name, param in layer.adapter_params().items()}
         if pissa_as_lora and layer.init != "lora":
             tensors["lora_A"], tensors["lora_B"], _, _ = _pissa_as_lora(layer)
         for param_name, tensor in tensors.items():
-            state[f"{KEY_PREFIX}{name}.{PEFT_NAMES[param_name]}"] = tensor.to("cpu", copy=True).contiguous()
+            state[f"{KEY_PREFIX}{path}.{PEFT_NAMES[param_name]}"] = tensor.to("cpu", copy=True).contiguous()
     damaged = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
     if damaged:  # never write an adapter that no one can use
         raise AdapterError(f"the adapter holds NaN or infinite values (e.g. '{damaged[0]}'); it is not saved.")
@@ -52,11 +68,13 @@ def adapter_state_dict(model: nn.Module, pissa_as_lora: bool = False) -> dict[st
 _pissa_as_lora = pissa_as_lora  # the parameter of the same name shadows the function
 
 
-def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None, pissa_as_lora: bool = False) -> dict:
+def adapter_config(
+    model: nn.Module, base_model_name_or_path: str | None = None, pissa_as_lora: bool = False, name: str | None = None
+) -> dict:
     """PEFT's LoraConfig fields for the LoRA layers in `model` (they must share one setting)."""
-    layers = lora_layers(model)
-    if not layers:
+    if not lora_layers(model):
         raise AdapterError("the model has no LoRA layers: call inject_lora(model) first.")
+    layers = named_adapter(model, name)
     settings = {
         (lay.r, lay.alpha, _dropout_p(lay), lay.use_rslora, isinstance(lay, DoRALinear), lay.init)
         for lay in layers.values()
@@ -97,6 +115,7 @@ def save_adapter(
     directory: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     pissa_as_lora: bool = False,
+    name: str | None = None,
 ) -> Path:
     """Write the model's adapter to `directory` in PEFT's layout; each file is written atomically.
 
@@ -104,10 +123,11 @@ def save_adapter(
     SVD. With `pissa_as_lora` it is written instead as the rank-2r plain LoRA adapter of the original
     base (`pissa_as_lora` in pissa.py; PEFT's `path_initial_model_for_weight_conversion`), which any
     LoRA loader applies to the unmodified model. Without PiSSA layers the flag changes nothing.
+    A model holding several adapters (lora/adapters.py) saves the one called `name`.
     """
     directory = Path(directory)
-    config = adapter_config(model, base_model_name_or_path, pissa_as_lora)
-    state = adapter_state_dict(model, pissa_as_lora)
+    config = adapter_config(model, base_model_name_or_path, pissa_as_lora, name)
+    state = adapter_state_dict(model, pissa_as_lora, name)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
@@ -216,17 +236,21 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     return config, state
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> list[str]:
     """Load an adapter saved by `save_adapter` or by PEFT into `model`; return the loaded module paths.
 
     Injects LoRA (DoRA, PiSSA) with the file's settings when the model has none yet; for a PiSSA file
     that redoes the SVD, so `model` must be the original base. Strict where PEFT is lenient: a missing
     or unexpected key, a shape mismatch or an unsupported config field is an AdapterError that names
     it. Reads safetensors only; nothing is unpickled.
+
+    With `name`, the adapter is added beside those the model holds (lora/adapters.py), under that name;
+    if anything is wrong with it, nothing of it stays in the model.
     """
     directory = Path(directory)
     config, state = read_adapter(directory)
-    weights_path = directory / WEIGHTS_NAME
+    if name is not None:
+        return _load_named(model, directory, name, config, state)
     setting = {
         "r": config["r"],
         "alpha": config["lora_alpha"],
@@ -278,10 +302,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                 )
             if layer.merged:
                 raise AdapterError(f"LoRA layer {name} is merged: unmerge_lora(model) before loading an adapter.")
+    return _copy_checked(layers, state, directory)
+
+
+def _copy_checked(holders: dict[str, nn.Module], state: dict[str, torch.Tensor], directory: Path) -> list[str]:
+    """Copy `state` into the adapter parameters of `holders` (by module path), refusing any key missing,
+    unexpected or mis-shaped before a single value is copied."""
+    weights_path = directory / WEIGHTS_NAME
     expected = {}
-    for name, layer in layers.items():
-        for param_name, param in layer.adapter_params().items():
-            expected[f"{KEY_PREFIX}{name}.{PEFT_NAMES[param_name]}"] = param
+    for path, holder in holders.items():
+        for param_name, param in holder.adapter_params().items():
+            expected[f"{KEY_PREFIX}{path}.{PEFT_NAMES[param_name]}"] = param
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     magnitude = PEFT_NAMES["lora_magnitude"]
@@ -315,4 +346,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(state[key])
-    return list(layers)
+    return list(holders)
+
+
+def _load_named(model: nn.Module, directory: Path, name: str, config: dict, state: dict) -> list[str]:
+    from .adapters import add_adapter, delete_adapter
+
+    if config["use_dora"] or config["init"] != "lora":
+        raise AdapterError(f"{directory} is a DoRA or PiSSA adapter; several adapters on one model take plain LoRA.")
+    try:
+        add_adapter(
+            model,
+            name,
+            config["target_modules"],
+            r=config["r"],
+            alpha=config["lora_alpha"],
+            dropout=config.get("lora_dropout", 0.0),
+            use_rslora=bool(config.get("use_rslora", False)),
+        )
+    except ValueError as err:
+        raise AdapterError(f"{directory} cannot be added as '{name}': {err}") from None
+    try:
+        return _copy_checked(named_adapter(model, name), state, directory)
+    except AdapterError:
+        delete_adapter(model, name)  # nothing half-loaded stays behind
+        raise

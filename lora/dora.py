@@ -60,7 +60,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)  # (..., out)
-        if self.merged or self.disabled:
+        if self.merged or self.disabled or self.active != self.name:
             return result
         dropped = self.dropout(x)
         with torch.no_grad():  # a constant for autograd (DoRA, Section 4.3)

@@ -36,6 +36,11 @@ class LoRALinear(nn.Module):
     fp32, the dtype the optimizer updates. The low-rank branch casts its input to A's dtype, computes
     B A x there, and casts the update to the base output's dtype before the sum (under autocast, autocast
     picks the matmuls' dtype as usual). `merge()` computes scaling·B@A in fp32 and rounds once into W0's dtype.
+
+    Several adapters (lora/adapters.py): the layer's own A and B are the adapter named `name`; more named
+    adapters, each with its own A, B and scaling, sit in `extra_adapters`. The forward adds the update of
+    the one adapter named `active` (none if this layer is not one of its targets), or, inside
+    `mixed_adapters`, each row's own adapter's update. With one adapter nothing of this shows.
     """
 
     def __init__(
@@ -69,6 +74,11 @@ class LoRALinear(nn.Module):
         self.merged = False  # True while the update is folded into `weight`
         self.disabled = False  # True inside `lora_disabled`: the layer is its base
         self.init = "lora"  # how A and B were initialised: "lora", or PiSSA's "pissa" / "pissa_niter_N"
+        self.name = "default"  # the name of the adapter held in lora_A and lora_B
+        self.extra_adapters = nn.ModuleDict()  # more named adapters (LowRank), beside this layer's own
+        self.active = self.name  # whose update the forward adds; None: no adapter's
+        self.merged_name = None  # whose update is folded into `weight`, while merged
+        self.row_groups = None  # inside mixed_adapters: (rows, {adapter name: row indices})
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.reset_lora_parameters()
 
@@ -103,30 +113,59 @@ class LoRALinear(nn.Module):
         """The parameters this layer adds to its base: the only ones LoRA trains."""
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
+    def adapters(self) -> dict[str, nn.Module]:
+        """Every adapter this layer holds, by name: itself (lora_A, lora_B) and its extra ones."""
+        return {self.name: self, **self.extra_adapters}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.merged or self.disabled:
             return result
-        low_rank = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r), in A's dtype
-        return result + (self.scaling * F.linear(low_rank, self.lora_B)).to(result.dtype)  # (..., out)
+        if self.row_groups is not None:  # a mixed batch
+            return result + self.mixed_update(x).to(result.dtype)
+        adapter = self.adapters().get(self.active)
+        if adapter is None:  # the active adapter does not target this layer
+            return result
+        low_rank = F.linear(adapter.dropout(x).to(adapter.lora_A.dtype), adapter.lora_A)  # (..., r), A's dtype
+        return result + (adapter.scaling * F.linear(low_rank, adapter.lora_B)).to(result.dtype)  # (..., out)
+
+    def mixed_update(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's own adapter's update, (batch, ..., out) in A's dtype: the rows are grouped by adapter,
+        one low-rank product per adapter present. generate() repeats each row for beam search; so do we."""
+        rows, groups = self.row_groups
+        repeats = x.shape[0] // rows  # 1, or the beams per row
+        update = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.lora_A.dtype)
+        for name, index in groups.items():
+            adapter = self.adapters().get(name)
+            if adapter is None:  # this adapter does not target this layer: its rows get no update here
+                continue
+            if repeats > 1:
+                index = (index.unsqueeze(1) * repeats + torch.arange(repeats, device=index.device)).flatten()
+            rows_x = adapter.dropout(x.index_select(0, index)).to(adapter.lora_A.dtype)
+            low_rank = F.linear(F.linear(rows_x, adapter.lora_A), adapter.lora_B)  # (rows, ..., out)
+            update.index_add_(0, index, adapter.scaling * low_rank)
+        return update
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B @ A, (out, in), computed in fp32 whatever the parameters' dtype."""
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     def merged_weight(self) -> torch.Tensor:
-        """The one weight that computes this layer's output: W0 + scaling·B@A, (out, in), in fp32."""
-        return self.weight.float() + self.delta_weight()
+        """The one weight that computes this layer's output: W0 + scaling·B@A (of the active adapter), (out, in),
+        in fp32."""
+        return self.weight.float() + self.adapters()[self.active].delta_weight()
 
     def unmerged_weight(self) -> torch.Tensor:
         """W0 again from a merged `weight`, in fp32: the inverse of `merged_weight`."""
-        return self.weight.float() - self.delta_weight()
+        return self.weight.float() - self.adapters()[self.merged_name].delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into `weight` (idempotent), rounding once into its dtype. Afterwards the forward
         is the base matmul alone."""
-        if self.merged:
+        if self.row_groups is not None:
+            raise ValueError("cannot merge while a mixed batch runs: merge one active adapter outside mixed_adapters.")
+        if self.merged or self.active not in self.adapters():  # already merged, or nothing here to fold in
             return
         merged = self.merged_weight()
         if not torch.isfinite(merged).all():
@@ -136,7 +175,7 @@ class LoRALinear(nn.Module):
                 f"{self.weight.dtype}: merge in float32 or retrain."
             )
         self.weight.copy_(merged.to(self.weight.dtype))
-        self.merged = True
+        self.merged, self.merged_name = True, self.active
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -144,7 +183,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         self.weight.copy_(self.unmerged_weight().to(self.weight.dtype))
-        self.merged = False
+        self.merged, self.merged_name = False, None
 
     def extra_repr(self) -> str:
         return (
@@ -169,3 +208,27 @@ def check_lora_hyperparameters(r: int, alpha: float, dropout: float = 0.0) -> No
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class LowRank(nn.Module):
+    """One more named adapter of a LoRALinear (lora/adapters.py): its own A (r, in), B (out, r), scaling
+    and dropout. Initialised as LoRA: A kaiming-uniform, B zero."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 device=None) -> None:  # fmt: skip
+        super().__init__()
+        check_lora_hyperparameters(r, alpha, dropout)
+        if r > min(in_features, out_features):
+            raise ValueError(f"LoRA rank r={r} exceeds this layer's smallest dimension ({out_features}x{in_features}).")
+        self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, "lora"
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        _lora_a_init_params(self.lora_A)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())

@@ -1,0 +1,156 @@
+"""Several adapters on one base: by name, active one at a time, or one per row of a mixed batch; PEFT agrees."""
+
+import pytest
+import torch
+from conftest import logits, tiny_t5
+
+from lora import AdapterError, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
+from lora.adapters import active_adapter, adapter_names, delete_adapter, mixed_adapters, set_active_adapter
+
+peft = __import__("peft")
+EXACT = {"rtol": 1e-5, "atol": 1e-6}  # a row alone and in a batch of 3 meet differently blocked matmuls
+
+
+def trained_like(directory, seed, **inject):
+    """An adapter file with random A and B (as if trained), from a model injected once."""
+    model = tiny_t5()
+    inject_lora(model, **inject)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.2)
+    save_adapter(model, directory)
+    return directory
+
+
+@pytest.fixture
+def two_adapters(tmp_path):
+    """retail: r=4 on q, v; business: r=2, rsLoRA, on q, k, o (different ranks and targets)."""
+    retail = trained_like(tmp_path / "retail", 1, r=4, alpha=8, dropout=0.0)
+    business = trained_like(tmp_path / "business", 2, target_modules=("q", "k", "o"), r=2, alpha=4, use_rslora=True)
+    return retail, business
+
+
+def model_with(retail, business):
+    model = tiny_t5()
+    load_adapter(model, retail, name="retail")
+    load_adapter(model, business, name="business")
+    return model
+
+
+def row(batch, i):
+    return {key: value[i : i + 1] for key, value in batch.items()}
+
+
+def test_each_row_of_a_mixed_batch_is_that_row_alone_with_its_adapter(two_adapters, t5_batch):
+    model = model_with(*two_adapters)
+    assert adapter_names(model) == ["retail", "business"]
+    names = ["business", None, "retail"]
+    with mixed_adapters(model, names):
+        mixed = logits(model, t5_batch)
+    for i, name in enumerate(names):
+        with active_adapter(model, name):
+            alone = logits(model, row(t5_batch, i))
+        torch.testing.assert_close(mixed[i : i + 1], alone, **EXACT)
+    with active_adapter(model, None):
+        assert torch.equal(logits(model, t5_batch), logits(tiny_t5(), t5_batch))
+    assert not torch.allclose(mixed[0], mixed[2])  # the two adapters really differ
+
+
+def test_mixed_batch_equals_peft_s_and_peft_loads_ours_by_name(two_adapters, t5_batch):
+    retail, business = two_adapters
+    ours = model_with(retail, business)
+    theirs = peft.PeftModel.from_pretrained(tiny_t5(), retail, adapter_name="retail")
+    theirs.load_adapter(business, adapter_name="business")
+    theirs.eval()
+    with torch.no_grad():
+        expected = theirs(**t5_batch, adapter_names=["retail", "__base__", "business"]).logits
+    with mixed_adapters(ours, ["retail", None, "business"]):
+        torch.testing.assert_close(logits(ours, t5_batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_saved_pair_loads_by_name(tmp_path, t5_batch):
+    config = dict(lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")
+    theirs = peft.get_peft_model(tiny_t5(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], **config))
+    theirs.add_adapter("business", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["k", "wo"], **config))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    theirs.save_pretrained(tmp_path)  # "default" in tmp_path, "business" in tmp_path/business
+    ours = tiny_t5()
+    load_adapter(ours, tmp_path, name="default")
+    load_adapter(ours, tmp_path / "business", name="business")
+    theirs.eval()
+    for name in ("default", "business"):
+        theirs.set_adapter(name)
+        with active_adapter(ours, name):
+            torch.testing.assert_close(logits(ours, t5_batch), logits(theirs, t5_batch), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_generate_gives_each_row_the_answer_of_its_adapter_alone(two_adapters):
+    model = model_with(*two_adapters)
+    generator = torch.Generator().manual_seed(4)
+    inputs = {"input_ids": torch.randint(2, 64, (4, 6), generator=generator)}
+    names = ["retail", "business", None, "business"]
+    options = dict(max_new_tokens=6, do_sample=False)
+    for beams in (1, 2):
+        with torch.no_grad(), mixed_adapters(model, names):
+            mixed = model.generate(**inputs, num_beams=beams, **options)
+        for i, name in enumerate(names):
+            with torch.no_grad(), active_adapter(model, name):
+                alone = model.generate(input_ids=inputs["input_ids"][i : i + 1], num_beams=beams, **options)
+            assert mixed[i, : alone.shape[1]].tolist() == alone[0].tolist()
+
+
+def test_merging_folds_in_the_active_adapter_and_switching_unmerges_first(two_adapters, t5_batch):
+    model = model_with(*two_adapters)
+    expected = {}
+    for name in ("retail", "business"):
+        with active_adapter(model, name):
+            expected[name] = logits(model, t5_batch)
+    set_active_adapter(model, "business")
+    merge_lora(model)
+    torch.testing.assert_close(logits(model, t5_batch), expected["business"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="a mixed batch needs every adapter unmerged"):
+        with mixed_adapters(model, ["retail", None, None]):
+            pass
+    set_active_adapter(model, "retail")  # unmerges business first
+    assert not any(layer.merged for layer in lora_layers(model).values())
+    torch.testing.assert_close(logits(model, t5_batch), expected["retail"], rtol=1e-5, atol=1e-5)
+
+
+def test_save_by_name_then_load_is_bit_exact_and_delete_restores_the_base(two_adapters, tmp_path, t5_batch):
+    model = model_with(*two_adapters)
+    with pytest.raises(AdapterError, match="several adapters .*say which"):
+        save_adapter(model, tmp_path / "which")
+    save_adapter(model, tmp_path / "business_again", name="business")
+    alone = tiny_t5()
+    load_adapter(alone, tmp_path / "business_again")
+    with active_adapter(model, "business"):
+        assert torch.equal(logits(alone, t5_batch), logits(model, t5_batch))
+    delete_adapter(model, "retail")
+    delete_adapter(model, "business")
+    assert not lora_layers(model)
+    assert torch.equal(logits(model, t5_batch), logits(tiny_t5(), t5_batch))
+
+
+def test_errors_leave_nothing_half_loaded(two_adapters, tmp_path):
+    retail, business = two_adapters
+    model = model_with(retail, business)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match="already has an adapter named 'retail'"):
+        load_adapter(model, business, name="retail")
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['wholesale'\]"):
+        with mixed_adapters(model, ["retail", "wholesale"]):
+            pass
+    bigger = tiny_t5(d_model=48, d_kv=12)  # another base size: shapes differ
+    inject_lora(bigger, r=4, alpha=8)
+    save_adapter(bigger, tmp_path / "bigger")
+    with pytest.raises(AdapterError, match="has shape"):
+        load_adapter(model, tmp_path / "bigger", name="wholesale")
+    assert adapter_names(model) == ["retail", "business"]
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    unmerge_lora(model)
