@@ -444,8 +444,8 @@ def bench_memory(args, batch_indices) -> list[dict]:
             max(len(r.labels) for r in real),
         )
         for label, mode, base_dtype, checkpointing in MEMORY_CONFIGS:
-            if mode == "peft" and not peft_installed():
-                continue
+            if (mode == "peft" and not peft_installed()) or (args.quick and label[:3] in ("(a)", "(c)")):
+                continue  # --quick checks the code paths: (b) and (d) between them take every one
             plan = memory_plan(model_name, base_dtype, checkpointing, batch, source_len, target_len)
             slow = not on_cuda and base_dtype == "bf16" and model_name == "flan-t5-xl" and not args.memory_bf16_xl
             out = None
