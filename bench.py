@@ -415,7 +415,7 @@ MEMORY_CONFIGS = (  # label, mode, base dtype, activation checkpointing
 )
 
 
-def bench_memory(args, batch_indices) -> list[dict]:
+def bench_memory(args, rows, batch_indices) -> list[dict]:
     """7: what a bigger base needs. One LoRA step (r=16 on q, v; AdamW) per configuration, each in a fresh
     process: peak memory while the step ran (CPU: resident set sampled every ms; CUDA: max allocated),
     beside train.py's memory plan for the same configuration, and the step time. flan-t5-xl's architecture
@@ -433,7 +433,6 @@ def bench_memory(args, batch_indices) -> list[dict]:
         plans = [("flan-t5-large", fixed), ("flan-t5-xl", fixed)]
     else:
         plans = [("flan-t5-xl", fixed), ("flan-t5-base", None)]
-    rows = encoded_rows(args.tokenizer)
     real = [rows[i] for i in batch_indices]
     results = []
     for model_name, shape in plans:
@@ -777,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         report(
             "memory",
             "Bigger bases: peak memory of a LoRA step with a bf16 base and activation checkpointing",
-            bench_memory(args, batch_indices),
+            bench_memory(args, rows, batch_indices),
             [
                 ("model", "model", ""),
                 ("batch x source/target tokens", "tokens", ""),

@@ -19,10 +19,12 @@ from torch import nn
 
 from support.files import atomic_write, atomic_write_text
 
+from .adapters import adapter_names, add_adapter, delete_adapter
 from .dora import DoRALinear
 from .layer import check_lora_hyperparameters
 from .model import inject_lora, lora_layers
-from .pissa import pissa_as_lora, pissa_niter
+from .pissa import pissa_as_lora as as_plain_lora
+from .pissa import pissa_niter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,7 +40,7 @@ def named_adapter(model: nn.Module, name: str | None) -> dict[str, nn.Module]:
     """The layers (or, for an extra adapter, the LowRank modules) that hold adapter `name`, by module path;
     name=None: the model's only adapter."""
     layers = lora_layers(model)
-    names = list(dict.fromkeys(n for layer in layers.values() for n in layer.adapters()))
+    names = adapter_names(model)
     if name is None:
         if len(names) > 1:
             raise AdapterError(f"the model holds several adapters ({', '.join(names)}): say which, with name=.")
@@ -56,16 +58,13 @@ def adapter_state_dict(
     for path, layer in named_adapter(model, name).items():
         tensors = {param_name: param.detach() for param_name, param in layer.adapter_params().items()}
         if pissa_as_lora and layer.init != "lora":
-            tensors["lora_A"], tensors["lora_B"], _, _ = _pissa_as_lora(layer)
+            tensors["lora_A"], tensors["lora_B"], _, _ = as_plain_lora(layer)
         for param_name, tensor in tensors.items():
             state[f"{KEY_PREFIX}{path}.{PEFT_NAMES[param_name]}"] = tensor.to("cpu", copy=True).contiguous()
     damaged = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
     if damaged:  # never write an adapter that no one can use
         raise AdapterError(f"the adapter holds NaN or infinite values (e.g. '{damaged[0]}'); it is not saved.")
     return state
-
-
-_pissa_as_lora = pissa_as_lora  # the parameter of the same name shadows the function
 
 
 def adapter_config(
@@ -86,7 +85,7 @@ def adapter_config(
         )
     r, alpha, dropout, use_rslora, use_dora, init = settings.pop()
     if pissa_as_lora and init != "lora":  # a rank-2r plain LoRA of the original base
-        _, _, r, alpha = _pissa_as_lora(next(iter(layers.values())))
+        _, _, r, alpha = as_plain_lora(next(iter(layers.values())))
         init = "lora"
     return {
         "peft_type": "LORA",
@@ -249,8 +248,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     """
     directory = Path(directory)
     config, state = read_adapter(directory)
-    if name is not None:
-        return _load_named(model, directory, name, config, state)
     setting = {
         "r": config["r"],
         "alpha": config["lora_alpha"],
@@ -258,6 +255,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         "use_dora": config["use_dora"],
         "init": config["init"],
     }
+    if name is not None:
+        return _load_named(model, directory, name, config, setting, state)
 
     layers = lora_layers(model)
     if not layers:
@@ -349,20 +348,18 @@ def _copy_checked(holders: dict[str, nn.Module], state: dict[str, torch.Tensor],
     return list(holders)
 
 
-def _load_named(model: nn.Module, directory: Path, name: str, config: dict, state: dict) -> list[str]:
-    from .adapters import add_adapter, delete_adapter
-
-    if config["use_dora"] or config["init"] != "lora":
+def _load_named(model: nn.Module, directory: Path, name: str, config: dict, setting: dict, state: dict) -> list[str]:
+    if setting["use_dora"] or setting["init"] != "lora":
         raise AdapterError(f"{directory} is a DoRA or PiSSA adapter; several adapters on one model take plain LoRA.")
     try:
         add_adapter(
             model,
             name,
             config["target_modules"],
-            r=config["r"],
-            alpha=config["lora_alpha"],
+            r=setting["r"],
+            alpha=setting["alpha"],
             dropout=config.get("lora_dropout", 0.0),
-            use_rslora=bool(config.get("use_rslora", False)),
+            use_rslora=setting["use_rslora"],
         )
     except ValueError as err:
         raise AdapterError(f"{directory} cannot be added as '{name}': {err}") from None

@@ -108,10 +108,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             linear.weight, linear.bias = layer.weight, layer.bias
             parent_name, _, child_name = path.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, linear.train(layer.training))
-            continue
-        if layer.active == name:
-            layer.active = None
-    for layer in lora_layers(model).values():
+    for layer in lora_layers(model).values():  # every layer, also those the deleted adapter left alone
         if layer.active == name:
             layer.active = None
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 from .adapter_io import KEY_PREFIX, AdapterError, read_adapter
+from .layer import lora_scaling
 
 ENERGY = 0.9
 
@@ -37,7 +37,7 @@ ENERGY = 0.9
 def adapter_factors(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """(config, {module path: (A, B)} in float64, scaling) of an adapter directory."""
     config, state = read_adapter(directory)
-    scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    scaling = lora_scaling(config["r"], config["lora_alpha"], config.get("use_rslora", False))
     factors = {}
     for key, tensor in state.items():
         if not key.endswith(".lora_A.weight"):

@@ -56,16 +56,11 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_lora_hyperparameters(r, alpha, dropout)
-        if r > min(in_features, out_features):
-            raise ValueError(
-                f"LoRA rank r={r} exceeds this layer's smallest dimension ({out_features}x{in_features}): "
-                "the update would not be low-rank; choose a smaller r."
-            )
+        check_adapter_shape(in_features, out_features, r, alpha, dropout)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
@@ -135,8 +130,9 @@ class LoRALinear(nn.Module):
         rows, groups = self.row_groups
         repeats = x.shape[0] // rows  # 1, or the beams per row
         update = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.lora_A.dtype)
+        adapters = self.adapters()
         for name, index in groups.items():
-            adapter = self.adapters().get(name)
+            adapter = adapters.get(name)
             if adapter is None:  # this adapter does not target this layer: its rows get no update here
                 continue
             if repeats > 1:
@@ -206,6 +202,21 @@ def check_lora_hyperparameters(r: int, alpha: float, dropout: float = 0.0) -> No
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """alpha / r, or rsLoRA's alpha / sqrt(r)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def check_adapter_shape(in_features: int, out_features: int, r: int, alpha: float, dropout: float) -> None:
+    """The hyperparameters, and a rank that stays below the layer's smallest dimension."""
+    check_lora_hyperparameters(r, alpha, dropout)
+    if r > min(in_features, out_features):
+        raise ValueError(
+            f"LoRA rank r={r} exceeds this layer's smallest dimension ({out_features}x{in_features}): "
+            "the update would not be low-rank; choose a smaller r."
+        )
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -217,11 +228,9 @@ class LowRank(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool,
                  device=None) -> None:  # fmt: skip
         super().__init__()
-        check_lora_hyperparameters(r, alpha, dropout)
-        if r > min(in_features, out_features):
-            raise ValueError(f"LoRA rank r={r} exceeds this layer's smallest dimension ({out_features}x{in_features}).")
+        check_adapter_shape(in_features, out_features, r, alpha, dropout)
         self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, "lora"
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -230,5 +239,4 @@ class LowRank(nn.Module):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+    delta_weight = LoRALinear.delta_weight  # scaling · B @ A of this adapter, in fp32
