@@ -349,6 +349,18 @@ def _copy_checked(holders: dict[str, nn.Module], state: dict[str, torch.Tensor],
 
 
 def _load_named(model: nn.Module, directory: Path, name: str, config: dict, setting: dict, state: dict) -> list[str]:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise AdapterError(f"an adapter name must be a Python identifier such as 'retail', got {name!r}.")
+    if not lora_layers(model):  # the first adapter: loaded as a single one (DoRA and PiSSA too), then named
+        try:
+            loaded = load_adapter(model, directory)
+        except AdapterError:
+            if lora_layers(model):
+                delete_adapter(model, "default")  # nothing half-loaded stays behind
+            raise
+        for layer in lora_layers(model).values():
+            layer.name = layer.active = name
+        return loaded
     if setting["use_dora"] or setting["init"] != "lora":
         raise AdapterError(f"{directory} is a DoRA or PiSSA adapter; several adapters on one model take plain LoRA.")
     try:

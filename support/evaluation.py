@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -86,30 +86,31 @@ def score(rows: list[dict], outputs: list[str], store: AccountStore, matcher: In
 
 
 def evaluate(
-    generate: Callable[[list[str], bool], list[str]],
+    generate: Callable[[list[str], str], list[str]],
     rows: list[dict],
     store: AccountStore,
     matcher: IntentMatcher,
     batch_size: int,
     sample_count: int,
+    models: Sequence[str] = MODELS,
 ) -> dict:
-    """Generate with the adapter and without (generate(queries, base)), score both; the report's data."""
-    outputs = {name: [] for name in MODELS}
+    """Generate with each of `models` (generate(queries, model)) and score each; the report's data."""
+    outputs = {name: [] for name in models}
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", file=sys.stderr):
         queries = [row["instruction"] for row in batch]
-        outputs["fine_tuned"] += generate(queries, False)
-        outputs["base"] += generate(queries, True)
+        for name in models:
+            outputs[name] += generate(queries, name)
     samples = [
         {
             "query": rows[i]["instruction"],
             "intent": rows[i].get("intent"),
             "reference": rows[i]["response"],
-            **{name: ground(outputs[name][i], rows[i]["instruction"], store).response for name in MODELS},
+            **{name: ground(outputs[name][i], rows[i]["instruction"], store).response for name in models},
         }
         for i in _sample_indices(rows, sample_count)
     ]
-    metrics = {name: score(rows, outputs[name], store, matcher) for name in MODELS}
+    metrics = {name: score(rows, outputs[name], store, matcher) for name in models}
     return {"test_rows": len(rows), "metrics": metrics, "samples": samples, "notes": NOTES}
 
 
@@ -123,31 +124,34 @@ def _sample_indices(rows: list[dict], count: int) -> list[int]:
 
 
 def metrics_markdown(report: dict) -> str:
-    """The metrics table: one row per metric, one column per model."""
+    """The metrics table: one row per metric, one column per model (base, then the fine-tuned ones)."""
     metrics = report["metrics"]
+    models = list(metrics)
 
     def cell(value):
         return "n/a" if value is None else f"{value:.1%}"
 
-    lines = ["| metric | " + " | ".join(MODELS) + " |", "| --- |" + " --- |" * len(MODELS)]
-    for key in metrics[MODELS[0]]:
-        lines.append(f"| {key} | " + " | ".join(cell(metrics[name][key]) for name in MODELS) + " |")
+    lines = ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for key in metrics[models[0]]:
+        lines.append(f"| {key} | " + " | ".join(cell(metrics[name][key]) for name in models) + " |")
     return "\n".join(lines)
 
 
 def report_markdown(report: dict) -> str:
     """eval_report.md: the heading, the metrics table, sample answers and what each metric means."""
+    models = list(report["metrics"])
+    several = isinstance(report["adapter"], dict)
+    adapters = ", ".join(f"`{name}` ({path})" for name, path in report["adapter"].items()) if several else None
     lines = [
-        "# Evaluation: base vs fine-tuned\n",
-        f"Adapter `{report['adapter']}` on base `{report['base_model']}`, {report['test_rows']} held-out test rows.\n",
+        "# Evaluation: base vs " + (", ".join(models[1:]) if several else "fine-tuned") + "\n",
+        (f"Adapters {adapters}" if several else f"Adapter `{report['adapter']}`")
+        + f" on base `{report['base_model']}`, {report['test_rows']} held-out test rows.\n",
         metrics_markdown(report),
         "",
-        "| query | base answer | fine-tuned answer | reference |",
-        "| --- | --- | --- | --- |",
+        "| query | " + " | ".join(f"{name.replace('_', '-')} answer" for name in models) + " | reference |",
+        "| --- |" + " --- |" * (len(models) + 1),
     ]
     for s in report["samples"]:
-        lines.append(
-            "| " + " | ".join(s[k].replace("|", "\\|") for k in ("query", "base", "fine_tuned", "reference")) + " |"
-        )
+        lines.append("| " + " | ".join(s[k].replace("|", "\\|") for k in ("query", *models, "reference")) + " |")
     lines += ["", *(f"- {k}: {v}" for k, v in report["notes"].items())]
     return "\n".join(lines) + "\n"

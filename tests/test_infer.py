@@ -82,6 +82,7 @@ def test_answers_never_show_an_invented_figure():
 
     class FakeAssistant:
         device = torch.device("cpu")
+        names = ["default"]
 
         def generate_with_ends(self, queries, max_new_tokens, **options):
             return [
