@@ -356,10 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where eval_report.md/.json go (default: <adapter>/eval, the first adapter's with several)",
     )
     e.add_argument("--samples", type=int, default=10, help="rows in the report's sample table (default: 10)")
-    args = p.parse_args(argv)
-    args.adapters = parse_adapters(args.adapter or [str(DEFAULT_ADAPTER)])
-    args.use = args.use or next(iter(args.adapters))
-    return args
+    return p.parse_args(argv)
 
 
 RESERVED_NAMES = (BASE, "query", "intent", "reference")  # a name a query or the report already gives a meaning
@@ -386,6 +383,8 @@ def parse_adapters(values: list[str]) -> dict[str, Path]:
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    args.adapters = parse_adapters(args.adapter or [str(DEFAULT_ADAPTER)])
+    args.use = args.use or next(iter(args.adapters))
     for name in ("batch_size", "max_new_tokens", "num_beams", "top_k"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")

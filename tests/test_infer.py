@@ -159,3 +159,84 @@ def test_fine_tuned_beats_base_on_held_out_templates(trained_run, tmp_path, caps
     assert report["test_rows"] == len(rows) and report["intent_reference"].endswith("banking_train.jsonl")
     markdown = (tmp_path / "eval_report.md").read_text()
     assert "| exact_match |" in markdown and "| query | base answer | fine-tuned answer | reference |" in markdown
+
+
+# --- several adapters on one base -------------------------------------------------------------------------
+
+
+def test_a_mixed_query_file_answers_each_row_as_its_adapter_alone(trained_run, random_adapter, tmp_path, capsys):
+    queries = ["I lost my card", "What is my savings balance?", "Hello", "When is the branch open?"]
+    asked = ["retail", "business", "base", "retail", "business", "retail"]
+    rows = [{"query": queries[i % len(queries)], "adapter": name} for i, name in enumerate(asked)]
+    file = tmp_path / "queries.jsonl"
+    file.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    adapters = ["--adapter", f"retail={trained_run}", "--adapter", f"business={random_adapter}"]
+    options = ["--max-new-tokens", "24"]  # a 40-step adapter rambles; later tokens of a ramble flip on rounding
+    code, out, err = run_infer(capsys, *adapters, "--file", file, "--json", "--batch-size", "6", *options)
+    assert code == 0, err
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert [a["adapter"] for a in answers] == asked and {a["batch_size"] for a in answers} == {6}
+    alone = {
+        "retail": infer.Assistant(trained_run),  # merged, as a single adapter is served
+        "business": infer.Assistant(random_adapter),
+        "base": infer.Assistant(trained_run, merge=False),  # base=True: the adapter disabled, W0 exactly
+    }
+    for row, got in zip(rows, answers):
+        base = row["adapter"] == "base"
+        expected = alone[row["adapter"]].generate([row["query"]], max_new_tokens=24, base=base)
+        assert got["raw_response"] == expected[0], row
+    assert len({a["raw_response"] for a in answers if a["query"] == queries[0]}) == 2  # the adapters differ
+
+
+def test_several_adapters_one_shot_interactive_and_eval(trained_run, random_adapter, tmp_path, capsys, monkeypatch):
+    adapters = ["--adapter", f"retail={trained_run}", "--adapter", f"business={random_adapter}"]
+    code, out, err = run_infer(capsys, *adapters, "--use", "retail", "--json", "I lost my card")
+    assert code == 0, err
+    one_shot = json.loads(out)
+    assert one_shot["adapter"] == "retail"
+    assert one_shot["raw_response"] == infer.Assistant(trained_run).generate(["I lost my card"])[0]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("I lost my card\n/use business\nI lost my card\n/use nope\nquit\n"))
+    code, out, err = run_infer(capsys, *adapters, "--json")
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [a["adapter"] for a in answers] == ["retail", "business"]
+    assert answers[0]["raw_response"] == one_shot["raw_response"] != answers[1]["raw_response"]
+    assert "no adapter named 'nope'" in err
+
+    code, out, err = run_infer(capsys, *adapters, "--eval", "--eval-limit", "6", "--report-dir", tmp_path)
+    assert code == 0, err
+    assert out.startswith("| metric | base | retail | business |")
+    report = json.loads((tmp_path / "eval_report.json").read_text())
+    assert list(report["metrics"]) == ["base", "retail", "business"]
+    assert report["adapter"] == {"retail": str(trained_run), "business": str(random_adapter)}
+    markdown = (tmp_path / "eval_report.md").read_text()
+    assert "| query | base answer | retail answer | business answer | reference |" in markdown
+
+
+def test_several_adapters_are_refused_clearly(trained_run, random_adapter, tmp_path, capsys, monkeypatch):
+    retail, business = f"retail={trained_run}", f"business={random_adapter}"
+    file = tmp_path / "queries.jsonl"
+    file.write_text('{"query": "Hi", "adapter": "retail"}\n{"query": "Hi", "adapter": "wholesale"}\n')
+    monkeypatch.setattr(infer, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded first"))
+    cases = [
+        (["--adapter", retail, "--adapter", business, "--file", file], "line 2 of", "asks for adapter 'wholesale'"),
+        (["--adapter", retail, "--adapter", f"retail={random_adapter}", "Hi"], "two --adapter options are named"),
+        (["--adapter", retail, "--adapter", str(random_adapter), "Hi"], "name each one"),
+        (["--adapter", retail, "--adapter", f"base={random_adapter}", "Hi"], "'base' is reserved"),
+        (["--adapter", retail, "--use", "business", "Hi"], "--use business: no adapter has that name"),
+    ]
+    for args, *messages in cases:
+        code, _, err = run_infer(capsys, *args)
+        assert code == 2 and all(m in err for m in messages) and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_an_adapter_for_another_base_size_is_refused(trained_run, tmp_path, capsys):
+    recorded = json.loads((trained_run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    other = tiny_t5(d_model=48, d_kv=12)  # names the same base model, but its shapes differ
+    inject_lora(other, r=4, alpha=8)
+    save_adapter(other, tmp_path / "other", base_model_name_or_path=recorded)
+    code, _, err = run_infer(capsys, "--adapter", f"retail={trained_run}", "--adapter", f"big={tmp_path}/other", "Hi")
+    error = err.strip().splitlines()[-1]
+    assert code == 1 and error.startswith("error: ") and "has shape" in error and "another model size" in error
+    assert "Traceback" not in err
