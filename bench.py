@@ -25,12 +25,14 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from data import IGNORE_INDEX, TRAIN_FILE, LengthBucketSampler, bucket_key, collate, encode_examples, load_examples
 from lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora, set_base_dtype
+from lora.adapters import add_adapter, mixed_adapters
 from support.cli import EXIT_USAGE
 from support.metrics import peak_memory_mib
 from support.models import (
@@ -548,7 +550,8 @@ def bench_epoch(args, rows) -> list[dict]:
 
 @torch.inference_mode()
 def bench_inference(args, rows) -> list[dict]:
-    """4: greedy generation of exactly `max_new_tokens` tokens: base, unmerged adapter, merged adapter."""
+    """4: greedy generation of exactly `max_new_tokens` tokens: base, unmerged adapter, merged adapter and,
+    at batch 16, two adapters in one mixed batch (8 rows each, lora/adapters.py), all interleaved."""
     import copy
 
     dev = device()
@@ -559,25 +562,42 @@ def bench_inference(args, rows) -> list[dict]:
         torch.nn.init.normal_(layer.lora_B, std=0.01)  # a trained-looking adapter, so merging changes the weights
     merged = copy.deepcopy(unmerged)
     merge_lora(merged)
-    models = {"base": base, "unmerged adapter": unmerged, "merged adapter": merged}
+    two = copy.deepcopy(unmerged)
+    add_adapter(two, "second")
+    for layer in lora_layers(two).values():
+        torch.nn.init.normal_(layer.extra_adapters["second"].lora_B, std=0.01)
     results = []
     for batch_size in (1, 16):
+        half = ["default"] * (batch_size // 2) + ["second"] * (batch_size - batch_size // 2)
+        runs = {  # name: (model, the context it generates in)
+            "base": (base, nullcontext),
+            "unmerged adapter": (unmerged, nullcontext),
+            "merged adapter": (merged, nullcontext),
+            **(
+                {"2 adapters, mixed batch": (two, lambda names=half: mixed_adapters(two, names))}
+                if batch_size > 1
+                else {}
+            ),
+        }
         batch = collate(rows[:batch_size], 0)
         inputs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
         gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False, "num_beams": 1}
-        for model in models.values():
+        for model, context in runs.values():
             for _ in range(args.warmup):
-                model.generate(**inputs, **gen)
-        times = {name: [] for name in models}
+                with context():
+                    model.generate(**inputs, **gen)
+        times = {name: [] for name in runs}
         for _ in range(args.reps):  # interleaved, so drift in machine speed hits every model alike
-            for name, model in models.items():
-                sync()
-                start = time.perf_counter()
-                model.generate(**inputs, **gen)
-                sync()
+            for name, (model, context) in runs.items():
+                with context():
+                    sync()
+                    start = time.perf_counter()
+                    model.generate(**inputs, **gen)
+                    sync()
                 times[name].append(time.perf_counter() - start)
         base_median = statistics.median(times["base"])
-        for name in models:
+        unmerged_median = statistics.median(times["unmerged adapter"])
+        for name in runs:
             median = statistics.median(times[name])
             results.append(
                 {
@@ -586,6 +606,7 @@ def bench_inference(args, rows) -> list[dict]:
                     "median_s": median,
                     "per_query_s": median / batch_size,
                     "vs_base": median / base_median - 1,
+                    "vs_unmerged": median / unmerged_median,
                 }
             )
     return results
@@ -814,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("median (s)", "median_s", ".4f"),
                 ("per query (s)", "per_query_s", ".4f"),
                 ("vs base", "vs_base", "+.1%"),
+                ("x unmerged", "vs_unmerged", ".2f"),
             ],
         )
     if "throughput" in sections:
