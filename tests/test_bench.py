@@ -49,7 +49,7 @@ def test_quick_benchmark_runs_every_section(tmp_path, capsys):
     assert all(row["tflops"] > 0 and row["mfu"] is None for row in report["throughput"])  # no peak for a CPU
     assert {(row["batch"], row["model"]) for row in report["inference"]} == {
         (b, m) for b in (1, 16) for m in ("base", "unmerged adapter", "merged adapter")
-    }
+    } | {(16, "2 adapters, mixed batch")}
 
 
 @pytest.mark.parametrize("targets", [None, ("q", "v", "wo")])
