@@ -612,6 +612,92 @@ def bench_inference(args, rows) -> list[dict]:
     return results
 
 
+# Operator families of a training step's profile, by the name of the aten operator.
+PROFILE_FAMILIES = {
+    "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"),
+    "attention (scaled_dot_product)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+    "dropout masks": ("aten::bernoulli_", "aten::uniform_", "aten::random_"),
+    "cross-entropy": (
+        "aten::_log_softmax",
+        "aten::_log_softmax_backward_data",
+        "aten::nll_loss_forward",
+        "aten::nll_loss_backward",
+        "aten::logsumexp",
+        "aten::exp",
+        "aten::exp_",
+        "aten::softmax",
+        "aten::_softmax",
+    ),
+    "elementwise": (
+        "aten::mul",
+        "aten::mul_",
+        "aten::add",
+        "aten::add_",
+        "aten::pow",
+        "aten::tanh",
+        "aten::copy_",
+        "aten::fill_",
+        "aten::div",
+        "aten::div_",
+        "aten::mean",
+        "aten::rsqrt",
+        "aten::sub",
+        "aten::sub_",
+        "aten::masked_fill",
+        "aten::where",
+        "aten::zero_",
+        "aten::sum",
+        "aten::index_put_",
+        "aten::masked_fill_",
+        "aten::lt",
+        "aten::ge",
+        "aten::gt",
+    ),
+}
+
+
+def bench_profile(args, rows, batch_indices) -> list[dict]:
+    """8: where the time of one LoRA step goes (train.py's train_step, our LoRA on q, v, T5's dropout on),
+    by operator family: self CPU time from torch.profiler over `reps` steps after `warmup`, on one thread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = device()
+    model, optimizer = prepare_training(build_model(args.model).to(dev).train(), "lora")
+    batch = {k: v.to(dev) for k, v in collate([rows[i] for i in batch_indices], 0).items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: each operator's time is its own, not its share of a pool
+    try:
+        for _ in range(args.warmup):
+            train_step(model, optimizer, batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.reps):
+                train_step(model, optimizer, batch)
+    finally:
+        torch.set_num_threads(threads)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    family_of = {op: family for family, ops in PROFILE_FAMILIES.items() for op in ops}
+    share, calls, top = {}, {}, {}
+    for e in events:
+        family = family_of.get(e.key, "other")
+        share[family] = share.get(family, 0) + e.self_cpu_time_total
+        calls[family] = calls.get(family, 0) + e.count
+        top.setdefault(family, []).append((e.self_cpu_time_total, e.key))
+    return [
+        {
+            "family": family,
+            "share": share.get(family, 0) / total,
+            "ms_per_step": share.get(family, 0) / 1000 / args.reps,
+            "calls_per_step": calls.get(family, 0) // args.reps,
+            "largest": ", ".join(f"{key} {t / total:.1%}" for t, key in sorted(top.get(family, []))[::-1][:3]),
+        }
+        for family in [*PROFILE_FAMILIES, "other"]
+    ]
+
+
 def forward_matmul_flops(model, source_tokens: int, target_tokens: int) -> int:
     """FLOPs of the matmuls in one forward pass: 2 x each weight matrix x the tokens it multiplies.
 
@@ -707,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["train", "peft", "variants", "memory", "epoch", "inference", "throughput"],
+        choices=["train", "peft", "variants", "memory", "epoch", "inference", "throughput", "profile"],
         help="run only these sections",
     )
     p.add_argument(
@@ -737,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = encoded_rows(args.tokenizer)
     batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
-    sections = set(args.only or ["train", "peft", "variants", "memory", "epoch", "inference", "throughput"])
+    sections = set(args.only or ["train", "peft", "variants", "memory", "epoch", "inference", "throughput", "profile"])
     results = {
         "hardware": hardware(),
         "model": args.model,
@@ -853,6 +939,19 @@ def main(argv: list[str] | None = None) -> int:
                 ("model TFLOP/s", "tflops", ".3g"),
                 ("MFU", "mfu", ".1%"),
                 ("peak FLOP/s", "peak_flops", ".3g"),
+            ],
+        )
+    if "profile" in sections:
+        report(
+            "profile",
+            "Where a LoRA step's time goes (torch.profiler, self CPU time, one thread)",
+            bench_profile(args, rows, batch_indices),
+            [
+                ("operators", "family", ""),
+                ("share", "share", ".1%"),
+                ("ms per step", "ms_per_step", ",.0f"),
+                ("calls per step", "calls_per_step", ""),
+                ("largest", "largest", ""),
             ],
         )
     if args.output:
