@@ -16,7 +16,7 @@ import math
 import random
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -299,15 +299,34 @@ def train_step(model, optimizer, scaler, micro_batches: list[dict], *, device, d
 
 
 def sequence_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Sum of the per-token cross-entropy over supervised tokens (labels != -100), in fp32."""
-    logits = model(
-        input_ids=batch["input_ids"],  # (B, S)
-        attention_mask=batch["attention_mask"],  # (B, S)
-        decoder_input_ids=batch["decoder_input_ids"],  # (B, T); no labels, so the model computes no loss
-        use_cache=False,  # training reuses no key/value cache
-    ).logits  # (B, T, V)
+    """Sum of the per-token cross-entropy over supervised tokens (labels != -100), in fp32.
+
+    The LM head and the softmax run on the supervised positions only: a padded position would cost a
+    projection onto the whole vocabulary (32,128 words) and its softmax, to be ignored by the loss.
+    """
     labels = batch["labels"]  # (B, T)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    supervised = labels != IGNORE_INDEX  # (B, T)
+    with lm_head_on(model, supervised):
+        logits = model(
+            input_ids=batch["input_ids"],  # (B, S)
+            attention_mask=batch["attention_mask"],  # (B, S)
+            decoder_input_ids=batch["decoder_input_ids"],  # (B, T); no labels, so the model computes no loss
+            use_cache=False,  # training reuses no key/value cache
+        ).logits  # (N, V): the N supervised positions, in the order of labels[supervised]
+    return F.cross_entropy(logits.float(), labels[supervised], reduction="sum")
+
+
+@contextmanager
+def lm_head_on(model, positions: torch.Tensor):
+    """Inside the block, the model's LM head projects only the decoder states at `positions` ((B, T), bool),
+    so the model returns (N, V) logits for the N positions that are True."""
+    t5 = getattr(model, "_orig_mod", model)  # inside torch.compile's wrapper
+    t5 = getattr(t5, "module", t5)  # inside DistributedDataParallel's
+    handle = t5.lm_head.register_forward_pre_hook(lambda head, args: (args[0][positions],))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

@@ -217,6 +217,34 @@ def test_our_loss_is_t5s_own_loss_without_t5_computing_it():
     torch.testing.assert_close(ours, theirs)
 
 
+def test_the_lm_head_on_supervised_positions_only_gives_t5s_loss_and_gradients():
+    """The loss and every gradient of the labelled-positions-only LM head equal those of T5's full logits."""
+    rows = [
+        EncodedExample([5, 6, 7, 1], [9, 8, 1]),
+        EncodedExample([4, 1], [3, 3, 3, 3, 1]),
+        EncodedExample([2, 1], [1]),
+    ]
+    batch = collate(rows, pad_token_id=0)
+    grads, losses = [], []
+    for full_logits in (False, True):
+        model = tiny_t5()
+        inject_lora(model, ("q", "v", "wo"), r=4, alpha=8)
+        randomize_adapter(model)
+        model.lm_head.weight.requires_grad_(True)  # the LM head's own gradient too, as full fine-tuning has it
+        if full_logits:
+            loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+            loss = loss * int((batch["labels"] != -100).sum())
+        else:
+            loss = train.sequence_loss_sum(model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     factors = [train.lr_factor(s, 4, 20) for s in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
