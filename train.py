@@ -38,6 +38,7 @@ from support import checkpoints
 from support import distributed as dist
 from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
 from support.cli import UsageError, run_cli, stop_requests
+from support.fast_modules import use_fast_modules
 from support.memory import MemoryPlanError, check_plan
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
 from support.models import ModelLoadError, enable_activation_checkpointing, load_model_and_tokenizer
@@ -121,6 +122,7 @@ def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
     except ValueError as err:  # e.g. --target-modules wi on a gated T5, whose layers are wi_0 and wi_1
         raise UsageError(f"--target-modules: {err}") from None
     set_base_dtype(model, resolve_dtype(args.base_dtype, env.device, "--base-dtype"))  # A and B stay fp32
+    use_fast_modules(model)  # the same dropout and GELU, computed faster (support/fast_modules.py)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)  # non-reentrant, or the LoRA weights would get no gradient
     model.to(env.device).train()
