@@ -20,7 +20,7 @@ def test_quick_benchmark_runs_every_section(tmp_path, capsys):
     stdout = capsys.readouterr().out
     for heading in (
         "## Training step: LoRA",
-        "## Training step: our LoRA layer vs PEFT's",
+        "## Training step: ours vs PEFT's LoRA with T5's own loss",
         "## LoRA's variants",
         "## Bigger bases",
         "## One epoch",
