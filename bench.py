@@ -636,21 +636,12 @@ def bench_inference(args, rows) -> list[dict]:
 # Operator families of a training step's profile, by the name of the aten operator.
 PROFILE_FAMILIES = {
     "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"),
-    "attention (scaled_dot_product)": (
-        "aten::_scaled_dot_product_flash_attention_for_cpu",
-        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-    ),
     "dropout masks": ("aten::bernoulli_", "aten::uniform_", "aten::random_"),
     "cross-entropy": (
         "aten::_log_softmax",
         "aten::_log_softmax_backward_data",
         "aten::nll_loss_forward",
         "aten::nll_loss_backward",
-        "aten::logsumexp",
-        "aten::exp",
-        "aten::exp_",
-        "aten::softmax",
-        "aten::_softmax",
     ),
     "elementwise": (
         "aten::mul",
