@@ -212,12 +212,18 @@ def worker(spec: dict) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
-        times = time_steps(model, optimizer, batches, spec["warmup"], dtype)
+        sync()
+        start = time.perf_counter()
+        train_step(model, optimizer, batches[0], dtype)  # the first step: compilation, if compiled
+        sync()
+        first_step_s = time.perf_counter() - start
+        times = time_steps(model, optimizer, batches, max(spec["warmup"] - 1, 0), dtype)
     source_tokens = [int(b["attention_mask"].sum()) for b in batches]
     target_tokens = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     passes = 3 if spec["mode"] == "full" else 2  # see bench_throughput
     return {
         "times": times,
+        "first_step_s": first_step_s,
         "real_tokens": [s + t for s, t in zip(source_tokens, target_tokens)],
         "model_flops": [passes * forward_matmul_flops(model, s, t) for s, t in zip(source_tokens, target_tokens)],
         "peak_mib": peak_memory_mib(dev),  # CUDA: max allocated; CPU: the process's peak RSS

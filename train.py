@@ -157,7 +157,8 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     val_set, val_truncated = encode_examples(val_rows, tokenizer, args.max_source_len, args.max_target_len)
     if train_truncated or val_truncated:
         env.log(f"note: {train_truncated} training and {val_truncated} validation rows were cut to the max lengths")
-    pad_id, pad_multiple = tokenizer.pad_token_id, (8 if env.device.type == "cuda" else None)
+    # Lengths padded up to a multiple: 8 suits tensor cores; 16 bounds the shapes a compiled model meets.
+    pad_id, pad_multiple = tokenizer.pad_token_id, (16 if args.compile else 8 if env.device.type == "cuda" else None)
     sampler = LengthBucketSampler(
         [bucket_key(e) for e in train_set], args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size
     )
@@ -189,6 +190,7 @@ def fit(run: Run, progress: Progress) -> str | None:
     args, env = run.args, run.env
     batches_per_epoch = len(run.sampler)
     meter = IntervalMeter()
+    compiling = args.compile
     bar = tqdm(
         total=run.total_steps, initial=progress.step, disable=not env.is_main, desc="training", unit="step",
         dynamic_ncols=True, mininterval=1.0,
@@ -206,10 +208,14 @@ def fit(run: Run, progress: Progress) -> str | None:
                     progress.next_epoch()
                     break
                 progress.batch_in_epoch += len(group)
+                step_start = time.perf_counter()
                 result = train_step(
                     run.train_model, run.optimizer, run.scaler, group,
                     device=env.device, dtype=run.dtype, max_grad_norm=args.max_grad_norm,
                 )  # fmt: skip
+                if compiling:  # its first step compiles the model: timed apart from the others
+                    env.log(f"--compile: the first step took {time.perf_counter() - step_start:.1f} s (compilation)")
+                    compiling = False
                 with warnings.catch_warnings():  # the schedule counts steps, skipped ones too: no warning
                     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
                     run.scheduler.step()
