@@ -83,6 +83,9 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             env.log(f"resumed from {resume_from} at step {progress.step}")
         run.train_model = DistributedDataParallel(model) if env.world_size > 1 else model
         if args.compile:
+            # transformers wraps each T5 layer type's forward in one shared function, which dynamo compiles once
+            # per type and batch shape: past the default limit of 8 it would silently fall back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             run.train_model = torch.compile(run.train_model)
         if env.is_main:  # infer.py's default answer length covers the longest answer trained on
             config["longest_target_tokens"] = max(len(example.labels) for example in run.train_set)

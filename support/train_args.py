@@ -149,8 +149,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     opt.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the model: for CUDA; the first steps of each new batch shape compile (minutes), "
-        "and on the CPU it is slower than without",
+        help="torch.compile the model, for CUDA: lengths are padded to multiples of 16 so it meets few shapes, "
+        "a new shape compiles again (about 3 times a run) and the first step's time is logged apart; on a CPU "
+        "it does not pay (a 40-step tiny run: 258 s compiled, 8 s eager, on 2 cores)",
     )
     opt.add_argument(
         "--base-dtype",
