@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -123,7 +122,7 @@ def throughput(dry_run: bool) -> tuple[dict, list[dict]]:
 def markdown(report: dict) -> str:
     lines = [
         "# GPU check\n",
-        f"{report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
+        f"{report['device']}; transformers {report['transformers']}; "
         f"{report['started']}{' (dry run: plumbing only, figures meaningless)' if report['dry_run'] else ''}.\n",
         "| check | result | seconds | details |",
         "|---|---|---|---|",
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.report_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor()})",
+        "device": bench.hardware(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
