@@ -5,7 +5,7 @@
 
 1. the CUDA checks (scripts/cuda_checks.py, also tests/test_cuda.py under pytest: bf16 autocast step;
    fp16 with the scaler, an injected overflow skipped and the scale backed off; fused AdamW; a compiled
-   tiny run against the eager one); they need no pytest, which the GPU machine may lack;
+   tiny run against the eager one, dropout off); they need no pytest, which the GPU machine may lack;
 2. 50-step tiny runs of train.py in bf16 and in fp16;
 3. training throughput of flan-t5-base's architecture (random weights), LoRA r=16 on q, v: batch 32 of
    512 source / 128 target tokens, and batch 32 of the bundled data's lengths; bf16 autocast and fp32
