@@ -71,50 +71,51 @@ def throughput(dry_run: bool) -> tuple[dict, list[dict]]:
     """bench.py's worker (a fresh process per configuration) over the configurations in the docstring."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = next((value for key, value in bench.PEAK_BF16_FLOPS if key in name), None)
-    if dry_run:
-        model, reps, warmup, shapes = bench.TINY, 1, 0, {"batch 2 x 16/8 tokens": (2, 16, 8)}
-        variants = [("fp32", False, checkpointing) for checkpointing in (False, True)]
+    if dry_run:  # both kinds of batch, with and without checkpointing, tiny, in fp32 on the CPU
+        model, reps, warmup, batch_size = bench.TINY, 2, 0, 2
+        configs = [("batch 2 x 16/8 tokens", (2, 16, 8), "fp32", False, False)]
+        configs += [("batch 2, bundled lengths", None, "fp32", False, True)]
     else:
-        model, reps, warmup = "flan-t5-base", 5, 2
+        model, reps, warmup, batch_size = "flan-t5-base", 5, 2, 32
         shapes = {"batch 32 x 512/128 tokens": (32, 512, 128), "batch 32, bundled lengths": None}
         variants = [(p, c, ckpt) for p in ("bf16", "fp32") for c in (False, True) for ckpt in (False, True)]
         variants = [v for v in variants if not (v[1] and v[2])]  # compiled with checkpointing: left out (time)
+        configs = [(name, shape, *variant) for name, shape in shapes.items() for variant in variants]
     encoded = None
     check = {"check": "throughput", "ok": True, "seconds": 0.0, "tail": ""}
     start = time.perf_counter()
     results = []
-    for shape_name, shape in shapes.items():
-        for precision, compiled, checkpointing in variants:
-            spec = {"model": model, "mode": "lora", "tokenizer": None, "reps": reps, "precision": precision}
-            spec.update(compile=compiled, checkpointing=checkpointing, warmup=warmup + 2 * compiled)
-            if shape is not None:
-                spec["shape"] = list(shape)
-            else:
-                encoded = encoded or bench.encoded_rows(None)
-                plan = bench.LengthBucketSampler([bench.bucket_key(r) for r in encoded], 32, seed=0).all_batches(0)
-                spec["batches"] = plan[:reps]
-                spec["pad_multiple"] = 8
-            row = {"shape": shape_name, "precision": precision, "compile": compiled, "checkpointing": checkpointing}
-            try:
-                out = bench.run_worker(spec)
-            except RuntimeError as err:
-                check["ok"], check["tail"] = False, check["tail"] + f"\n{row}: {str(err)[-600:]}"
-                results.append({**row, "error": str(err).splitlines()[0]})
-                continue
-            step = statistics.median(out["times"])
-            peak_used = peak and (peak if precision == "bf16" else peak / 2)
-            flops = statistics.median(out["model_flops"])
-            results.append(
-                {
-                    **row,
-                    "median_step_s": step,
-                    "first_step_s": out.get("first_step_s"),
-                    "tokens_per_s": statistics.median(out["real_tokens"]) / step,
-                    "tflops": flops / step / 1e12,
-                    "mfu": flops / step / peak_used if peak_used else None,
-                    "peak_mib": out["peak_mib"],
-                }
-            )
+    for shape_name, shape, precision, compiled, checkpointing in configs:
+        spec = {"model": model, "mode": "lora", "tokenizer": None, "reps": reps, "precision": precision}
+        spec.update(compile=compiled, checkpointing=checkpointing, warmup=warmup + 2 * compiled)
+        if shape is not None:
+            spec["shape"] = list(shape)
+        else:  # the first batches of an epoch's length-bucketed plan, as train.py makes them
+            encoded = encoded or bench.encoded_rows(None)
+            keys = [bench.bucket_key(r) for r in encoded]
+            spec["batches"] = bench.LengthBucketSampler(keys, batch_size, seed=0).all_batches(0)[:reps]
+            spec["pad_multiple"] = 8
+        row = {"shape": shape_name, "precision": precision, "compile": compiled, "checkpointing": checkpointing}
+        try:
+            out = bench.run_worker(spec)
+        except RuntimeError as err:
+            check["ok"], check["tail"] = False, check["tail"] + f"\n{row}: {str(err)[-600:]}"
+            results.append({**row, "error": str(err).splitlines()[0]})
+            continue
+        step = statistics.median(out["times"])
+        peak_used = peak and (peak if precision == "bf16" else peak / 2)
+        flops = statistics.median(out["model_flops"])
+        results.append(
+            {
+                **row,
+                "median_step_s": step,
+                "first_step_s": out.get("first_step_s"),
+                "tokens_per_s": statistics.median(out["real_tokens"]) / step,
+                "tflops": flops / step / 1e12,
+                "mfu": flops / step / peak_used if peak_used else None,
+                "peak_mib": out["peak_mib"],
+            }
+        )
     check["seconds"] = round(time.perf_counter() - start, 1)
     return check, results
 

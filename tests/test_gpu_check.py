@@ -23,7 +23,10 @@ def test_the_gpu_check_runs_dry_and_writes_its_report(tmp_path):
     assert report["dry_run"] and [c["ok"] for c in report["checks"]] == [True] * 3
     assert [c["check"].split()[0] for c in report["checks"]] == ["CUDA", "tiny", "throughput"]
     assert report["checks"][1]["final_train_loss"] > 0
-    assert [row["checkpointing"] for row in report["throughput"]] == [False, True]
+    assert [(row["shape"].split(",")[-1].strip(), row["checkpointing"]) for row in report["throughput"]] == [
+        ("batch 2 x 16/8 tokens", False),
+        ("bundled lengths", True),
+    ]
     assert all(row["tokens_per_s"] > 0 and row["mfu"] is None for row in report["throughput"])  # no peak for a CPU
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "# GPU check" in markdown and "dry run" in markdown and "FAILED" not in markdown
