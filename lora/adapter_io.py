@@ -19,7 +19,7 @@ from torch import nn
 
 from support.files import atomic_write, atomic_write_text
 
-from .adapters import adapter_names, add_adapter, delete_adapter
+from .adapters import adapter_names, add_adapter, check_adapter_name, delete_adapter
 from .dora import DoRALinear
 from .layer import check_lora_hyperparameters
 from .model import inject_lora, lora_layers
@@ -257,7 +257,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     }
     if name is not None:
         return _load_named(model, directory, name, config, setting, state)
+    return _load_single(model, directory, config, setting, state)
 
+
+def _load_single(model: nn.Module, directory: Path, config: dict, setting: dict, state: dict) -> list[str]:
+    """load_adapter without a name: inject with the file's settings, or check the layers already there."""
     layers = lora_layers(model)
     if not layers:
         if setting["init"] not in ("lora", "pissa"):  # "pissa_niter_N"
@@ -349,11 +353,13 @@ def _copy_checked(holders: dict[str, nn.Module], state: dict[str, torch.Tensor],
 
 
 def _load_named(model: nn.Module, directory: Path, name: str, config: dict, setting: dict, state: dict) -> list[str]:
-    if not isinstance(name, str) or not name.isidentifier():
-        raise AdapterError(f"an adapter name must be a Python identifier such as 'retail', got {name!r}.")
+    try:
+        check_adapter_name(name)
+    except ValueError as err:
+        raise AdapterError(str(err)) from None
     if not lora_layers(model):  # the first adapter: loaded as a single one (DoRA and PiSSA too), then named
         try:
-            loaded = load_adapter(model, directory)
+            loaded = _load_single(model, directory, config, setting, state)
         except AdapterError:
             if lora_layers(model):
                 delete_adapter(model, "default")  # nothing half-loaded stays behind

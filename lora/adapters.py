@@ -32,6 +32,12 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
+def check_adapter_name(name) -> None:
+    """An adapter's name is a Python identifier: it becomes a module name (extra_adapters[name])."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"an adapter name must be a Python identifier such as 'retail', got {name!r}.")
+
+
 def add_adapter(
     model: nn.Module,
     name: str,
@@ -44,8 +50,7 @@ def add_adapter(
     """Add a LoRA adapter called `name` (B = 0: it changes nothing until trained or loaded) to the layers
     named in `target_modules`, beside the adapters already there; return the module paths it adapts.
     The active adapter stays what it was (the new one, if it is the model's first)."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"an adapter name must be a Python identifier such as 'retail', got {name!r}.")
+    check_adapter_name(name)
     existing = adapter_names(model)
     if name in existing:
         raise ValueError(f"the model already has an adapter named '{name}': delete_adapter it first, or pick another.")
