@@ -15,8 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.py: the tests' tiny T5, without pytest
 
 import torch  # noqa: E402
+from helpers import randomize_adapter, tiny_t5  # noqa: E402
 
 import train  # noqa: E402
 from data import EncodedExample, collate  # noqa: E402
@@ -27,28 +29,10 @@ ROWS = [EncodedExample([5, 6, 7, 8, 1], [9, 8, 1]), EncodedExample([4, 1], [3, 3
 
 
 def cuda_model(fused: bool = True):
-    """A small T5 (d_model 32) with LoRA on q, v and a random B (B = 0 would give A no gradient), on CUDA."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=64,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    model = T5ForConditionalGeneration(config)
+    """The tests' tiny T5 with LoRA on q, v and a random B, on CUDA, and its AdamW."""
+    model = tiny_t5()
     inject_lora(model, ("q", "v"), r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.normal_(std=0.1)
+    randomize_adapter(model)
     model.to(CUDA).train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-3, fused=fused)

@@ -3,36 +3,12 @@ import tempfile
 
 import pytest
 import torch
-
-from lora import lora_layers
+from helpers import randomize_adapter, tiny_t5  # noqa: F401  (imported by the tests from conftest)
 
 # One tiny-model cache per test session, inherited by the subprocesses tests start.
 os.environ.setdefault("LORA_T5_CACHE", tempfile.mkdtemp(prefix="lora-t5-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def tiny_t5(seed: int = 0, **overrides):
-    """A small T5 built from a config: two layers, d_model 32, random weights."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = dict(
-        vocab_size=64,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    config.update(overrides)
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(T5Config(**config)).eval()
 
 
 @pytest.fixture
@@ -55,13 +31,6 @@ def tiny_model_path():
 def logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits
-
-
-def randomize_adapter(model, seed=3, scale=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * scale)
 
 
 @pytest.fixture(scope="session")
