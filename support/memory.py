@@ -35,33 +35,39 @@ def activation_bytes(
     config, batch_size: int, source_len: int, target_len: int, value_bytes: int, checkpointing: bool
 ) -> int:
     """What a gated T5 with LoRA on q and v keeps for its backward pass, from counting the tensors autograd
-    saves in transformers' T5 (train mode, dropout on), per token and layer:
+    saves in transformers' T5 as train.py builds it (train mode, dropout on, support/fast_modules.py's
+    dropout and GELU), per token and layer, in values and in 1-byte dropout masks:
 
-        encoder layer, per source token:   7·ff + 8·d + 3·inner + 3·H·S
-        decoder layer, per target token:   7·ff + 12·d + 4·inner + 3·H·T + 3·H·S
-                       per source token:   2·inner + d     (cross-attention's k and v, v's LoRA input)
+                                            values                                masks
+        encoder layer, per source token:   3·ff + 4·d + 3·inner + 3·H·S          ff + 4·d
+        decoder layer, per target token:   3·ff + 6·d + 4·inner + 3·H·T + 3·H·S  ff + 6·d
+                       per source token:   2·inner (cross-attention's k and v)   d (v's LoRA input)
         LM head and loss, per target token: vocab
 
-    d = d_model, inner = heads·d_kv, ff = d_ff, H = heads, S and T the source and target lengths; 7·ff is
-    the gated-GELU's two projections, its tanh-GELU and their product with dropout; the H·S and H·T
-    terms are attention scores, softmax and dropout. Times batch_size and value_bytes (4 in fp32, 2
-    under bf16/fp16 autocast, which leaves norms and the loss in fp32: an underestimate there).
-    With activation checkpointing only each block's input (d per token) is kept, plus one block's
-    activations while it is recomputed. Measured against the bytes of the tensors autograd saves, on
-    four tiny T5 shapes, it is within 1.3% without checkpointing (tests/test_memory.py checks 3%);
-    without dropout it overestimates (by about 25% on the tiny model).
+    d = d_model, inner = heads·d_kv, ff = d_ff, H = heads, S and T the source and target lengths; 3·ff is
+    the gated-GELU's two projections and the GELU's output; the masks are the dropouts' on the block
+    outputs, the feed-forward's inside and LoRA's inputs (torch's own dropout keeps them as 4-byte floats
+    on the CPU, transformers' six-operation GELU 4·ff more); the H·S and H·T terms are attention scores,
+    softmax and dropout. Values take value_bytes (4 in fp32, 2 under bf16/fp16 autocast, which leaves
+    norms and the loss in fp32: an underestimate there); all times batch_size. With activation
+    checkpointing only each block's input (d values per token) is kept, plus one block's activations
+    while it is recomputed. Measured against the bytes of the tensors autograd saves, on four tiny T5
+    shapes, it is within 2.1% without checkpointing (tests/test_memory.py checks 3%), and 1.1% on
+    flan-t5-base's architecture at 8 x 32/64 tokens; without dropout it overestimates.
     """
     d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
     heads, vocab, S, T = config.num_heads, config.vocab_size, source_len, target_len
-    encoder_layer = S * (7 * ff + 8 * d + 3 * inner + 3 * heads * S)
-    decoder_layer = T * (7 * ff + 12 * d + 4 * inner + 3 * heads * T + 3 * heads * S) + S * (2 * inner + d)
-    head = T * vocab
+    vb = value_bytes
+    encoder_layer = S * (vb * (3 * ff + 4 * d + 3 * inner + 3 * heads * S) + ff + 4 * d)
+    decoder_layer = T * (vb * (3 * ff + 6 * d + 4 * inner + 3 * heads * T + 3 * heads * S) + ff + 6 * d)
+    decoder_layer += S * (vb * 2 * inner + d)
+    head = T * vocab * vb
     if checkpointing:
-        block_inputs = config.num_layers * S * d + config.num_decoder_layers * T * d
+        block_inputs = (config.num_layers * S * d + config.num_decoder_layers * T * d) * vb
         per_row = block_inputs + max(encoder_layer, decoder_layer) + head
     else:
         per_row = config.num_layers * encoder_layer + config.num_decoder_layers * decoder_layer + head
-    return batch_size * value_bytes * per_row
+    return batch_size * per_row
 
 
 def plan_memory(

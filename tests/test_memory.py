@@ -7,9 +7,10 @@ import torch
 from conftest import tiny_t5
 
 from lora import inject_lora, set_base_dtype
+from support.fast_modules import use_fast_modules
 from support.memory import MemoryPlan, activation_bytes, plan_memory, refusal
 
-TOLERANCE = 0.03  # measured: within 1.3% on these shapes
+TOLERANCE = 0.03  # measured: within 2.1% on these shapes
 
 
 def saved_activation_bytes(model, batch) -> int:
@@ -41,6 +42,7 @@ def saved_activation_bytes(model, batch) -> int:
 def test_activation_estimate_is_within_tolerance_of_what_autograd_saves(shape, batch_size, source_len, target_len):
     model = tiny_t5(dropout_rate=0.1, **shape).train()
     inject_lora(model, ("q", "v"), r=4, alpha=8, dropout=0.05)
+    use_fast_modules(model)  # as train.py builds it
     generator = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(2, 64, (batch_size, source_len), generator=generator),
