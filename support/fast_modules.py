@@ -1,4 +1,4 @@
-"""Faster stand-ins for two of T5's training-time modules, computing the same functions.
+"""Faster stand-ins for three of T5's training-time modules, computing the same functions.
 
 `use_fast_modules(model)` (train.py calls it once the adapter is injected) swaps, in place:
 
@@ -8,6 +8,10 @@
   draw per element, the step's third most expensive operator). Each call seeds PCG64 from torch's
   generator, so --seed, --resume and activation checkpointing's replay still fix every mask; the
   random stream is not the one nn.Dropout draws. On a GPU it is F.dropout (Philox, already fast).
+- every plain `nn.Linear` (k, o, the feed-forward's, lm_head) for `Linear`, whose product is lora's
+  `frozen_linear`: F.linear, except for a frozen bf16 weight on a CPU without bf16 matrix instructions,
+  where PyTorch's bf16 GEMM is 5-300x slower than computing the same product in fp32 and rounding once
+  (the LoRA layers' own base product already goes through it). The same Parameters, so ties are kept.
 - transformers' `NewGELUActivation` (flan-t5's gated-GELU, the tanh approximation written as six
   elementwise operations) for `nn.GELU(approximate="tanh")`: the same formula in one kernel (outputs
   within 3e-7 of each other in fp32).
@@ -19,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 from transformers.activations import NewGELUActivation
+
+from lora.layer import frozen_linear
 
 
 class Dropout(nn.Dropout):
@@ -34,13 +40,29 @@ class Dropout(nn.Dropout):
         return (x * kept).mul_(1 / (1 - self.p))  # autograd keeps the 1-byte mask, as nn.Dropout does
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose product is frozen_linear: fast for a frozen bf16 weight on an AVX2 CPU too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight, self.bias)
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> Linear:
+        """A Linear holding `linear`'s own weight and bias (the same Parameters: a tie stays a tie)."""
+        fast = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        fast.weight, fast.bias = linear.weight, linear.bias
+        return fast.train(linear.training)
+
+
 def use_fast_modules(model: nn.Module) -> int:
-    """Swap the model's dropout and tanh-GELU modules for the faster ones above; return how many."""
+    """Swap the model's dropout, linear and tanh-GELU modules for the faster ones above; return how many."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:
                 setattr(parent, name, Dropout(child.p, child.inplace).train(child.training))
+            elif type(child) is nn.Linear:
+                setattr(parent, name, Linear.sharing(child))
             elif type(child) is NewGELUActivation:
                 setattr(parent, name, nn.GELU(approximate="tanh"))
             else:

@@ -1,4 +1,4 @@
-"""support/fast_modules.py: the faster dropout and GELU compute the same functions as T5's own."""
+"""support/fast_modules.py: the faster dropout, linear and GELU compute the same functions as T5's own."""
 
 import math
 
@@ -6,7 +6,7 @@ import torch
 from conftest import logits, tiny_t5
 from torch import nn
 
-from support.fast_modules import Dropout, use_fast_modules
+from support.fast_modules import Dropout, Linear, use_fast_modules
 
 
 def test_dropout_keeps_each_element_with_probability_1_minus_p_scaled_and_independent():
@@ -40,6 +40,9 @@ def test_fast_modules_compute_what_t5s_modules_compute(t5_batch):
     assert use_fast_modules(fast) > 0
     assert not any(type(m) is nn.Dropout for m in fast.modules())
     assert any(isinstance(m, nn.GELU) for m in fast.modules())
+    assert not any(type(m) is nn.Linear for m in fast.modules()) and isinstance(fast.lm_head, Linear)
+    tied = model.lm_head.weight is model.shared.weight
+    assert (fast.lm_head.weight is fast.shared.weight) == tied  # the swap keeps the Parameters, so the tie
     model.eval(), fast.eval()  # dropout off: the GELU alone differs, by rounding
     torch.testing.assert_close(logits(fast, t5_batch), logits(model, t5_batch), rtol=1e-6, atol=1e-6)
     for m in (model, fast):

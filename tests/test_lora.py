@@ -3,10 +3,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import logits, randomize_adapter, tiny_t5
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import lora.layer
 from lora import (
     AdapterError,
     LoRALinear,
@@ -22,6 +24,7 @@ from lora import (
     set_base_dtype,
     unmerge_lora,
 )
+from lora.layer import frozen_linear
 
 # --- the layer --------------------------------------------------------------------------------------------
 
@@ -465,6 +468,31 @@ def test_a_bf16_base_with_an_fp32_adapter(t5_batch):
         assert torch.equal(layer.weight, (w0[id(layer)] + layer.delta_weight()).to(torch.bfloat16))
     merged = logits(model, t5_batch)
     assert torch.isfinite(merged).all() and (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()
+
+
+def test_a_frozen_bf16_product_on_a_cpu_without_bf16_matmul_is_computed_in_fp32(monkeypatch):
+    """frozen_linear: on an AVX2 CPU a frozen bf16 weight's product and the input's gradient are the fp32
+    products of the same bf16 values rounded once (PyTorch's bf16 GEMM there is 5-300x slower), it keeps
+    nothing but the weight for the backward, and every other case is F.linear."""
+    monkeypatch.setattr(lora.layer, "CPU_HAS_BF16_MATMUL", False)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 48).bfloat16().requires_grad_()
+    weight, bias = torch.randn(64, 48).bfloat16(), torch.randn(64).bfloat16()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = frozen_linear(x, weight, bias)
+    assert type(y.grad_fn).__name__ == "_Bf16LinearInFp32Backward"
+    assert y.dtype == torch.bfloat16 and torch.equal(y, (x.float() @ weight.float().T + bias.float()).bfloat16())
+    assert [t.data_ptr() for t in saved] == [weight.data_ptr()]  # the weight itself, no copy, no activation
+    native = F.linear(x, weight, bias).float()
+    assert ((y.float() - native).abs() <= 2**-7 * native.abs() + 1e-6).all()  # within one bf16 rounding
+    grad = torch.randn(3, 5, 64).bfloat16()
+    y.backward(grad)
+    assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, (grad.float() @ weight.float()).bfloat16())
+    for args in [(x.float(), weight.float(), None), (x, weight.requires_grad_(), None)]:  # fp32; a trained weight
+        assert type(frozen_linear(*args).grad_fn).__name__ != "_Bf16LinearInFp32Backward"
+    monkeypatch.setattr(lora.layer, "CPU_HAS_BF16_MATMUL", True)  # AVX-512 or AMX: PyTorch's own bf16 GEMM
+    assert type(frozen_linear(x, weight.detach()).grad_fn).__name__ != "_Bf16LinearInFp32Backward"
 
 
 def test_lora_plus_groups_hold_exactly_the_as_and_the_bs():
