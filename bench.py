@@ -449,11 +449,8 @@ def bench_memory(args, rows, batch_indices) -> list[dict]:
     process: peak memory while the step ran (CPU: resident set sampled every ms; CUDA: max allocated),
     beside train.py's memory plan for the same configuration, and the step time. flan-t5-xl's architecture
     (that of bigscience/T0_3B) at batch 8, 32 source / 64 target tokens, then flan-t5-base's at the bundled
-    data's lengths (CUDA: flan-t5-large and xl, both 8 x 32/64).
-
-    On a CPU without bf16 matrix instructions, PyTorch's bf16 backward falls back to a plain GEMM (about
-    1 GFLOP/s a thread here): one bf16 step of xl takes over an hour, so there the bf16 rows of xl show
-    the plan only, unless --memory-bf16-xl."""
+    data's lengths (CUDA: flan-t5-large and xl, both 8 x 32/64). On a CPU, xl gets one timed step (after
+    the first): a step takes minutes there, and memory is the point."""
     on_cuda = torch.cuda.is_available()
     fixed = (args.batch_size, 32, 64)
     if args.quick:
@@ -475,33 +472,31 @@ def bench_memory(args, rows, batch_indices) -> list[dict]:
             if (mode == "peft" and not peft_installed()) or (args.quick and label[:3] in ("(a)", "(c)")):
                 continue  # --quick checks the code paths: (b) and (d) between them take every one
             plan = memory_plan(model_name, base_dtype, checkpointing, batch, source_len, target_len)
-            slow = not on_cuda and base_dtype == "bf16" and model_name == "flan-t5-xl" and not args.memory_bf16_xl
-            out = None
-            if not slow:
-                spec = {
-                    "model": model_name,
-                    "mode": mode,
-                    "tokenizer": args.tokenizer,
-                    "warmup": args.warmup if on_cuda else 0,  # a CPU step of xl takes minutes: memory is the point
-                    "reps": args.reps if on_cuda else 1,
-                    "base_dtype": base_dtype,
-                    "checkpointing": checkpointing,
-                    "return_freed_memory": True,
-                }
-                spec.update({"shape": list(shape)} if shape else {"batches": [batch_indices] * spec["reps"]})
-                out = run_worker(spec)
-                baseline = baseline or out["step_peak_mib"]
+            xl_on_cpu = not on_cuda and model_name == "flan-t5-xl"
+            spec = {
+                "model": model_name,
+                "mode": mode,
+                "tokenizer": args.tokenizer,
+                "warmup": 0 if xl_on_cpu else args.warmup,
+                "reps": 1 if xl_on_cpu else args.reps,
+                "base_dtype": base_dtype,
+                "checkpointing": checkpointing,
+                "return_freed_memory": True,
+            }
+            spec.update({"shape": list(shape)} if shape else {"batches": [batch_indices] * spec["reps"]})
+            out = run_worker(spec)
+            baseline = baseline or out["step_peak_mib"]
             results.append(
                 {
                     "model": model_name,
                     "tokens": f"{batch} x {source_len}/{target_len}",
                     "config": label,
-                    "step_peak_mib": out and out["step_peak_mib"],
-                    "runtime_mib": out and out["runtime_mib"],
+                    "step_peak_mib": out["step_peak_mib"],
+                    "runtime_mib": out["runtime_mib"],
                     "plan_mib": plan / 2**20,
-                    "vs_a": out and baseline and out["step_peak_mib"] / baseline,
-                    "median_step_s": out and statistics.median(out["times"]),
-                    "steps": len(out["times"]) if out else "not run: bf16 GEMM fallback on this CPU",
+                    "vs_a": out["step_peak_mib"] / baseline,
+                    "median_step_s": statistics.median(out["times"]),
+                    "steps": len(out["times"]),
                 }
             )
     return results
@@ -823,12 +818,6 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=["train", "peft", "variants", "memory", "epoch", "inference", "throughput", "profile"],
         help="run only these sections",
-    )
-    p.add_argument(
-        "--memory-bf16-xl",
-        action="store_true",
-        help="on a CPU, also run flan-t5-xl's bf16-base steps of the memory section (over an hour each without "
-        "bf16 matrix instructions)",
     )
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
