@@ -48,20 +48,24 @@ def activation_bytes(
     the gated-GELU's two projections and the GELU's output; the masks are the dropouts' on the block
     outputs, the feed-forward's inside and LoRA's inputs (torch's own dropout keeps them as 4-byte floats
     on the CPU, transformers' six-operation GELU 4·ff more); the H·S and H·T terms are attention scores,
-    softmax and dropout. Values take value_bytes (4 in fp32, 2 under bf16/fp16 autocast, which leaves
-    norms and the loss in fp32: an underestimate there); all times batch_size. With activation
+    softmax and dropout. Values take 4 bytes in fp32. With a bf16 or fp16 base (value_bytes 2) only the
+    feed-forward's 3·ff values and the block inputs take 2: T5's norms compute in fp32, LoRA's branch
+    takes its input in A's fp32, and on the CPU SDPA's math path upcasts attention to fp32 (on CUDA the
+    fused attention kernels keep less: an overestimate there). All times batch_size. With activation
     checkpointing only each block's input (d values per token) is kept, plus one block's activations
     while it is recomputed. Measured against the bytes of the tensors autograd saves, on four tiny T5
-    shapes, it is within 2.1% without checkpointing (tests/test_memory.py checks 3%), and 1.1% on
-    flan-t5-base's architecture at 8 x 32/64 tokens; without dropout it overestimates.
+    shapes, it is within 2.1% in fp32 (tests/test_memory.py checks 3%), and 1.1% on flan-t5-base's
+    architecture at 8 x 32/64 tokens; with a bf16 base it is 2-6% under on the same shapes (the test
+    checks 8%; 12% under on a shape whose d_ff is only 1.3 d_model; flan-t5's is 2.5); without dropout
+    it overestimates.
     """
     d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
     heads, vocab, S, T = config.num_heads, config.vocab_size, source_len, target_len
-    vb = value_bytes
-    encoder_layer = S * (vb * (3 * ff + 4 * d + 3 * inner + 3 * heads * S) + ff + 4 * d)
-    decoder_layer = T * (vb * (3 * ff + 6 * d + 4 * inner + 3 * heads * T + 3 * heads * S) + ff + 6 * d)
-    decoder_layer += S * (vb * 2 * inner + d)
-    head = T * vocab * vb
+    vb, fp32 = value_bytes, 4  # vb: the feed-forward's values and the block inputs; fp32: the rest
+    encoder_layer = S * (vb * 3 * ff + fp32 * (4 * d + 3 * inner + 3 * heads * S) + ff + 4 * d)
+    decoder_layer = T * (vb * 3 * ff + fp32 * (6 * d + 4 * inner + 3 * heads * T + 3 * heads * S) + ff + 6 * d)
+    decoder_layer += S * (fp32 * 2 * inner + d)
+    head = T * vocab * fp32
     if checkpointing:
         block_inputs = (config.num_layers * S * d + config.num_decoder_layers * T * d) * vb
         per_row = block_inputs + max(encoder_layer, decoder_layer) + head

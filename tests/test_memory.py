@@ -10,7 +10,7 @@ from lora import inject_lora, set_base_dtype
 from support.fast_modules import use_fast_modules
 from support.memory import MemoryPlan, activation_bytes, plan_memory, refusal
 
-TOLERANCE = 0.03  # measured: within 2.1% on these shapes
+TOLERANCE = {torch.float32: 0.03, torch.bfloat16: 0.08}  # measured on these shapes: within 2.1%; 2.2-5.5% under
 
 
 def saved_activation_bytes(model, batch) -> int:
@@ -30,6 +30,7 @@ def saved_activation_bytes(model, batch) -> int:
     return sum(saved.values())
 
 
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape, batch_size, source_len, target_len",
     [
@@ -39,10 +40,13 @@ def saved_activation_bytes(model, batch) -> int:
         ({"d_model": 64, "d_ff": 512, "d_kv": 16, "num_layers": 2, "num_decoder_layers": 3}, 2, 12, 20),
     ],
 )
-def test_activation_estimate_is_within_tolerance_of_what_autograd_saves(shape, batch_size, source_len, target_len):
+def test_activation_estimate_is_within_tolerance_of_what_autograd_saves(
+    shape, batch_size, source_len, target_len, base_dtype
+):
     model = tiny_t5(dropout_rate=0.1, **shape).train()
     inject_lora(model, ("q", "v"), r=4, alpha=8, dropout=0.05)
     use_fast_modules(model)  # as train.py builds it
+    set_base_dtype(model, base_dtype)
     generator = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(2, 64, (batch_size, source_len), generator=generator),
@@ -50,8 +54,9 @@ def test_activation_estimate_is_within_tolerance_of_what_autograd_saves(shape, b
         "labels": torch.randint(2, 64, (batch_size, target_len), generator=generator),
     }
     measured = saved_activation_bytes(model, batch)
-    estimate = activation_bytes(model.config, batch_size, source_len, target_len, 4, checkpointing=False)
-    assert abs(estimate - measured) <= TOLERANCE * measured, (estimate, measured)
+    value_bytes = torch.finfo(base_dtype).bits // 8
+    estimate = activation_bytes(model.config, batch_size, source_len, target_len, value_bytes, checkpointing=False)
+    assert abs(estimate - measured) <= TOLERANCE[base_dtype] * measured, (estimate, measured)
 
 
 def test_plan_counts_weights_and_adapter_state_exactly():
