@@ -11,6 +11,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+import lora.layer
+
 from .cli import UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,6 +40,12 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
         warnings.warn(
             "fp16: T5 overflows in half precision (inf after the feed-forward, then NaN); the gradient "
             "scaler and NaN guards skip such steps, but prefer --precision bf16.",
+            stacklevel=2,
+        )
+    if dtype == torch.bfloat16 and device.type == "cpu" and not lora.layer.CPU_HAS_BF16_MATMUL:
+        warnings.warn(
+            "--precision bf16: this CPU has no bf16 matrix instructions, so bf16 autocast makes its matmuls "
+            "5-300x slower than fp32; use --precision fp32 (--base-dtype bf16 still halves the weights' memory).",
             stacklevel=2,
         )
     if device.type == "cuda":
