@@ -463,6 +463,7 @@ def bench_memory(args, rows, batch_indices) -> list[dict]:
     results = []
     for model_name, shape in plans:
         baseline = None
+        xl_on_cpu = not on_cuda and model_name == "flan-t5-xl"
         batch, source_len, target_len = shape or (
             len(real),
             max(len(r.input_ids) for r in real),
@@ -472,7 +473,6 @@ def bench_memory(args, rows, batch_indices) -> list[dict]:
             if (mode == "peft" and not peft_installed()) or (args.quick and label[:3] in ("(a)", "(c)")):
                 continue  # --quick checks the code paths: (b) and (d) between them take every one
             plan = memory_plan(model_name, base_dtype, checkpointing, batch, source_len, target_len)
-            xl_on_cpu = not on_cuda and model_name == "flan-t5-xl"
             spec = {
                 "model": model_name,
                 "mode": mode,

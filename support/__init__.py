@@ -3,7 +3,7 @@
 - cli: the usage-error type and the exit-status convention every script follows
 - files: atomic writes and the lock that keeps two runs out of one directory
 - precision: --precision to a dtype, and the autocast context
-- fast_modules: faster stand-ins for T5's dropout and GELU, computing the same functions
+- fast_modules: faster stand-ins for T5's dropout, linear layers and GELU, computing the same functions
 - models: the one place that turns --model into a model and tokenizer (tiny, a directory, a hub name,
   flan-t5-base's architecture with random weights)
 - train_args: train.py's options, their two default sets (flan-t5-base and tiny) and their checks
