@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from data import (
@@ -63,6 +62,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
     validate_args(args)
     env = dist.setup_distributed()
     lock = OutputDirLock(args.output_dir)  # rank 0 holds the directory until the run ends
+    run, finished = None, False
     try:
         config = run_config(args, env.world_size)
         resume_from = dist.on_main(lambda: lock.acquire() or prepare_output_dir(args, config), env.is_main)
@@ -81,7 +81,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
                 resume_from, model, run.optimizer, run.scheduler, run.scaler, env.device, env.rank
             )
             env.log(f"resumed from {resume_from} at step {progress.step}")
-        run.train_model = DistributedDataParallel(model) if env.world_size > 1 else model
+        run.train_model = dist.data_parallel(model)
         if args.compile:
             # transformers wraps each T5 layer type's forward in one shared function, which dynamo compiles once
             # per type and batch shape: past the default limit of 8 it would silently fall back to eager.
@@ -102,10 +102,13 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         summary.update(output_dir=str(args.output_dir), aborted=aborted)
         if aborted:
             raise TrainingAborted(aborted)
+        finished = True
         return summary
     finally:
         lock.release()
-        dist.teardown_distributed()
+        if run is not None:
+            run.train_model = None  # the DDP wrapper goes before the process group (see teardown_distributed)
+        dist.teardown_distributed(finished)
 
 
 class TrainingAborted(RuntimeError):

@@ -5,13 +5,19 @@ With one process every helper reduces to plain arithmetic, so the loop reads the
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import os
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .cli import UsageError
 
@@ -47,9 +53,42 @@ def setup_distributed() -> Distributed:
     return Distributed(dist.get_rank(), world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
-def teardown_distributed() -> None:
-    if dist.is_initialized():
+def data_parallel(model: nn.Module) -> nn.Module:
+    """`model` in DistributedDataParallel under torchrun, the model itself otherwise. Drop every reference to
+    the wrapper before `teardown_distributed`."""
+    return DistributedDataParallel(model) if dist.is_initialized() else model
+
+
+TEARDOWN_DEADLINE_S = 60  # leaving the process group takes well under a second; past this it is stuck
+
+
+def teardown_distributed(finished: bool) -> None:
+    """Leave the process group in an order that cannot deadlock; `finished`: the run's work ended normally.
+
+    A DDP wrapper's Reducer holds the process group. Were the Reducer the last to hold it, freeing the
+    wrapper after destroy_process_group would destroy the group inside the Reducer's destructor, which runs
+    holding the GIL and joins gloo's worker threads, while a worker may be waiting for the GIL to free a
+    finished collective's tensors: a deadlock (py-spy: ~ProcessGroupGloo under ~Reducer, at random). So the
+    caller drops its wrapper first; here the frames of an exception in flight, which may hold it too, are
+    cleared and collected; the ranks meet (after a normal end only: a failed rank may have left the others
+    inside a collective); then the group is destroyed, and it is freed by its own binding, without the GIL.
+    Should anything still hang, a watchdog thread outside Python prints every thread's stack and ends the
+    process after TEARDOWN_DEADLINE_S.
+    """
+    if not dist.is_initialized():
+        return
+    in_flight = sys.exc_info()[1]
+    if in_flight is not None:
+        traceback.clear_frames(in_flight.__traceback__)
+    gc.collect()
+    if finished:
+        dist.barrier()
+    faulthandler.dump_traceback_later(TEARDOWN_DEADLINE_S, exit=True)
+    try:
         dist.destroy_process_group()
+        gc.collect()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def world_size() -> int:

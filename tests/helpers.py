@@ -34,3 +34,41 @@ def randomize_adapter(model, seed=3, scale=0.1):
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * scale)
+
+
+def run_to_the_end(command, *, work_done: str, env=None, timeout: float = 300, linger_s: float = 20):
+    """Run `command` in its own process group and return (exit status, stdout, stderr). Fails when it runs
+    past `timeout`, or lingers more than `linger_s` after printing `work_done` on either stream (its work is
+    over: what is left is the teardown); either way its whole process group is killed, torchrun's workers
+    with it."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
+        start, done_at, verdict = time.monotonic(), None, None
+        while process.poll() is None:
+            now = time.monotonic()
+            if done_at is None:
+                out.seek(0), err.seek(0)
+                done_at = now if work_done in out.read() + err.read() else None
+            if now - start > timeout:
+                verdict = f"still running after {timeout:.0f} s"
+            elif done_at is not None and now - done_at > linger_s:
+                verdict = f"its work ended, yet it was still running {linger_s:.0f} s later (a hang in teardown?)"
+            if verdict:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                break
+            time.sleep(0.1)
+        try:  # whatever it left behind in its group (a worker whose parent ended) goes too
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    assert verdict is None, f"{' '.join(map(str, command))}: {verdict}\n{stderr[-3000:]}"
+    return process.returncode, stdout, stderr

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_adapter, tiny_t5
+from helpers import run_to_the_end
 from safetensors.torch import load_file
 
 import lora.layer
@@ -392,24 +394,57 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_matches_an_uninterrupt
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
 
 
+STUCK_IN_A_COLLECTIVE = """
+import datetime, sys
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from support.cli import stop_requests
+store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=120), wait_for_workers=False)
+with stop_requests(grace_s=2):
+    print("waiting for a rank that never comes", flush=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=2, timeout=datetime.timedelta(seconds=120))
+"""
+
+
+def test_a_stop_request_ends_a_process_stuck_in_c_plus_plus_after_its_grace(tmp_path):
+    """Python runs signal handlers between bytecodes only: a rank waiting in gloo for a peer that never comes
+    would note SIGTERM and wait on (here 120 s). The deadline ends it, with the stacks of where it hung."""
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_IN_A_COLLECTIVE)
+    command = [sys.executable, "-u", str(script), str(ROOT)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    process = subprocess.Popen(command, **pipes, text=True, start_new_session=True)
+    try:
+        assert process.stdout.readline().startswith("waiting"), process.stderr.read()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = process.wait(timeout=30)
+        assert time.monotonic() - sent < 15
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing of it may outlive the test
+            os.killpg(process.pid, signal.SIGKILL)
+    err = process.stderr.read()
+    assert code == 1 and "SIGTERM: finishing the step" in err and "past 2 s the run ends anyway" in err
+    assert "in init_process_group" in err  # faulthandler's stacks: where it was stuck
+
+
 # --- distributed ------------------------------------------------------------------------------------------
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
+WORK_DONE = "; adapter in "  # rank 0's summary line: what is left after it is the teardown
 
 
 def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path, capsys):
     """2 gloo processes at batch 10 see, step by step, the same 20 rows as 1 process accumulating 2 batches
     of 10 (the epoch has an even number of batches, so none is split). Dropout is 0, so the adapters match."""
     common = [*FAST, "--batch-size", "10", "--max-steps", "3", "--dropout", "0", "--log-every", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-        + [str(ROOT / "train.py"), *common, "--output-dir", str(tmp_path / "ddp")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("trainable parameters") == 1  # only rank 0 logs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [*TORCHRUN, str(ROOT / "train.py"), *common, "--output-dir", str(tmp_path / "ddp")]
+    code, stdout, stderr = run_to_the_end(command, work_done=WORK_DONE, env=env)
+    assert code == 0, stderr[-3000:]
+    assert stdout.count("trainable parameters") == 1  # only rank 0 logs
     assert json.loads((tmp_path / "ddp" / "training_config.json").read_text())["world_size"] == 2
 
     assert train.main([*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]) == 0
@@ -420,6 +455,65 @@ def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path,
     assert any(torch.count_nonzero(v) for k, v in one.items() if "lora_B" in k)
     losses = [[r["train_loss"] for r in metrics(tmp_path / run)] for run in ("ddp", "one")]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-6, atol=0)
+
+
+def test_a_run_that_outlives_its_work_fails_and_its_whole_process_group_ends(tmp_path):
+    """The guard of the torchrun tests: a command that lingers after its work fails the test, and its
+    children (torchrun's workers) end with it, rather than living on, reparented to init."""
+    pid_file = tmp_path / "child.pid"
+    lingering = ["bash", "-c", f"sleep 300 & echo $! > {pid_file}; echo work done; wait"]
+    with pytest.raises(AssertionError, match="still running 1 s later"):
+        run_to_the_end(lingering, work_done="work done", linger_s=1)
+    child = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while Path(f"/proc/{child}").exists() and time.time() < deadline:
+        time.sleep(0.05)  # killed, then reaped by init
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+WRAPPERS_AT_TEARDOWN = """
+import gc, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import train
+
+destroy = dist.destroy_process_group
+def counting_wrappers():
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {dist.get_rank()}: {alive} DDP wrapper(s) alive when the process group is destroyed", flush=True)
+    destroy()
+dist.destroy_process_group = counting_wrappers
+
+if os.environ.get("FAIL_AT_STEP"):  # an error inside the step: its frames hold the wrapper as they unwind
+    train_step, calls = train.train_step, []
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(os.environ["FAIL_AT_STEP"]):
+            raise KeyboardInterrupt("stopped inside the step")
+        return train_step(*args, **kwargs)
+    train.train_step = failing_step
+raise SystemExit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("fail_at_step", [None, 2, None], ids=["ends", "fails", "ends-again"])
+def test_torchrun_runs_end_with_their_work_and_no_ddp_wrapper_outlives_the_process_group(tmp_path, fail_at_step):
+    """A DDP wrapper freed after destroy_process_group frees the group in its Reducer's destructor, holding
+    the GIL while it joins gloo's workers: at random, a run that never ends. So the wrapper must be gone
+    before (counted at destroy_process_group, on a clean end and on an error), and each run must exit
+    within seconds of its work."""
+    script = tmp_path / "count_wrappers.py"
+    script.write_text(WRAPPERS_AT_TEARDOWN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if fail_at_step:
+        env["FAIL_AT_STEP"] = str(fail_at_step)
+    argv = [*FAST, "--batch-size", "8", "--max-steps", "3", "--output-dir", str(tmp_path / "run")]
+    work_done = "interrupted: stopped inside the step" if fail_at_step else WORK_DONE
+    code, stdout, stderr = run_to_the_end([*TORCHRUN, str(script), str(ROOT), *argv], work_done=work_done, env=env)
+    assert code == (1 if fail_at_step else 0), stderr[-3000:]
+    counts = sorted(line for line in stdout.splitlines() if "when the process group is destroyed" in line)
+    assert counts == [f"rank {r}: 0 DDP wrapper(s) alive when the process group is destroyed" for r in (0, 1)]
 
 
 def test_bf16_autocast_on_the_cpu_trains_with_fp32_adapter(tmp_path, monkeypatch):
