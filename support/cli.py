@@ -9,6 +9,8 @@ traceback for these.
 from __future__ import annotations
 
 import errno
+import faulthandler
+import os
 import signal
 import sys
 import threading
@@ -59,11 +61,19 @@ def run_cli(
     return EXIT_OK
 
 
+STOP_GRACE_S = 120  # after a stop request, how long the run may take to finish its step and save
+
+
 @contextmanager
-def stop_requests() -> Iterator[list[str]]:
+def stop_requests(grace_s: float = STOP_GRACE_S) -> Iterator[list[str]]:
     """Inside the block, SIGINT (Ctrl-C) and SIGTERM are noted, not obeyed at once: the list yielded
-    receives the signal's name, so a loop can finish its step and save before it stops. A second
-    signal acts at once."""
+    receives the signal's name, so a loop can finish its step and save before it stops.
+
+    A second signal acts at once. So does the end of a deadline: Python runs a signal handler only
+    between bytecodes, never while a collective or a kernel is stuck in C++, so the signal also wakes a
+    thread (through the wakeup fd, written by the C-level handler) that arms faulthandler's watchdog,
+    which needs no GIL: if the process has not ended `grace_s` later, it prints every thread's stack and
+    exits with status 1."""
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
         yield received
@@ -76,8 +86,30 @@ def stop_requests() -> Iterator[list[str]]:
 
     for sig in previous:
         signal.signal(sig, note)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    previous_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+
+    def arm_deadline():
+        while signum := os.read(wake_read, 1):  # b"" once the block has ended
+            if signum[0] in (signal.SIGINT, signal.SIGTERM):
+                faulthandler.dump_traceback_later(grace_s, exit=True)
+                print(
+                    f"\n{signal.Signals(signum[0]).name}: finishing the step and saving a checkpoint; past "
+                    f"{grace_s:.0f} s the run ends anyway (a second signal ends it now).",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+
+    watchdog = threading.Thread(target=arm_deadline, name="stop-deadline", daemon=True)
+    watchdog.start()
     try:
         yield received
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(wake_write)
+        watchdog.join()
+        os.close(wake_read)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
