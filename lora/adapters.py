@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import MethodType
 
 import torch
 from torch import nn
@@ -141,14 +142,22 @@ def active_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
         set_active_adapter(model, before)
 
 
+PEFT_BASE = "__base__"  # PEFT's name for a row that wants the base model alone; ours is None
+
+
 @contextmanager
 def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Inside the block, row i of every batch gets adapter names[i]'s update (None: the base alone). For
-    model(...) and model.generate(...) alike; generate's beams repeat their row's adapter."""
+    """Inside the block, row i of every batch gets adapter names[i]'s update (None or "__base__": the base
+    alone). For model(...) and model.generate(...) alike; generate's beams repeat their row's adapter.
+    `model(..., adapter_names=names)` and `model.generate(..., adapter_names=names)` do the same for one call."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ValueError(f"adapter names for a mixed batch are a non-empty list, one per row; got {names!r}.")
+    names = [BASE if name == PEFT_BASE else name for name in names]
     known = adapter_names(model)
-    unknown = sorted({name for name in names if name is not BASE and name not in known})
+    unknown = sorted({str(name) for name in names if name is not BASE and name not in known})
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown} in the batch: the model has {', '.join(known)}.")
+        has = f"the model has {', '.join(known)}" if known else "the model holds no adapter"
+        raise ValueError(f"unknown adapter(s) {unknown} in the batch: {has} (and {PEFT_BASE!r} for the base).")
     layers = lora_layers(model).values()
     if any(layer.merged for layer in layers):
         raise ValueError("a mixed batch needs every adapter unmerged: call unmerge_lora(model) first.")
@@ -160,10 +169,69 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
         for name in dict.fromkeys(names)
         if name is not BASE
     }
+    outer = [(layer, layer.row_groups) for layer in layers]  # a block inside another one gives them back
     for layer in layers:
         layer.row_groups = (len(names), groups)
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.row_groups = None
+        for layer, row_groups in outer:
+            layer.row_groups = row_groups
+
+
+# PEFT's form, `model(..., adapter_names=[...])` and `model.generate(..., adapter_names=[...])`. transformers'
+# T5 forward takes **kwargs and drops what it does not know, so a model with LoRA layers handles the keyword
+# itself: a forward pre-hook takes it out of the call and opens mixed_adapters for the call, and generate
+# (whose encoder pass does not go through the model's forward) is wrapped the same way.
+
+
+def accept_adapter_names(model: nn.Module) -> None:
+    """Let `model(...)` and `model.generate(...)` take PEFT's `adapter_names=`; done once, by inject_lora."""
+    if getattr(model, "_accepts_adapter_names", False):
+        return
+    model.register_forward_pre_hook(_open_mixed_batch, with_kwargs=True)
+    model.register_forward_hook(_close_mixed_batch, with_kwargs=True, always_call=True)
+    if callable(getattr(model, "generate", None)):
+        model.generate = MethodType(_generate_with_adapter_names, model)
+    model._accepts_adapter_names = True
+
+
+def _rows_of(args: tuple, kwargs: dict, keys: Sequence[str]) -> int:
+    for value in (*args[:1], *(kwargs.get(key) for key in keys)):
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    raise ValueError(f"adapter_names= needs the batch as a tensor ({' or '.join(keys)}) to match names to rows.")
+
+
+def _check_rows(names, rows: int) -> None:
+    if isinstance(names, Sequence) and not isinstance(names, str) and len(names) != rows:
+        raise ValueError(f"adapter_names= has {len(names)} names for a batch of {rows} rows: give one name per row.")
+
+
+def _open_mixed_batch(model, args, kwargs):
+    if "adapter_names" not in kwargs:
+        return None
+    names = kwargs.pop("adapter_names")
+    if names is None:  # as PEFT: no names, the active adapter
+        return args, kwargs
+    _check_rows(names, _rows_of(args, kwargs, ("input_ids", "inputs_embeds", "decoder_input_ids")))
+    block = mixed_adapters(model, names)
+    block.__enter__()
+    model._mixed_batch_calls = [*getattr(model, "_mixed_batch_calls", []), block]
+    return args, kwargs
+
+
+def _close_mixed_batch(model, args, kwargs, output):
+    calls = getattr(model, "_mixed_batch_calls", None)
+    if calls:
+        calls.pop().__exit__(None, None, None)
+    return None
+
+
+def _generate_with_adapter_names(model, *args, adapter_names=None, **kwargs):
+    generate = type(model).generate
+    if adapter_names is None:
+        return generate(model, *args, **kwargs)
+    _check_rows(adapter_names, _rows_of(args, kwargs, ("input_ids", "inputs", "inputs_embeds")))
+    with mixed_adapters(model, adapter_names):
+        return generate(model, *args, **kwargs)

@@ -176,6 +176,11 @@ class LoRALinear(nn.Module):
         one low-rank product per adapter present. generate() repeats each row for beam search; so do we."""
         rows, groups = self.row_groups
         repeats = x.shape[0] // rows  # 1, or the beams per row
+        if x.shape[0] != rows * repeats or repeats == 0:
+            raise ValueError(
+                f"a mixed batch names an adapter for each of {rows} rows, but this batch has {x.shape[0]} rows: "
+                "give one name per row."
+            )
         update = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.lora_A.dtype)
         adapters = self.adapters()
         for name, index in groups.items():

@@ -77,6 +77,9 @@ def inject_lora(
                 layer.reset_magnitude()  # m = ‖W_res + s·B A‖_c = ‖W0‖_c
         layer.train(linear.training)  # the mode of the model it joins: no dropout in an eval-mode model
         setattr(parent, child_name, layer)
+    from .adapters import accept_adapter_names  # lora.adapters builds on this module
+
+    accept_adapter_names(model)  # PEFT's model(..., adapter_names=[...]), never silently dropped
     return replaced
 
 

@@ -154,3 +154,71 @@ def test_errors_leave_nothing_half_loaded(two_adapters, tmp_path):
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     unmerge_lora(model)
+
+
+def test_peft_s_adapter_names_keyword_in_forward_and_generate_equals_peft(two_adapters):
+    """PEFT's form, model(..., adapter_names=[...]): two adapters of different ranks and targets and base rows
+    ("__base__", PEFT's name) in one batch give PEFT's logits, and generate (greedy, beams) PEFT's tokens."""
+    retail, business = two_adapters
+    ours = model_with(retail, business)
+    theirs = peft.PeftModel.from_pretrained(tiny_t5(), retail, adapter_name="retail")
+    theirs.load_adapter(business, adapter_name="business")
+    theirs.eval()
+    generator = torch.Generator().manual_seed(5)
+    inputs = {"input_ids": torch.randint(2, 64, (4, 7), generator=generator)}
+    decoder = {"decoder_input_ids": torch.randint(2, 64, (4, 5), generator=generator)}
+    names = ["business", "__base__", "retail", "business"]
+    with torch.no_grad():
+        mixed = ours(**inputs, **decoder, adapter_names=names).logits
+        torch.testing.assert_close(mixed, theirs(**inputs, **decoder, adapter_names=names).logits, rtol=0, atol=1e-5)
+        assert (mixed - ours(**inputs, **decoder).logits).abs().max() > 0.1  # the keyword was acted on
+        for beams in (1, 2):
+            options = dict(max_new_tokens=6, do_sample=False, num_beams=beams)
+            tokens = ours.generate(**inputs, adapter_names=names, **options)
+            assert tokens.tolist() == theirs.generate(**inputs, adapter_names=names, **options).tolist()
+            assert tokens.tolist() != ours.generate(**inputs, **options).tolist()
+    assert all(layer.row_groups is None for layer in lora_layers(ours).values())  # nothing stays mixed
+
+
+def test_adapter_names_that_cannot_be_honoured_are_refused_in_one_sentence(two_adapters, tmp_path):
+    from lora import DoRALinear
+
+    model = model_with(*two_adapters)
+    x = {"input_ids": torch.randint(2, 64, (3, 6)), "decoder_input_ids": torch.randint(2, 64, (3, 4))}
+    refusals = {
+        "unknown adapter\\(s\\) \\['zzz_unknown'\\]": ["zzz_unknown", "retail", None],
+        "has 2 names for a batch of 3 rows": ["retail", "business"],
+        "has 4 names for a batch of 3 rows": ["retail"] * 4,
+        "a non-empty list": "retail",
+    }
+    for message, names in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            model(**x, adapter_names=names)
+        with pytest.raises(ValueError, match=message):
+            model.generate(input_ids=x["input_ids"], adapter_names=names, max_new_tokens=2)
+    merge_lora(model)
+    with pytest.raises(ValueError, match="needs every adapter unmerged"):
+        model(**x, adapter_names=["retail", None, "business"])
+    unmerge_lora(model)
+    delete_adapter(model, "retail")
+    delete_adapter(model, "business")
+    with pytest.raises(ValueError, match="the model holds no adapter"):
+        model(**x, adapter_names=["retail", None, None])
+    dora = tiny_t5()
+    inject_lora(dora, use_dora=True)
+    assert any(isinstance(layer, DoRALinear) for layer in lora_layers(dora).values())
+    with pytest.raises(ValueError, match="holds a DoRA adapter"):
+        dora(**x, adapter_names=["default", None, "default"])
+    assert all(layer.row_groups is None for layer in lora_layers(dora).values())
+
+
+def test_mixed_blocks_nest_and_check_their_rows(two_adapters, t5_batch):
+    model = model_with(*two_adapters)
+    with mixed_adapters(model, ["retail", None, "business"]):
+        outer = logits(model, t5_batch)
+        with mixed_adapters(model, ["business", "business", "business"]):
+            pass
+        torch.testing.assert_close(logits(model, t5_batch), outer, rtol=0, atol=0)  # the outer rows are back
+    with pytest.raises(ValueError, match="names an adapter for each of 2 rows, but this batch has 3 rows"):
+        with mixed_adapters(model, ["retail", "business"]):
+            logits(model, t5_batch)
