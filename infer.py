@@ -277,9 +277,7 @@ def evaluate(assistant: Assistant, rows: list[dict], store: AccountStore, args: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("query", nargs="?", help="the question; leave out for an interactive prompt")
     p.add_argument(
         "--adapter",

@@ -4,7 +4,6 @@
 
 from .adapter_io import AdapterError, load_adapter, save_adapter
 from .dora import DoRALinear
-from .inspect import amplification, energy_rank, entropy_effective_rank, inspect_adapter, subspace_similarity
 from .layer import LoRALinear, check_lora_hyperparameters
 from .model import (
     count_parameters,
@@ -18,6 +17,18 @@ from .model import (
     unmerge_lora,
 )
 from .pissa import pissa_as_lora, pissa_init
+
+INSPECT_NAMES = ("amplification", "energy_rank", "entropy_effective_rank", "inspect_adapter", "subspace_similarity")
+
+
+def __getattr__(name: str):
+    """lora.inspect's functions, imported when first asked for: were the package to import lora.inspect
+    itself, `python -m lora.inspect` would find it already imported, and runpy warns of that."""
+    if name in INSPECT_NAMES:
+        from . import inspect
+
+        return getattr(inspect, name)
+    raise AttributeError(f"module 'lora' has no attribute {name!r}")
 
 __all__ = [
     "AdapterError",

@@ -231,7 +231,9 @@ def _save(fig, path: Path, plt) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m lora.inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lora.inspect" if sys.argv[0].endswith(".py") else None,  # else lora-t5-inspect
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("adapter", type=Path, help="adapter directory (ours or PEFT's)")
     p.add_argument(

@@ -46,8 +46,7 @@ FLAN_DEFAULTS = {
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """train.py's options; the ones left unset take the defaults of --model (tiny or flan-t5)."""
-    p = argparse.ArgumentParser(
-        prog="train.py",
+    p = argparse.ArgumentParser(  # prog: train.py, or lora-t5-train as installed
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="With --model tiny, options left unset take the tiny model's own defaults (marked 'tiny:' above): "

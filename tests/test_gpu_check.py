@@ -4,9 +4,11 @@ while no GPU is at hand (the figures of a dry run mean nothing)."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHON": sys.executable}  # the environment running the tests, whatever python is on PATH
 
 
 def test_the_gpu_check_runs_dry_and_writes_its_report(tmp_path):
@@ -16,7 +18,7 @@ def test_the_gpu_check_runs_dry_and_writes_its_report(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env=os.environ.copy(),
+        env=ENV,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -33,5 +35,7 @@ def test_the_gpu_check_runs_dry_and_writes_its_report(tmp_path):
 
 
 def test_without_a_gpu_it_refuses_to_run_for_real(tmp_path):
-    result = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr and "Traceback" not in result.stderr
