@@ -245,7 +245,7 @@ def show(results: list[dict], as_json: bool) -> None:
 
 def evaluate(assistant: Assistant, rows: list[dict], store: AccountStore, args: argparse.Namespace) -> dict:
     """Base (adapter disabled) against fine-tuned on `rows`, or against each adapter when there are several;
-    writes eval_report.json and .md, prints the table.
+    writes the report as JSON and markdown (`report_paths`), prints the table.
 
     A response's intent is that of the most similar response in the data the adapters were trained on
     (their runs' --data), or in the bundled training split for an adapter that did not come from train.py.
@@ -260,20 +260,56 @@ def evaluate(assistant: Assistant, rows: list[dict], store: AccountStore, args: 
         adapter = model if several else {BASE: BASE, "fine_tuned": assistant.names[0]}[model]
         return assistant.generate(queries, args.max_new_tokens, adapters=[adapter] * len(queries), **options)
 
-    adapters = {name: str(path) for name, path in assistant.adapters.items()}
     report = {
-        "adapter": adapters if several else next(iter(adapters.values())),
+        "adapter": evaluated_adapters(assistant.adapters),
         "base_model": assistant.base_path,
         "intent_reference": ", ".join(intent_data),
         **evaluation.evaluate(generate, rows, store, matcher, args.batch_size, args.samples, models),
     }
-    report_dir = args.report_dir or next(iter(assistant.adapters.values())) / EVAL
-    report_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(report_dir / "eval_report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(report_dir / "eval_report.md", evaluation.report_markdown(report))
+    json_path, markdown_path = report_paths(args)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(markdown_path, evaluation.report_markdown(report))
     print(evaluation.metrics_markdown(report))
-    print(f"\nreport written to {report_dir / 'eval_report.md'} and {report_dir / 'eval_report.json'}")
+    print(f"\nreport written to {markdown_path} and {json_path}")
     return report
+
+
+def evaluated_adapters(adapters: dict[str, Path]) -> str | dict[str, str]:
+    """What a report records of the adapters it evaluated: the directory, or {name: directory} for several."""
+    paths = {name: str(path) for name, path in adapters.items()}
+    return paths if len(paths) > 1 else next(iter(paths.values()))
+
+
+def report_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where --eval writes: eval_report.json and .md in --report-dir (default: the first adapter's eval/);
+    with several adapters, named after them (eval_report.retail+business.json), so that they never take
+    the place of the first adapter's own report."""
+    directory = args.report_dir or next(iter(args.adapters.values())) / EVAL
+    stem = "eval_report" if len(args.adapters) == 1 else "eval_report." + "+".join(args.adapters)
+    return directory / f"{stem}.json", directory / f"{stem}.md"
+
+
+def check_report_place(args: argparse.Namespace) -> None:
+    """A report there already is replaced only by a new evaluation of the same adapters."""
+    json_path, _ = report_paths(args)
+    if not json_path.is_file():
+        return
+    try:
+        previous = json.loads(json_path.read_text(encoding="utf-8")).get("adapter")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        previous = None
+
+    def resolved(adapters):
+        if isinstance(adapters, dict):
+            return {name: str(Path(path).resolve()) for name, path in adapters.items()}
+        return str(Path(adapters).resolve()) if isinstance(adapters, str) else adapters
+
+    if resolved(previous) != resolved(evaluated_adapters(args.adapters)):
+        raise UsageError(
+            f"{json_path} holds the report of another evaluation (of {previous or 'unknown adapters'}); pass "
+            "--report-dir to write this one elsewhere, or move that report away."
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -351,7 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--report-dir",
         type=Path,
         default=None,
-        help="where eval_report.md/.json go (default: <adapter>/eval, the first adapter's with several)",
+        help="where eval_report.md/.json go (default: <adapter>/eval; with several adapters the first one's, the "
+        "files named after them: eval_report.retail+business.md); a report of other adapters there is never replaced",
     )
     e.add_argument("--samples", type=int, default=10, help="rows in the report's sample table (default: 10)")
     return p.parse_args(argv)
@@ -399,9 +436,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"query file {args.file} {what}: pass a text file with one question per line.")
     if args.use not in (*args.adapters, BASE):
         raise UsageError(f"--use {args.use}: no adapter has that name; use {', '.join(args.adapters)} or {BASE}.")
-    report_dir = args.report_dir or next(iter(args.adapters.values())) / EVAL
+    report_dir = report_paths(args)[0].parent
     if args.eval and report_dir.exists() and not report_dir.is_dir():
         raise UsageError(f"--report-dir {report_dir} is a file: pass a directory for eval_report.md and .json.")
+    if args.eval:
+        check_report_place(args)
     if args.eval_limit is not None and args.eval_limit <= 0:
         raise UsageError(f"--eval-limit must be positive, got {args.eval_limit}.")
 

@@ -28,6 +28,7 @@ GARBLED = "I'm sorry, my answer came out garbled, so I won't show it. Please ask
 CUT_OFF = (
     "I'm sorry, my answer was cut off before it ended, so I won't show it. Please ask again, or ask a shorter question."
 )
+EMPTY = "I'm sorry, I have no answer to that. Please rephrase your question, or ask our support line."
 MAX_AMOUNT = Decimal(10) ** 15  # larger is no account figure: a typo, or a file that is not an account store
 NUMBER = re.compile(r"(?<![\w.])(-)?\$?(-)?(\d[\d,]*(?:\.\d+)?)")
 PLACEHOLDER = re.compile(r"\[([^\[\]]*)\]")
@@ -46,7 +47,7 @@ class Grounded:
     """What the user may see for one raw model output."""
 
     response: str
-    reason: str | None = None  # None (shown), "missing_figure", "invented_figure", "malformed" or "cut_off"
+    reason: str | None = None  # None (shown), "missing_figure", "invented_figure", "malformed", "cut_off" or "empty"
     problems: list[str] = field(default_factory=list)
 
 
@@ -177,6 +178,8 @@ def numbers_in(text: str) -> list[Decimal]:
 
 def ground(raw: str, query: str, store: AccountStore, complete: bool = True) -> Grounded:
     """What the user may see for the model's raw output `raw` (see the module's docstring)."""
+    if not raw.strip():  # nothing to show, whether it stopped at once or ran to the limit on blank tokens
+        return Grounded(EMPTY, "empty", ["the model's answer was empty"])
     if not complete:
         return Grounded(CUT_OFF, "cut_off", ["the answer was cut off at the token limit"])
     outside = PLACEHOLDER.sub(" ", raw)  # the text around the placeholders

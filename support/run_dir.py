@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -38,7 +39,7 @@ LOCK_FILE = ".train.lock"
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"}
 RUN_FILES = ADAPTER_FILES | TOKENIZER_FILES | {METRICS_FILE, PLOT_FILE, RUN_CONFIG, LOCK_FILE}
-EVAL_FILES = {"eval_report.json", "eval_report.md"}
+EVAL_REPORT = re.compile(r"eval_report(\.[A-Za-z_][\w+]*)?\.(json|md)")  # infer.py's report_paths
 # What must match for --resume to continue a run exactly.
 RESUME_KEYS = (
     "model",
@@ -181,7 +182,7 @@ def foreign_entries(out: Path) -> list[str]:
         if entry.name == BEST and entry.is_dir():
             foreign += [str(p) for p in sorted(entry.iterdir()) if not ours(p, ADAPTER_FILES)]
         elif entry.name == EVAL and entry.is_dir():
-            foreign += [str(p) for p in sorted(entry.iterdir()) if not ours(p, EVAL_FILES)]
+            foreign += [str(p) for p in sorted(entry.iterdir()) if not (p.is_file() and EVAL_REPORT.fullmatch(p.name))]
         elif entry.name == CHECKPOINTS and entry.is_dir():
             for step in sorted(entry.iterdir()):
                 if not (step.is_dir() and step.name.startswith(("step-", ".tmp-step-"))):

@@ -8,6 +8,7 @@ import pytest
 from support.grounding import (
     CUT_OFF,
     DEFAULT_ACCOUNTS,
+    EMPTY,
     GARBLED,
     UNAVAILABLE,
     AccountsError,
@@ -140,3 +141,10 @@ def test_malformed_accounts_file_is_a_clear_error(tmp_path, content, message):
 def test_an_accounts_path_that_is_a_directory_says_so(tmp_path):
     with pytest.raises(AccountsError, match="is a directory"):
         AccountStore.load(tmp_path)
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_an_empty_answer_is_called_empty_not_cut_off(store, complete):
+    for raw in ("", "  \n "):
+        grounded = ground(raw, "What is my savings balance?", store, complete)
+        assert grounded.reason == "empty" and grounded.response == EMPTY and "cut off" not in EMPTY

@@ -203,14 +203,22 @@ def test_several_adapters_one_shot_interactive_and_eval(trained_run, random_adap
     assert answers[0]["raw_response"] == one_shot["raw_response"] != answers[1]["raw_response"]
     assert "no adapter named 'nope'" in err
 
+    single_report = tmp_path / "eval_report.json"  # one adapter's report, which the pair's must leave alone
+    single_report.write_text(json.dumps({"adapter": str(trained_run)}))
     code, out, err = run_infer(capsys, *adapters, "--eval", "--eval-limit", "6", "--report-dir", tmp_path)
     assert code == 0, err
     assert out.startswith("| metric | base | retail | business |")
-    report = json.loads((tmp_path / "eval_report.json").read_text())
+    assert json.loads(single_report.read_text()) == {"adapter": str(trained_run)}
+    report = json.loads((tmp_path / "eval_report.retail+business.json").read_text())
     assert list(report["metrics"]) == ["base", "retail", "business"]
     assert report["adapter"] == {"retail": str(trained_run), "business": str(random_adapter)}
-    markdown = (tmp_path / "eval_report.md").read_text()
+    markdown = (tmp_path / "eval_report.retail+business.md").read_text()
     assert "| query | base answer | retail answer | business answer | reference |" in markdown
+
+    before = single_report.read_text()  # another adapter's evaluation is refused before any work, naming it
+    code, out, err = run_infer(capsys, "--adapter", random_adapter, "--eval", "--report-dir", tmp_path)
+    assert code == 2 and f"{single_report} holds the report of another evaluation (of {trained_run})" in err
+    assert single_report.read_text() == before
 
 
 def test_several_adapters_are_refused_clearly(trained_run, random_adapter, tmp_path, capsys, monkeypatch):

@@ -28,6 +28,8 @@ def test_the_installed_commands_answer_help(command, says):
 
 
 def test_python_m_lora_inspect_runs_without_runpy_s_warning():
-    result = subprocess.run([sys.executable, "-m", "lora.inspect", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora.inspect", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m lora.inspect ")
     assert result.stderr == ""  # runpy: "'lora.inspect' found in sys.modules after import of package 'lora'"

@@ -61,7 +61,7 @@ def test_torchrun_ranks_share_one_build_whichever_rank_builds(tmp_path):
     script.write_text(RANKS_LOAD_TINY)
     env = {**os.environ, "LORA_T5_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         + [str(script), str(ROOT)],
         capture_output=True,
         text=True,
