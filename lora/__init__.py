@@ -30,6 +30,7 @@ def __getattr__(name: str):
         return getattr(inspect, name)
     raise AttributeError(f"module 'lora' has no attribute {name!r}")
 
+
 __all__ = [
     "AdapterError",
     "amplification",
