@@ -91,6 +91,11 @@ class OutputDirLock:
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise UsageError(f"--output-dir {out} is a file, not a directory: choose another --output-dir.")
+        if (out / LOCK_FILE).is_symlink():  # the lock is written: it must not reach a file elsewhere
+            raise UsageError(
+                f"{out / LOCK_FILE} is a symbolic link (to {os.readlink(out / LOCK_FILE)}); a run never writes "
+                "through one, so remove the link or choose another --output-dir."
+            )
         try:
             self._created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +122,12 @@ class OutputDirLock:
 def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path | None:
     """Check the directory against the policy, touching nothing; return the checkpoint to resume from."""
     out = args.output_dir
+    link = next(iter(symbolic_links(out)), None)
+    if link is not None:  # a run writes and deletes only inside its own directory
+        raise UsageError(
+            f"{link} is a symbolic link (to {os.readlink(link)}); a run never writes or deletes through one, "
+            "so remove the link or choose another --output-dir."
+        )
     if args.resume:
         return resume_checkpoint(out, config)
     entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
@@ -171,6 +182,22 @@ def resume_checkpoint(out: Path, config: dict) -> Path:
     return checkpoint
 
 
+def symbolic_links(out: Path) -> list[Path]:
+    """The symbolic links among what a run writes or deletes in `out`: its entries, those of best/, eval/,
+    checkpoints/ and of each checkpoint (the directory itself may be a link: the user chose it)."""
+    if not out.is_dir():
+        return []
+    links, directories = [], [out]
+    while directories:
+        directory = directories.pop()
+        for entry in sorted(directory.iterdir()):
+            if entry.is_symlink():
+                links.append(entry)
+            elif entry.is_dir() and (directory != out or entry.name in (BEST, EVAL, CHECKPOINTS)):
+                directories.append(entry)
+    return links
+
+
 def foreign_entries(out: Path) -> list[str]:
     """What in `out` (a previous run's directory) a run of ours did not write."""
 
@@ -202,9 +229,10 @@ def _atomic_leftover(path: Path) -> bool:
 def start_run(output_dir: Path, config: dict, tokenizer, replace: bool) -> None:
     """Replace the previous run's files if asked (checked by prepare_output_dir), then record the run's
     settings and tokenizer before the first step."""
-    if replace:
+    if replace:  # prepare_output_dir refused links and anything not ours: what is here is the old run's
         for name in (CHECKPOINTS, BEST, EVAL):  # nothing of the old run may pass for the new one's
-            shutil.rmtree(output_dir / name, ignore_errors=True)
+            if (output_dir / name).is_dir():
+                shutil.rmtree(output_dir / name)
         for entry in output_dir.iterdir():
             if entry.is_file() and entry.name != LOCK_FILE:
                 entry.unlink()

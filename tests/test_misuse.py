@@ -97,6 +97,28 @@ def test_overwrite_refuses_files_a_run_did_not_write(run_copy, small_data, capsy
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+@pytest.mark.parametrize(
+    "where", ["best", "checkpoints", "checkpoints/step-00000002", "best/adapter_config.json", ".train.lock"]
+)
+def test_a_symbolic_link_in_the_run_directory_is_refused_never_followed(
+    run_copy, small_data, tmp_path, capsys, where, flag
+):
+    """--overwrite used to delete and write through best/ -> another run's adapter, and --resume to continue
+    from another run's checkpoints: a link anywhere a run writes is refused, and nothing on either side moves."""
+    elsewhere = tmp_path / "precious"
+    shutil.move(run_copy / where, elsewhere)
+    if where == ".train.lock":  # another file, which the lock's pid must not replace
+        elsewhere.write_text("someone else's file\n")
+    (run_copy / where).symlink_to(elsewhere, target_is_directory=elsewhere.is_dir())
+    before, precious = snapshot(run_copy), snapshot(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()
+    argv = ["--data", small_data, "--max-steps", "2", "--save-every", "1", flag, "--output-dir", run_copy]
+    code, _, err = run_train(capsys, *argv)
+    assert code == 2 and f"{run_copy / where} is a symbolic link (to {elsewhere})" in err, err
+    assert snapshot(run_copy) == before
+    assert (snapshot(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()) == precious
+
+
 def test_overwrite_refuses_a_directory_that_holds_no_run(tmp_path, small_data, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     code, _, err = run_train(capsys, "--data", small_data, "--overwrite", "--output-dir", tmp_path)
