@@ -285,6 +285,12 @@ def _load_single(model: nn.Module, directory: Path, config: dict, setting: dict,
             raise AdapterError(f"{directory / CONFIG_NAME} does not fit this model: {err}") from None
         layers = lora_layers(model)
     else:
+        names = adapter_names(model)
+        if len(names) > 1:  # which one would it replace? Never the first one silently
+            raise AdapterError(
+                f"the model holds several adapters ({', '.join(names)}): load {directory} beside them under a "
+                "name of its own, load_adapter(model, directory, name=...), or delete_adapter one first."
+            )
         for name, layer in layers.items():
             ours = {
                 "r": layer.r,

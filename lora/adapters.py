@@ -11,6 +11,7 @@ while a mixed batch runs; switching the active adapter unmerges first.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import MethodType
@@ -89,18 +90,27 @@ def add_adapter(
                 setattr(model.get_submodule(parent_name), child_name, layer)
             added.append(path)
     except ValueError:  # e.g. a rank larger than a layer: leave nothing of this adapter behind
-        delete_adapter(model, name)
+        if name in adapter_names(model):
+            delete_adapter(model, name)
         raise
     return added
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove the adapter `name` from every layer; a layer left with none becomes its plain nn.Linear again."""
-    for path, layer in lora_layers(model).items():
+    """Remove the adapter `name` from every layer; a layer left with none becomes its plain nn.Linear again.
+    Checked before anything changes. If it was the active adapter, the first remaining one becomes active,
+    with a warning, as in PEFT (none left: the base model)."""
+    layers = lora_layers(model)
+    names = adapter_names(model)
+    if name not in names:
+        raise ValueError(f"the model has no adapter named {name!r} (it has {', '.join(names) or 'none'}).")
+    merged = [path for path, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"layer {merged[0]} is merged: unmerge_lora(model) before deleting an adapter.")
+    was_active = any(layer.active == name for layer in layers.values())
+    for path, layer in layers.items():
         if name not in layer.adapters():
             continue
-        if layer.merged:
-            raise ValueError(f"layer {path} is merged: unmerge_lora(model) before deleting an adapter.")
         if name in layer.extra_adapters:
             del layer.extra_adapters[name]
         elif layer.extra_adapters:  # its own adapter goes: the first extra one takes its place
@@ -114,9 +124,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             linear.weight, linear.bias = layer.weight, layer.bias
             parent_name, _, child_name = path.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, linear.train(layer.training))
-    for layer in lora_layers(model).values():  # every layer, also those the deleted adapter left alone
-        if layer.active == name:
-            layer.active = None
+    if was_active:
+        remaining = adapter_names(model)
+        active = remaining[0] if remaining else BASE
+        if remaining:
+            warnings.warn(f"adapter '{name}' was active and is deleted: '{active}' is active now.", stacklevel=2)
+        for layer in lora_layers(model).values():
+            layer.active = active
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:

@@ -130,7 +130,8 @@ def test_save_by_name_then_load_is_bit_exact_and_delete_restores_the_base(two_ad
     load_adapter(alone, tmp_path / "business_again")
     with active_adapter(model, "business"):
         assert torch.equal(logits(alone, t5_batch), logits(model, t5_batch))
-    delete_adapter(model, "retail")
+    with pytest.warns(UserWarning, match="'business' is active now"):
+        delete_adapter(model, "retail")
     delete_adapter(model, "business")
     assert not lora_layers(model)
     assert torch.equal(logits(model, t5_batch), logits(tiny_t5(), t5_batch))
@@ -200,7 +201,8 @@ def test_adapter_names_that_cannot_be_honoured_are_refused_in_one_sentence(two_a
     with pytest.raises(ValueError, match="needs every adapter unmerged"):
         model(**x, adapter_names=["retail", None, "business"])
     unmerge_lora(model)
-    delete_adapter(model, "retail")
+    with pytest.warns(UserWarning, match="'business' is active now"):
+        delete_adapter(model, "retail")
     delete_adapter(model, "business")
     with pytest.raises(ValueError, match="the model holds no adapter"):
         model(**x, adapter_names=["retail", None, None])
@@ -222,3 +224,35 @@ def test_mixed_blocks_nest_and_check_their_rows(two_adapters, t5_batch):
     with pytest.raises(ValueError, match="names an adapter for each of 2 rows, but this batch has 3 rows"):
         with mixed_adapters(model, ["retail", "business"]):
             logits(model, t5_batch)
+
+
+def test_adapter_bookkeeping_completes_or_changes_nothing(two_adapters, t5_batch):
+    """An unnamed load into a model of several adapters, deleting an unknown adapter, or deleting from a merged
+    model used to overwrite the first adapter, do nothing, or half delete: each is refused before any change."""
+    retail, business = two_adapters
+    model = model_with(retail, business)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match="holds several adapters \\(retail, business\\).*name="):
+        load_adapter(model, business)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="no adapter named 'nosuch' \\(it has retail, business\\)"):
+        delete_adapter(model, "nosuch")
+    set_active_adapter(model, "retail")
+    merge_lora(model)
+    merged, paths = {k: v.clone() for k, v in model.state_dict().items()}, list(lora_layers(model))
+    with pytest.raises(ValueError, match="is merged: unmerge_lora"):
+        delete_adapter(model, "business")
+    assert adapter_names(model) == ["retail", "business"] and list(lora_layers(model)) == paths
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in merged.items())
+    unmerge_lora(model)
+
+
+def test_deleting_the_active_adapter_activates_a_remaining_one_with_a_warning(two_adapters, t5_batch):
+    model = model_with(*two_adapters)
+    with active_adapter(model, "business"):
+        business = logits(model, t5_batch)
+    set_active_adapter(model, "retail")
+    with pytest.warns(UserWarning, match="adapter 'retail' was active and is deleted: 'business' is active now"):
+        delete_adapter(model, "retail")
+    assert torch.equal(logits(model, t5_batch), business)  # not the base, silently
