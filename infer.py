@@ -45,6 +45,7 @@ from support.run_dir import EVAL, training_config_for
 
 BASE = "base"  # the name a query gives to be answered by the base model alone, never an adapter's
 DEFAULT_ADAPTER = Path("banking_assistant_lora")
+MAX_NEW_TOKENS = 1024  # past this an answer is a ramble, and generation runs for minutes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,6 +424,11 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "max_new_tokens", "num_beams", "top_k"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    if args.max_new_tokens is not None and args.max_new_tokens > MAX_NEW_TOKENS:
+        raise UsageError(
+            f"--max-new-tokens must be at most {MAX_NEW_TOKENS}, got {args.max_new_tokens}: a banking answer is "
+            f"far shorter (training cuts answers at {MAX_TARGET_LEN} tokens by default)."
+        )
     if args.samples < 0:
         raise UsageError(f"--samples must be 0 or more, got {args.samples}.")
     if args.sample and not (0 < args.temperature < float("inf") and 0 < args.top_p <= 1):

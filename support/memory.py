@@ -116,7 +116,8 @@ def check_plan(model, train_set, compute_dtype: torch.dtype, device: torch.devic
     together); on CUDA, refuse a plan larger than the free memory unless --skip-memory-check."""
     source_len = max(len(example.input_ids) for example in train_set)
     target_len = max(len(example.labels) for example in train_set)
-    plan = plan_memory(model, args.batch_size, source_len, target_len, compute_dtype, args.gradient_checkpointing)
+    largest_batch = min(args.batch_size, len(train_set))  # a --batch-size past the data makes no larger batch
+    plan = plan_memory(model, largest_batch, source_len, target_len, compute_dtype, args.gradient_checkpointing)
     if device.type == "cuda" and not args.skip_memory_check:
         problem = refusal(plan, torch.cuda.mem_get_info(device)[0], args)
         if problem:

@@ -228,7 +228,10 @@ def validate_args(args: argparse.Namespace) -> None:
             args.log_every > 0 and args.keep_checkpoints > 0 and args.max_skipped_steps > 0,
             "--log-every, --keep-checkpoints and --max-skipped-steps must be positive",
         ),
-        ((args.eval_every or 1) > 0 and (args.save_every or 1) > 0, "--eval-every and --save-every must be positive"),
+        (  # None: once per epoch; 0 is not that, and not "never"
+            all(every is None or every > 0 for every in (args.eval_every, args.save_every)),
+            "--eval-every and --save-every must be positive (leave them out for once per epoch)",
+        ),
         (not (args.resume and args.overwrite), "--resume and --overwrite contradict each other: pick one"),
     ]
     for ok, message in checks:

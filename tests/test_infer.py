@@ -39,6 +39,11 @@ def test_empty_query_is_refused_without_generating(tmp_path, capsys):
     assert code == 2 and "the query is empty" in err and "Traceback" not in err
 
 
+def test_an_answer_length_past_any_answer_is_refused_before_the_model_loads(tmp_path, capsys):
+    code, _, err = run_infer(capsys, "--adapter", tmp_path / "missing", "--max-new-tokens", "100000", "Hi")
+    assert code == 2 and "--max-new-tokens must be at most 1024, got 100000" in err
+
+
 @pytest.mark.parametrize(
     "content, message", [(b"\n  \n", "holds no non-empty line"), (b"caf\xe9?\n", "is not UTF-8 text")]
 )

@@ -102,3 +102,20 @@ def test_check_plan_refuses_on_cuda_when_the_free_memory_is_short(monkeypatch):
     assert check_plan(model, [Row()], torch.bfloat16, torch.device("cuda"), args).total_bytes > 2**20
     args.skip_memory_check = False  # on the CPU there is nothing to refuse
     assert check_plan(model, [Row()], torch.float32, torch.device("cpu"), args).total_bytes > 2**20
+
+
+def test_the_plan_is_for_the_largest_real_batch_not_a_batch_size_past_the_data():
+    """--batch-size 100000 on 3 rows trains batches of 3: planning 100000 rows would refuse a run that fits."""
+    from support.memory import check_plan
+
+    class Row:
+        input_ids, labels = [1] * 30, [1] * 60
+
+    model = tiny_t5()
+    inject_lora(model, r=4, alpha=8)
+
+    def plan(batch_size):
+        args = argparse.Namespace(gradient_checkpointing=False, batch_size=batch_size, skip_memory_check=False)
+        return check_plan(model, [Row()] * 3, torch.float32, torch.device("cpu"), args).total_bytes
+
+    assert plan(2) < plan(3) == plan(100_000)

@@ -204,6 +204,8 @@ def test_own_data_without_val_data_holds_out_a_seeded_tenth(tmp_path, small_data
         (["--max-grad-norm", "inf"], "--max-grad-norm must be positive and finite"),
         (["--seed", "100000000000000000000"], "--seed must be in [0, 2**31)"),
         (["--r", "100000"], "rank r must be a positive integer up to"),
+        (["--save-every", "0"], "--eval-every and --save-every must be positive"),
+        (["--eval-every", "0"], "--eval-every and --save-every must be positive"),
     ],
 )
 def test_absurd_hyperparameters_are_refused(tmp_path, capsys, extra, message):
