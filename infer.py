@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from lora import AdapterError, load_adapter, lora_disabled, lora_layers, merge_l
 from lora.adapter_io import read_adapter
 from lora.adapters import active_adapter, mixed_adapters
 from support import evaluation
-from support.cli import UsageError, run_cli
+from support.cli import UsageError, run_cli, terminate_as_interrupt
 from support.files import atomic_write_text
 from support.grounding import DEFAULT_ACCOUNTS, AccountStore, ground
 from support.models import ModelLoadError, load_model_and_tokenizer, same_base_model
@@ -49,9 +50,11 @@ MAX_NEW_TOKENS = 1024  # past this an answer is a ramble, and generation runs fo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python infer.py ...`: answer or evaluate; the errors a user can meet become one line and an exit status."""
+    """`python infer.py ...`: answer or evaluate; the errors a user can meet become one line and an exit status.
+    SIGTERM stops it as Ctrl-C does: the answers printed so far stand, and it says it was stopped."""
     args = parse_args(argv)
-    return run_cli(lambda: run(args), failures=(AdapterError, ModelLoadError, DataError))
+    with terminate_as_interrupt():
+        return run_cli(lambda: run(args), failures=(AdapterError, ModelLoadError, DataError))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -276,6 +279,19 @@ def evaluate(assistant: Assistant, rows: list[dict], store: AccountStore, args: 
     return report
 
 
+def check_writable(directory: Path) -> None:
+    """Refuse a report directory that cannot be created or written to, before the evaluation runs."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise UsageError(
+            f"cannot write the evaluation report in {directory} ({err.strerror or err}); pass --report-dir with "
+            "a directory you can write to."
+        ) from None
+
+
 def evaluated_adapters(adapters: dict[str, Path]) -> str | dict[str, str]:
     """What a report records of the adapters it evaluated: the directory, or {name: directory} for several."""
     paths = {name: str(path) for name, path in adapters.items()}
@@ -447,6 +463,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--report-dir {report_dir} is a file: pass a directory for eval_report.md and .json.")
     if args.eval:
         check_report_place(args)
+        check_writable(report_dir)  # before the evaluation's minutes, not after
     if args.eval_limit is not None and args.eval_limit <= 0:
         raise UsageError(f"--eval-limit must be positive, got {args.eval_limit}.")
 
@@ -493,18 +510,22 @@ def interactive(assistant: Assistant, store: AccountStore, args: argparse.Namesp
         except EOFError:
             print(file=sys.stderr)
             return
-        if line.lower() in ("quit", "exit"):
+        if line.lower() in ("quit", "exit", "/quit", "/exit"):
             return
         if not line:
             print("(empty question: type something, or 'quit')", file=sys.stderr)
             continue
-        if line.startswith("/use"):
-            choice = line.removeprefix("/use").strip()
+        command, _, choice = line.partition(" ")
+        if command == "/use":
+            choice = choice.strip()
             if choice in (*assistant.names, BASE):
                 adapter = choice
                 print(f"(answering with {adapter})", file=sys.stderr)
             else:
                 print(f"(no adapter named {choice!r}: use {', '.join(assistant.names)} or {BASE})", file=sys.stderr)
+            continue
+        if command.startswith("/"):  # T5's questions never start with "/": a mistyped command, not a question
+            print(f"(unknown command {command}: the commands are /use NAME and /quit)", file=sys.stderr)
             continue
         show(answer(assistant, store, [line], args, [adapter]), args.json)
 

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: train(args),
         failures=(DataError, ModelLoadError, AdapterError, CheckpointError, MemoryPlanError, TrainingAborted),
         interrupted="the latest checkpoint (if any) is in the output directory; continue with --resume.",
+        after_write_failure=" with --resume, which continues from the last checkpoint",
     )
 
 

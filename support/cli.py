@@ -35,12 +35,15 @@ def run_cli(
     work: Callable[[], object],
     failures: tuple[type[BaseException], ...] = (),
     interrupted: str | None = None,
+    after_write_failure: str = "",
 ) -> int:
-    """Run `work()` and turn the errors a user can meet into one line on stderr and an exit status."""
+    """Run `work()` and turn the errors a user can meet into one line on stderr and an exit status;
+    `after_write_failure` ends the sentence for a full disk or missing permissions (how to go on)."""
     try:
         work()
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses alike: rank 0 says it
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except failures as err:
         print(f"error: {err}", file=sys.stderr)
@@ -50,7 +53,7 @@ def run_cli(
             raise
         print(
             f"error: could not write {err.filename or 'a file'} ({err.strerror}); free some space or fix the "
-            "permissions and run again (a training run continues from its last checkpoint with --resume).",
+            f"permissions and run again{after_write_failure}.",
             file=sys.stderr,
         )
         return EXIT_FAILURE
@@ -59,6 +62,24 @@ def run_cli(
             print(f"\ninterrupted: {str(err) or interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does: run_cli then says the program was
+    stopped and exits 130, where SIGTERM's default would end it at once, without a word (status 143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 STOP_GRACE_S = 120  # after a stop request, how long the run may take to finish its step and save

@@ -2,6 +2,11 @@
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from data import TEST_FILE, load_examples
 from lora import inject_lora, save_adapter
 from support.grounding import CUT_OFF, DEFAULT_ACCOUNTS, UNAVAILABLE, AccountStore
 from support.models import load_model_and_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_infer(capsys, *args):
@@ -253,3 +260,35 @@ def test_an_adapter_for_another_base_size_is_refused(trained_run, tmp_path, caps
     error = err.strip().splitlines()[-1]
     assert code == 1 and error.startswith("error: ") and "has shape" in error and "another model size" in error
     assert "Traceback" not in err
+
+
+def test_an_unwritable_report_place_is_refused_before_the_evaluation(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(infer, "evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    (tmp_path / "a_file").write_text("")
+    code, _, err = run_infer(capsys, "--adapter", trained_run, "--eval", "--report-dir", tmp_path / "a_file" / "eval")
+    assert code == 2 and f"cannot write the evaluation report in {tmp_path / 'a_file' / 'eval'}" in err
+
+
+def test_the_prompt_s_commands_are_never_sent_to_the_model(trained_run, capsys, monkeypatch):
+    asked = []
+    monkeypatch.setattr(infer, "answer", lambda assistant, store, queries, *a: asked.extend(queries) or [])
+    monkeypatch.setattr("sys.stdin", io.StringIO("/usefoo\n/use nope\n/help\nI lost my card\n/quit\nnever read\n"))
+    code, _, err = run_infer(capsys, "--adapter", trained_run)
+    assert code == 0 and asked == ["I lost my card"]
+    assert "unknown command /usefoo" in err and "no adapter named 'nope'" in err and "unknown command /help" in err
+
+
+def test_sigterm_stops_infer_with_a_word_and_status_130(trained_run, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(ROOT / "infer.py"), "--adapter", str(trained_run)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    err = ""
+    while "Banking assistant ready" not in err and process.poll() is None:
+        err += process.stderr.read(1)
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+    err += process.stderr.read()
+    assert code == 130 and "interrupted: SIGTERM" in err and "Traceback" not in err

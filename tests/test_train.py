@@ -60,6 +60,15 @@ def test_invalid_values_are_refused_before_the_model_loads(tmp_path, capsys, mon
     assert err.count("\n") == 1
 
 
+def test_under_torchrun_only_rank_0_prints_a_refusal(tmp_path, capsys, monkeypatch):
+    argv = FAST + ["--output-dir", str(tmp_path / "out"), "--lr", "0"]
+    monkeypatch.setenv("RANK", "1")
+    assert run_main(argv, capsys) == (2, "")  # every rank refuses alike; one sentence is enough
+    monkeypatch.setenv("RANK", "0")
+    code, err = run_main(argv, capsys)
+    assert code == 2 and "--lr must be positive" in err
+
+
 def test_empty_data_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     empty = tmp_path / "empty.jsonl"
