@@ -35,10 +35,11 @@ ENERGY = 0.9
 
 
 def adapter_factors(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """(config, {module path: (A, B)} in float64, scaling) of an adapter directory."""
+    """(config, {module path: (A, B)} in float64, scaling) of an adapter directory; a DoRA adapter's
+    magnitudes are in config["magnitudes"] ({module path: m}, float64)."""
     config, state = read_adapter(directory)
     scaling = lora_scaling(config["r"], config["lora_alpha"], config.get("use_rslora", False))
-    factors = {}
+    factors, magnitudes = {}, {}
     for key, tensor in state.items():
         if not key.endswith(".lora_A.weight"):
             continue
@@ -47,9 +48,18 @@ def adapter_factors(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.
         if b_key not in state:
             raise AdapterError(f"{directory}: '{key}' has no matching lora_B: the adapter is damaged.")
         factors[module] = (tensor.double(), state[b_key].double())
+        m_key = key.replace(".lora_A.weight", ".lora_magnitude_vector")
+        if m_key in state:
+            magnitudes[module] = state[m_key].double()
     if not factors:
         raise AdapterError(f"{directory} holds no lora_A/lora_B pairs to inspect.")
-    return config, factors, scaling
+    return {**config, "magnitudes": magnitudes}, factors, scaling
+
+
+def dora_delta(w0: torch.Tensor, low_rank: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's whole update: m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_c − W0 (‖·‖_c: each output row's L2 norm)."""
+    directed = w0 + low_rank
+    return (magnitude / torch.linalg.vector_norm(directed, dim=1)).unsqueeze(1) * directed - w0
 
 
 def singular_values(delta: torch.Tensor) -> torch.Tensor:
@@ -100,6 +110,11 @@ def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
 def inspect_adapter(directory: str | Path, base=None, compare: str | Path | None = None) -> dict:
     """The report: one row per module; `base` is a model (its modules give W0), `compare` an adapter dir."""
     config, factors, scaling = adapter_factors(directory)
+    if config["magnitudes"] and base is None:  # its update is not s·B A: it rescales W0's rows too
+        raise AdapterError(
+            f"{directory} is a DoRA adapter, whose update m ⊙ (W0 + s·B A)/‖W0 + s·B A‖_c − W0 depends on the "
+            "base weights: pass --base MODEL."
+        )
     other = adapter_factors(compare)[1] if compare is not None else None
     if other is not None and set(other) != set(factors):
         only = sorted(set(factors) ^ set(other))[0]
@@ -107,6 +122,8 @@ def inspect_adapter(directory: str | Path, base=None, compare: str | Path | None
     rows = []
     for module, (a, b) in sorted(factors.items()):
         delta = scaling * b @ a  # (out, in)
+        if module in config["magnitudes"]:
+            delta = dora_delta(base_weight(base, module, delta.shape), delta, config["magnitudes"][module])
         sigma = singular_values(delta)
         row = {
             "module": module,
@@ -122,6 +139,12 @@ def inspect_adapter(directory: str | Path, base=None, compare: str | Path | None
             row["relative_norm"] = row["delta_norm"] / float(torch.linalg.matrix_norm(w0))
             row["amplification"], row["amplification_random"] = amplification(delta, w0, a.shape[0])
         if other is not None:
+            zero = [d for d, (a_, b_) in ((directory, (a, b)), (compare, other[module])) if not b_.any()]
+            if zero:  # B = 0: the adapter learned nothing, and φ would compare arbitrary directions
+                raise AdapterError(
+                    f"{zero[0]}'s update of {module} is zero (B = 0: untrained?), so the subspace similarity "
+                    "means nothing; compare trained adapters."
+                )
             phi = subspace_similarity(a, other[module][0])
             row["phi"] = phi.tolist()
             row["phi_top1"] = float(phi[0, 0])
@@ -247,11 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     from support.models import ModelLoadError, load_model_and_tokenizer
 
     try:
+        if args.phi_module and not args.compare:
+            raise AdapterError("--phi-module picks the module of the φ figure, which needs --compare OTHER_DIR.")
         if args.out and args.out.exists() and not args.out.is_dir():
             raise AdapterError(f"--out {args.out} is a file: pass a directory for the figures.")
         read_adapter(args.adapter)  # a directory that is no adapter is refused before a model loads
         base = load_model_and_tokenizer(args.base)[0] if args.base else None
         report = inspect_adapter(args.adapter, base, args.compare)
+        modules = [row["module"] for row in report["modules"]]
+        if args.phi_module and args.phi_module not in modules:
+            raise AdapterError(
+                f"--phi-module {args.phi_module} is not a module of the adapter: one of {modules[0]}, ..."
+            )
         if args.out:
             for path in write_figures(report, args.out, args.phi_module):
                 print(f"wrote {path}", file=sys.stderr)

@@ -124,12 +124,47 @@ def test_errors_are_one_sentence(tmp_path, capsys):
     save_adapter(other, tmp_path / "q")
     wide = tiny_t5(d_model=48)
     wide.save_pretrained(tmp_path / "wide")
+    zero = tiny_t5()
+    inject_lora(zero, ("q", "v"), r=4, alpha=8)  # B = 0, as at initialisation
+    save_adapter(zero, tmp_path / "zero")
+    dora = tiny_t5()
+    inject_lora(dora, ("q", "v"), r=4, alpha=8, use_dora=True)
+    save_adapter(dora, tmp_path / "dora")
     capsys.readouterr()
     for argv, message in [
         ([str(tmp_path)], "adapter_config.json is missing"),
         ([str(tmp_path / "qv"), "--compare", str(tmp_path / "q")], "adapt different modules"),
         ([str(tmp_path / "qv"), "--base", str(tmp_path / "wide")], "but the adapter's update is"),
+        ([str(tmp_path / "qv"), "--phi-module", "q"], "needs --compare OTHER_DIR"),
+        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "qv"), "--phi-module", "nosuch.module"], "not a module"),
+        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "zero")], "is zero (B = 0: untrained?)"),
+        ([str(tmp_path / "dora")], "is a DoRA adapter, whose update"),
     ]:
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_dora_adapter_s_update_is_its_merged_weight_minus_the_base(tmp_path, capsys):
+    """‖s·B A‖ is not DoRA's update: it rescales W0's rows too. The report's norm is ‖W_merged − W0‖."""
+    from lora import DoRALinear, lora_layers, merged_state_dict
+
+    model = tiny_t5()
+    inject_lora(model, ("k",), r=4, alpha=8, use_dora=True)
+    randomize_adapter(model, scale=0.5)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            assert isinstance(layer, DoRALinear)
+            layer.lora_magnitude.mul_(torch.linspace(0.5, 1.5, layer.lora_magnitude.numel()))
+    save_adapter(model, tmp_path / "dora")
+    base = tiny_t5()
+    base.save_pretrained(tmp_path / "base")
+    assert main([str(tmp_path / "dora"), "--base", str(tmp_path / "base"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    merged, w0 = merged_state_dict(model), base.state_dict()
+    for row in report["modules"]:
+        key = f"{row['module']}.weight"
+        expected = torch.linalg.matrix_norm(merged[key].double() - w0[key].double()).item()
+        assert row["delta_norm"] == pytest.approx(expected, rel=1e-5)
+        a, b = (lora_layers(model)[row["module"]].lora_A, lora_layers(model)[row["module"]].lora_B)
+        assert abs(row["delta_norm"] - torch.linalg.matrix_norm(2 * b @ a).item()) > 1e-3  # not s·B A's
