@@ -38,7 +38,7 @@ from lora.adapter_io import read_adapter
 from lora.adapters import active_adapter, mixed_adapters
 from support import evaluation
 from support.cli import UsageError, run_cli, terminate_as_interrupt
-from support.files import atomic_write_text
+from support.files import atomic_write_text, check_text, loads_json
 from support.grounding import DEFAULT_ACCOUNTS, AccountStore, ground
 from support.models import ModelLoadError, load_model_and_tokenizer, same_base_model
 from support.precision import default_device, resolve_dtype
@@ -313,7 +313,7 @@ def check_report_place(args: argparse.Namespace) -> None:
     if not json_path.is_file():
         return
     try:
-        previous = json.loads(json_path.read_text(encoding="utf-8")).get("adapter")
+        previous = loads_json(json_path.read_text(encoding="utf-8")).get("adapter")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         previous = None
 
@@ -449,6 +449,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--samples must be 0 or more, got {args.samples}.")
     if args.sample and not (0 < args.temperature < float("inf") and 0 < args.top_p <= 1):
         raise UsageError("--temperature must be positive and finite, and --top-p in (0, 1].")
+    if args.query is not None:
+        try:
+            check_text(args.query, "the query")
+        except ValueError as err:
+            raise UsageError(f"{err}.") from None
     if args.query is not None and not args.query.strip():
         raise UsageError('the query is empty: ask a question, e.g. python infer.py "I lost my card".')
     if sum(x is not None and x is not False for x in (args.query, args.file, args.eval or None)) > 1:
@@ -479,18 +484,27 @@ def read_queries(path: Path, default_adapter: str, adapters: dict[str, Path]) ->
     if not lines:
         raise UsageError(f"query file {path} holds no non-empty line: write one question per line.")
     if not lines[0][1].startswith("{"):  # T5's vocabulary has no "{": no question starts with one
+        for number, line in lines:
+            try:
+                check_text(line, f"line {number} of {path}")
+            except ValueError as err:
+                raise UsageError(f"{err}.") from None
         return [(line, default_adapter) for _, line in lines]
     queries = []
     for number, line in lines:
         where = f"line {number} of {path}"
         try:
-            record = json.loads(line)
+            record = loads_json(line)
         except json.JSONDecodeError as err:
             raise UsageError(f"{where} is not JSON ({err.msg}), as the file's first line is.") from None
         if not isinstance(record, dict) or not isinstance(record.get("query"), str) or not record["query"].strip():
             raise UsageError(f'{where} is not an object with a non-empty "query" string, as in {{"query": "Hi"}}.')
         if record.keys() - {"query", "adapter"}:
             raise UsageError(f'{where} has a key other than "query" and "adapter": {sorted(record.keys())}.')
+        try:
+            check_text(record["query"], f"the query on {where}")
+        except ValueError as err:
+            raise UsageError(f"{err}.") from None
         adapter = record.get("adapter", default_adapter)
         if adapter not in (*adapters, BASE):
             raise UsageError(f"{where} asks for adapter {adapter!r}; use {', '.join(adapters)} or {BASE}.")

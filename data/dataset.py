@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from support.files import check_text, loads_json
+
 DATA_DIR = Path(__file__).resolve().parent
 TRAIN_FILE = DATA_DIR / "banking_train.jsonl"
 VALIDATION_FILE = DATA_DIR / "banking_validation.jsonl"
@@ -45,7 +47,7 @@ def load_examples(path: str | Path) -> list[dict]:
         raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
     if text.lstrip().startswith("["):
         try:
-            array = json.loads(text)
+            array = loads_json(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from None
         rows = [(f"index {i}", row) for i, row in enumerate(array)]
@@ -55,7 +57,7 @@ def load_examples(path: str | Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append((f"line {number}", json.loads(line)))
+                rows.append((f"line {number}", loads_json(line)))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, line {number}: invalid JSON ({err.msg}, column {err.colno}).") from None
     if not rows:
@@ -75,6 +77,10 @@ def load_examples(path: str | Path) -> list[dict]:
                 raise DataError(f"{path}, {where}: '{field}' {problem}.")
             if not value.strip():
                 raise DataError(f"{path}, {where}: '{field}' is empty.")
+            try:
+                check_text(value, f"{path}, {where}: '{field}'")
+            except ValueError as err:
+                raise DataError(f"{err}.") from None
         if "intent" in row and not isinstance(row["intent"], str):
             raise DataError(f"{path}, {where}: 'intent' must be a string, got {type(row['intent']).__name__}.")
         examples.append(row)

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from support.files import atomic_write, atomic_write_text
+from support.files import atomic_write, atomic_write_text, loads_json
 
 from .adapters import adapter_names, add_adapter, check_adapter_name, delete_adapter
 from .dora import DoRALinear
@@ -143,7 +143,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     if not config_path.is_file():
         raise AdapterError(f"{config_path} is missing: {directory} is not a complete adapter directory.")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8-sig"))
+        config = loads_json(config_path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{config_path} is not valid JSON ({err}).") from None
     if not isinstance(config, dict):

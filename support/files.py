@@ -3,6 +3,7 @@ and a lock file that keeps two processes from doing the same work at once."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -54,3 +55,27 @@ def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def loads_json(text: str, **options):
+    """json.loads, where an integer past Python's 4,300-digit limit or nesting too deep to parse is a
+    JSONDecodeError like any other malformed text (json.loads raises ValueError and RecursionError there)."""
+    try:
+        return json.loads(text, **options)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as err:
+        reason = "it nests too deeply to parse" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise json.JSONDecodeError(reason, text, 0) from None
+
+
+def check_text(value: str, where: str) -> None:
+    """Refuse a string that is not text: a lone surrogate (JSON's "\\ud800", or bytes that are not UTF-8 in
+    a command line) cannot be encoded, and the tokenizer would fail on it deep inside."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where} holds {value[err.start : err.end].encode('unicode_escape').decode()}, which is not a "
+            "character (a lone surrogate, or bytes that are not UTF-8): fix the text"
+        ) from None

@@ -19,6 +19,8 @@ from pathlib import Path
 from data import DataError
 from data.dataset import DATA_DIR
 
+from .files import loads_json
+
 DEFAULT_ACCOUNTS = DATA_DIR / "accounts_demo.json"
 UNAVAILABLE = (
     "I'm sorry, I can't give you that figure right now because it isn't available in your account "
@@ -101,7 +103,7 @@ class AccountStore:
         if not path.is_file():
             raise AccountsError(f"accounts file {path} does not exist.")
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"), parse_float=Decimal)
+            data = loads_json(path.read_text(encoding="utf-8-sig"), parse_float=Decimal)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AccountsError(f"accounts file {path} is not valid JSON ({err}).") from None
         return cls(data, str(path))

@@ -29,7 +29,7 @@ from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 
 from .checkpoints import CHECKPOINTS, STATE_FILE, latest_checkpoint
 from .cli import UsageError
-from .files import atomic_write_text, file_lock
+from .files import atomic_write_text, file_lock, loads_json
 from .metrics import METRICS_FILE, PLOT_FILE
 
 RUN_CONFIG = "training_config.json"
@@ -158,7 +158,7 @@ def resume_checkpoint(out: Path, config: dict) -> Path:
             f"--resume: {out} holds no run to resume ({RUN_CONFIG} is missing); drop --resume to start one."
         )
     try:
-        saved = json.loads(previous.read_text(encoding="utf-8"))
+        saved = loads_json(previous.read_text(encoding="utf-8"))
         assert isinstance(saved, dict)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
         raise UsageError(
@@ -254,7 +254,7 @@ def training_config_for(adapter_dir: Path) -> dict | None:
         path = directory / RUN_CONFIG
         if path.is_file():
             try:
-                config = json.loads(path.read_text(encoding="utf-8"))
+                config = loads_json(path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 return None
             return config if isinstance(config, dict) else None

@@ -396,3 +396,56 @@ def test_metrics_are_strict_json_and_a_skipped_first_step_warns_nothing(tmp_path
     logged = [r for r in rows if "train_loss" in r][0]
     assert logged["grad_norm"] is None and "non-finite" in logged["last_step_skipped"]
     assert math.isfinite(logged["train_loss"])
+
+
+DEEP = "[" * 100_000
+BIG = "9" * 5001  # past Python's 4,300-digit limit for int()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"instruction": "hi \\ud800", "response": "ok"}\n', "holds \\ud800, which is not a character"),
+        ('{"instruction": "hi", "response": "ok", "n": ' + BIG + "}\n", "Exceeds the limit (4300 digits)"),
+        (DEEP + "\n", "it nests too deeply to parse"),
+    ],
+    ids=["lone-surrogate", "5001-digits", "deep-nesting"],
+)
+def test_data_no_one_expects_is_one_sentence(tmp_path, capsys, text, message):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(text)
+    code, _, err = run_train(capsys, "--data", data, "--val-data", "none", "--output-dir", tmp_path / "run")
+    assert code == 1 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "where, text, message",
+    [
+        ("query-file", '{"query": "hi \\ud800"}\n', "holds \\ud800, which is not a character"),
+        ("query-file", '{"query": "hi", "n": ' + BIG + "}\n", "Exceeds the limit (4300 digits)"),
+        ("query", "hi \udcff", "holds \\udcff, which is not a character"),  # argv bytes that are not UTF-8
+        ("accounts", '{"customer": ' + BIG + "}", "Exceeds the limit (4300 digits)"),
+        ("accounts", DEEP, "it nests too deeply to parse"),
+        ("adapter", '{"r": ' + BIG + "}", "Exceeds the limit (4300 digits)"),
+    ],
+)
+def test_inputs_no_one_expects_are_refused_by_infer_in_one_sentence(tmp_path, capsys, where, text, message):
+    import infer
+
+    path = tmp_path / "input"
+    argv = ["--adapter", str(tmp_path / "missing"), "hello"]
+    if where == "query-file":
+        path.write_text(text)
+        argv = ["--adapter", str(tmp_path / "missing"), "--file", str(path)]
+    elif where == "query":
+        argv = ["--adapter", str(tmp_path / "missing"), text]
+    elif where == "accounts":
+        path.write_text(text)
+        argv += ["--accounts", str(path)]
+    else:
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "adapter_config.json").write_text(text)
+        argv = ["--adapter", str(tmp_path / "adapter"), "hello"]
+    code = infer.main(argv)
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err and "Traceback" not in err and err.count("\n") == 1, err
