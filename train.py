@@ -164,6 +164,13 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     val_set, val_truncated = encode_examples(val_rows, tokenizer, args.max_source_len, args.max_target_len)
     if train_truncated or val_truncated:
         env.log(f"note: {train_truncated} training and {val_truncated} validation rows were cut to the max lengths")
+    unknown = unknown_share(train_set, tokenizer.unk_token_id)
+    if unknown > UNKNOWN_WARNING and env.is_main:  # e.g. a language or script the tokenizer does not cover
+        warnings.warn(
+            f"{unknown:.0%} of the training answers' tokens are the tokenizer's <unk> (characters it does not "
+            f"know): the model would learn to write <unk>; check --data ({args.data}).",
+            stacklevel=2,
+        )
     # Lengths padded up to a multiple: 8 suits tensor cores; 16 bounds the shapes a compiled model meets.
     pad_id, pad_multiple = tokenizer.pad_token_id, (16 if args.compile else 8 if env.device.type == "cuda" else None)
     sampler = LengthBucketSampler(
@@ -183,6 +190,15 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
         args, env, model, model, base_path, train_set, sampler, val_batches, bool(val_rows), (pad_id, pad_multiple),
         optimizer, scheduler, scaler, dtype, total_steps,
     )  # fmt: skip
+
+
+UNKNOWN_WARNING = 0.2  # the bundled data has none; a share like this means text the tokenizer cannot read
+
+
+def unknown_share(rows: list, unk_token_id: int | None) -> float:
+    """The share of the answers' tokens (labels) that are <unk>."""
+    tokens = [token for row in rows for token in row.labels]
+    return sum(token == unk_token_id for token in tokens) / max(len(tokens), 1) if unk_token_id is not None else 0.0
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
