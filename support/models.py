@@ -248,8 +248,16 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+        # safetensors only: a pytorch_model.bin is a pickle, and nothing is unpickled from a file a user hands us
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            path, dtype=dtype, local_files_only=local_only, use_safetensors=True
+        )
     except (OSError, ValueError, ImportError) as err:
+        if Path(path).expanduser().is_dir() and not list(Path(path).expanduser().glob("*.safetensors")):
+            raise ModelLoadError(
+                f"model directory {name!r} holds no .safetensors weights (a pytorch_model.bin is a pickle, which "
+                "this project never loads); save the model with save_pretrained (safetensors by default)."
+            ) from None
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
             f"could not load model {name!r} ({reason[:200]}); pass a local directory saved with save_pretrained, "

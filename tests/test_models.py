@@ -96,3 +96,17 @@ def test_every_flan_t5_size_by_its_architecture(size, trainable, total):
     base_total = count_parameters(model)[1]
     inject_lora(model, ("q", "v"), r=16, alpha=32)
     assert (count_parameters(model)[0], base_total) == (trainable, total)
+
+
+def test_a_base_of_pickled_weights_only_is_refused_and_never_unpickled(tmp_path, monkeypatch, tiny_model_path):
+    from safetensors.torch import load_file
+
+    from support.models import ModelLoadError, load_model_and_tokenizer
+
+    base = tmp_path / "pickled"
+    shutil.copytree(tiny_model_path, base)
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a user's pickle was unpickled"))
+    with pytest.raises(ModelLoadError, match="holds no .safetensors weights \\(a pytorch_model.bin is a pickle"):
+        load_model_and_tokenizer(str(base))
