@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from support.files import atomic_write, atomic_write_text, loads_json
@@ -128,7 +128,10 @@ def save_adapter(
     config = adapter_config(model, base_model_name_or_path, pissa_as_lora, name)
     state = adapter_state_dict(model, pissa_as_lora, name)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    # Serialised in memory, written by Python: a full disk is then an OSError naming its errno, not a
+    # SafetensorError from inside the library.
+    weights = save(state, metadata={"format": "pt"})
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(weights))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return directory
 

@@ -4,6 +4,7 @@ and position in the epoch as plain tensors and values that torch.load(weights_on
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -104,7 +105,6 @@ def save_checkpoint(
     final = root / f"step-{progress.step:08d}"
     staging = root / f".tmp-step-{progress.step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
-    save_adapter(model, staging, base_model)
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -112,7 +112,16 @@ def save_checkpoint(
         "rng": rng_states,  # one per rank
         "progress": {**progress.__dict__, "history": json.dumps(progress.history)},
     }
-    torch.save(state, staging / STATE_FILE)
+    # Serialised in memory, written by Python: torch.save's own writer turns a full disk or a file-size limit
+    # into "RuntimeError: unexpected pos", where Python's write raises the OSError that names it.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        save_adapter(model, staging, base_model)
+        (staging / STATE_FILE).write_bytes(buffer.getbuffer())
+    except BaseException:  # a failed checkpoint leaves no half-written directory holding the space
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     for old in sorted(root.glob("step-*"))[:-keep]:

@@ -23,8 +23,9 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-# Errors of the file system a user can fix: a full disk, a quota, a read-only place, missing permissions.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# Errors of the file system a user can fix: a full disk, a quota, a file-size limit (ulimit -f), a read-only
+# place, missing permissions.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class UsageError(ValueError):
