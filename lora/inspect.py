@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from support.files import atomic_write
+
 from .adapter_io import KEY_PREFIX, AdapterError, read_adapter
 from .layer import lora_scaling
 
@@ -247,8 +249,10 @@ def _layer_order(layer: str):
 
 def _save(fig, path: Path, plt) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # atomically: a full disk leaves the previous figure, not an empty or half-written one
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -287,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path}", file=sys.stderr)
     except (AdapterError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # --out read-only, full, or under a file
+        print(
+            f"error: could not write the figures in {args.out} ({err.strerror or err}); pass --out a directory "
+            "you can write to.",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0

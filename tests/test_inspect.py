@@ -1,6 +1,7 @@
 """lora.inspect on constructed adapters whose answers are known, and its command line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,31 @@ def test_a_dora_adapter_s_update_is_its_merged_weight_minus_the_base(tmp_path, c
         assert row["delta_norm"] == pytest.approx(expected, rel=1e-5)
         a, b = (lora_layers(model)[row["module"]].lora_A, lora_layers(model)[row["module"]].lora_B)
         assert abs(row["delta_norm"] - torch.linalg.matrix_norm(2 * b @ a).item()) > 1e-3  # not s·B A's
+
+
+def test_figures_that_cannot_be_written_are_one_sentence_and_keep_the_previous_ones(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    model = tiny_t5()
+    inject_lora(model, ("q", "v"), r=4, alpha=8)
+    randomize_adapter(model)
+    save_adapter(model, tmp_path / "qv")
+    figures = tmp_path / "figures"
+    assert main([str(tmp_path / "qv"), "--out", str(figures)]) == 0
+    before = {p.name: p.read_bytes() for p in figures.iterdir()}
+
+    def fill_the_disk(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Figure, "savefig", fill_the_disk)
+    capsys.readouterr()
+    assert main([str(tmp_path / "qv"), "--out", str(figures)]) == 1
+    err = capsys.readouterr().err
+    assert f"could not write the figures in {figures} (No space left on device)" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in figures.iterdir()} == before  # no half figure, no temporary file
+    (tmp_path / "a_file").write_text("")
+    assert main([str(tmp_path / "qv"), "--out", str(tmp_path / "a_file" / "figures")]) == 1
+    assert "could not write the figures" in capsys.readouterr().err
