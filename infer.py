@@ -450,10 +450,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.sample and not (0 < args.temperature < float("inf") and 0 < args.top_p <= 1):
         raise UsageError("--temperature must be positive and finite, and --top-p in (0, 1].")
     if args.query is not None:
-        try:
-            check_text(args.query, "the query")
-        except ValueError as err:
-            raise UsageError(f"{err}.") from None
+        check_text(args.query, "the query", UsageError)
     if args.query is not None and not args.query.strip():
         raise UsageError('the query is empty: ask a question, e.g. python infer.py "I lost my card".')
     if sum(x is not None and x is not False for x in (args.query, args.file, args.eval or None)) > 1:
@@ -485,10 +482,7 @@ def read_queries(path: Path, default_adapter: str, adapters: dict[str, Path]) ->
         raise UsageError(f"query file {path} holds no non-empty line: write one question per line.")
     if not lines[0][1].startswith("{"):  # T5's vocabulary has no "{": no question starts with one
         for number, line in lines:
-            try:
-                check_text(line, f"line {number} of {path}")
-            except ValueError as err:
-                raise UsageError(f"{err}.") from None
+            check_text(line, f"line {number} of {path}", UsageError)
         return [(line, default_adapter) for _, line in lines]
     queries = []
     for number, line in lines:
@@ -501,10 +495,7 @@ def read_queries(path: Path, default_adapter: str, adapters: dict[str, Path]) ->
             raise UsageError(f'{where} is not an object with a non-empty "query" string, as in {{"query": "Hi"}}.')
         if record.keys() - {"query", "adapter"}:
             raise UsageError(f'{where} has a key other than "query" and "adapter": {sorted(record.keys())}.')
-        try:
-            check_text(record["query"], f"the query on {where}")
-        except ValueError as err:
-            raise UsageError(f"{err}.") from None
+        check_text(record["query"], f"the query on {where}", UsageError)
         adapter = record.get("adapter", default_adapter)
         if adapter not in (*adapters, BASE):
             raise UsageError(f"{where} asks for adapter {adapter!r}; use {', '.join(adapters)} or {BASE}.")

@@ -77,10 +77,7 @@ def load_examples(path: str | Path) -> list[dict]:
                 raise DataError(f"{path}, {where}: '{field}' {problem}.")
             if not value.strip():
                 raise DataError(f"{path}, {where}: '{field}' is empty.")
-            try:
-                check_text(value, f"{path}, {where}: '{field}'")
-            except ValueError as err:
-                raise DataError(f"{err}.") from None
+            check_text(value, f"{path}, {where}: '{field}'", DataError)
         if "intent" in row and not isinstance(row["intent"], str):
             raise DataError(f"{path}, {where}: 'intent' must be a string, got {type(row['intent']).__name__}.")
         examples.append(row)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from support.files import atomic_write, atomic_write_text, loads_json
@@ -130,7 +131,7 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     # Serialised in memory, written by Python: a full disk is then an OSError naming its errno, not a
     # SafetensorError from inside the library.
-    weights = save(state, metadata={"format": "pt"})
+    weights = safetensors_bytes(state, metadata={"format": "pt"})
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(weights))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return directory

@@ -36,9 +36,9 @@ from .layer import lora_scaling
 ENERGY = 0.9
 
 
-def adapter_factors(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-    """(config, {module path: (A, B)} in float64, scaling) of an adapter directory; a DoRA adapter's
-    magnitudes are in config["magnitudes"] ({module path: m}, float64)."""
+def adapter_factors(directory: str | Path):
+    """(config, {module path: (A, B)}, scaling, {module path: DoRA's magnitude m}) of an adapter directory,
+    tensors in float64; the last is empty for plain LoRA."""
     config, state = read_adapter(directory)
     scaling = lora_scaling(config["r"], config["lora_alpha"], config.get("use_rslora", False))
     factors, magnitudes = {}, {}
@@ -55,7 +55,7 @@ def adapter_factors(directory: str | Path) -> tuple[dict, dict[str, tuple[torch.
             magnitudes[module] = state[m_key].double()
     if not factors:
         raise AdapterError(f"{directory} holds no lora_A/lora_B pairs to inspect.")
-    return {**config, "magnitudes": magnitudes}, factors, scaling
+    return config, factors, scaling, magnitudes
 
 
 def dora_delta(w0: torch.Tensor, low_rank: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
@@ -111,8 +111,8 @@ def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
 
 def inspect_adapter(directory: str | Path, base=None, compare: str | Path | None = None) -> dict:
     """The report: one row per module; `base` is a model (its modules give W0), `compare` an adapter dir."""
-    config, factors, scaling = adapter_factors(directory)
-    if config["magnitudes"] and base is None:  # its update is not s·B A: it rescales W0's rows too
+    config, factors, scaling, magnitudes = adapter_factors(directory)
+    if magnitudes and base is None:  # its update is not s·B A: it rescales W0's rows too
         raise AdapterError(
             f"{directory} is a DoRA adapter, whose update m ⊙ (W0 + s·B A)/‖W0 + s·B A‖_c − W0 depends on the "
             "base weights: pass --base MODEL."
@@ -124,8 +124,9 @@ def inspect_adapter(directory: str | Path, base=None, compare: str | Path | None
     rows = []
     for module, (a, b) in sorted(factors.items()):
         delta = scaling * b @ a  # (out, in)
-        if module in config["magnitudes"]:
-            delta = dora_delta(base_weight(base, module, delta.shape), delta, config["magnitudes"][module])
+        w0 = base_weight(base, module, delta.shape) if base is not None else None
+        if module in magnitudes:
+            delta = dora_delta(w0, delta, magnitudes[module])
         sigma = singular_values(delta)
         row = {
             "module": module,
@@ -136,17 +137,16 @@ def inspect_adapter(directory: str | Path, base=None, compare: str | Path | None
             "energy_rank": energy_rank(sigma),
             "entropy_rank": entropy_effective_rank(sigma),
         }
-        if base is not None:
-            w0 = base_weight(base, module, delta.shape)
+        if w0 is not None:
             row["relative_norm"] = row["delta_norm"] / float(torch.linalg.matrix_norm(w0))
             row["amplification"], row["amplification_random"] = amplification(delta, w0, a.shape[0])
         if other is not None:
-            zero = [d for d, (a_, b_) in ((directory, (a, b)), (compare, other[module])) if not b_.any()]
-            if zero:  # B = 0: the adapter learned nothing, and φ would compare arbitrary directions
-                raise AdapterError(
-                    f"{zero[0]}'s update of {module} is zero (B = 0: untrained?), so the subspace similarity "
-                    "means nothing; compare trained adapters."
-                )
+            for where, lora_b in ((directory, b), (compare, other[module][1])):
+                if not lora_b.any():  # B = 0: nothing learned, and φ would compare arbitrary directions
+                    raise AdapterError(
+                        f"{where}'s update of {module} is zero (B = 0: untrained?), so the subspace similarity "
+                        "means nothing; compare trained adapters."
+                    )
             phi = subspace_similarity(a, other[module][0])
             row["phi"] = phi.tolist()
             row["phi_top1"] = float(phi[0, 0])
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         modules = [row["module"] for row in report["modules"]]
         if args.phi_module and args.phi_module not in modules:
             raise AdapterError(
-                f"--phi-module {args.phi_module} is not a module of the adapter: one of {modules[0]}, ..."
+                f"--phi-module {args.phi_module} is not a module of the adapter (its first is {modules[0]})."
             )
         if args.out:
             for path in write_figures(report, args.out, args.phi_module):

@@ -69,13 +69,13 @@ def loads_json(text: str, **options):
         raise json.JSONDecodeError(reason, text, 0) from None
 
 
-def check_text(value: str, where: str) -> None:
-    """Refuse a string that is not text: a lone surrogate (JSON's "\\ud800", or bytes that are not UTF-8 in
-    a command line) cannot be encoded, and the tokenizer would fail on it deep inside."""
+def check_text(value: str, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse, raising `error`, a string that is not text: a lone surrogate (JSON's "\\ud800", or bytes that
+    are not UTF-8 in a command line) cannot be encoded, and the tokenizer would fail on it deep inside."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(
+        raise error(
             f"{where} holds {value[err.start : err.end].encode('unicode_escape').decode()}, which is not a "
-            "character (a lone surrogate, or bytes that are not UTF-8): fix the text"
+            "character (a lone surrogate, or bytes that are not UTF-8): fix the text."
         ) from None

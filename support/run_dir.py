@@ -91,10 +91,11 @@ class OutputDirLock:
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise UsageError(f"--output-dir {out} is a file, not a directory: choose another --output-dir.")
-        if (out / LOCK_FILE).is_symlink():  # the lock is written: it must not reach a file elsewhere
+        link = next(iter(symbolic_links(out)), None)
+        if link is not None:  # checked before the lock file, the first thing written, is written
             raise UsageError(
-                f"{out / LOCK_FILE} is a symbolic link (to {os.readlink(out / LOCK_FILE)}); a run never writes "
-                "through one, so remove the link or choose another --output-dir."
+                f"{link} is a symbolic link (to {os.readlink(link)}); a run never writes or deletes through one, "
+                "so remove the link or choose another --output-dir."
             )
         try:
             self._created = not out.exists()
@@ -120,14 +121,9 @@ class OutputDirLock:
 
 
 def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path | None:
-    """Check the directory against the policy, touching nothing; return the checkpoint to resume from."""
+    """Check the directory against the policy, touching nothing; return the checkpoint to resume from.
+    (Symbolic links were refused by OutputDirLock.acquire, which runs first.)"""
     out = args.output_dir
-    link = next(iter(symbolic_links(out)), None)
-    if link is not None:  # a run writes and deletes only inside its own directory
-        raise UsageError(
-            f"{link} is a symbolic link (to {os.readlink(link)}); a run never writes or deletes through one, "
-            "so remove the link or choose another --output-dir."
-        )
     if args.resume:
         return resume_checkpoint(out, config)
     entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
@@ -229,7 +225,7 @@ def _atomic_leftover(path: Path) -> bool:
 def start_run(output_dir: Path, config: dict, tokenizer, replace: bool) -> None:
     """Replace the previous run's files if asked (checked by prepare_output_dir), then record the run's
     settings and tokenizer before the first step."""
-    if replace:  # prepare_output_dir refused links and anything not ours: what is here is the old run's
+    if replace:  # links and anything not ours were refused before: what is here is the old run's
         for name in (CHECKPOINTS, BEST, EVAL):  # nothing of the old run may pass for the new one's
             if (output_dir / name).is_dir():
                 shutil.rmtree(output_dir / name)
