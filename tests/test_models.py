@@ -2,12 +2,12 @@
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_to_the_end
 
 from support.models import (
     BUILT_MARKER,
@@ -59,17 +59,12 @@ print(load_model_and_tokenizer("tiny")[2])
 def test_torchrun_ranks_share_one_build_whichever_rank_builds(tmp_path):
     script = tmp_path / "load_tiny.py"
     script.write_text(RANKS_LOAD_TINY)
-    env = {**os.environ, "LORA_T5_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + [str(script), str(ROOT)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    paths = set(result.stdout.split())
+    env = {**os.environ, "LORA_T5_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # A hang fails the test and ends the whole process group, workers included.
+    code, stdout, stderr = run_to_the_end([*command, str(script), str(ROOT)], work_done=str(tmp_path), env=env)
+    assert code == 0, stderr[-3000:]
+    paths = set(stdout.split())
     assert len(paths) == 1 and BUILT_MARKER in os.listdir(paths.pop())
 
 
