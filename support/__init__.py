@@ -12,5 +12,6 @@
 - distributed: torchrun setup and the reductions the loop needs
 - metrics: metrics.jsonl, the loss plot, peak memory
 - grounding: the account store that fills placeholders, and the invented-figure check
+- amounts: every number a text writes, in digits or in English words, with its value
 - evaluation: base against fine-tuned: metrics, intent matching, the report
 """

@@ -1,11 +1,17 @@
 """Answers grounded in an account store: the model writes placeholders, this code fills them.
 
-What a figure in an answer may be, checked on the model's raw output, token by token:
+What a figure in an answer may be, checked on the model's raw output:
 - a placeholder, `[NAME]`, standing alone, that the store can fill: its value is the store's;
-- a number the user wrote in the query (same value, same sign), echoed in a sentence that does not
-  present it as one of the store's figures (a balance, a rate, a fee, an account or routing number).
-Anything else withholds the whole answer, with a reply that says why: a figure the store lacks, a
-number nobody gave, or an answer that came out malformed or cut off. Nothing is guessed.
+- a number the user wrote in the query (same value, same sign, in any spelling: "$500", "five hundred
+  dollars", "0.5k"), echoed in an answer that says nothing about the customer's accounts or the bank's
+  figures (no balance, savings, rate, fee, "you have"...) to a query that does not ask for one ("Is my
+  balance 500?"), as "I can help you send $500 to Mom." does to "Send 500 to Mom";
+- a small count in words, "about ten minutes", "one of them": right before a unit that is no amount
+  ("minutes", "days", "of", "-time"), or anywhere in an answer that, by the same words, no figure is asked for.
+Numbers are read in digits and in English words, with "k", "grand", "million", cents and currency signs
+(support/amounts.py); a numeral outside ASCII's 0-9 ("²", "½", "５") is never shown. Anything else
+withholds the whole answer, with a reply that says why: a figure the store lacks, a number nobody gave,
+or an answer that came out malformed or cut off. Nothing is guessed.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
 from data import DataError
 from data.dataset import DATA_DIR
 
+from .amounts import figures_in, unusual_numerals
 from .files import loads_json
 
 DEFAULT_ACCOUNTS = DATA_DIR / "accounts_demo.json"
@@ -32,11 +39,21 @@ CUT_OFF = (
 )
 EMPTY = "I'm sorry, I have no answer to that. Please rephrase your question, or ask our support line."
 MAX_AMOUNT = Decimal(10) ** 15  # larger is no account figure: a typo, or a file that is not an account store
-NUMBER = re.compile(r"(?<![\w.])(-)?\$?(-)?(\d[\d,]*(?:\.\d+)?)")
 PLACEHOLDER = re.compile(r"\[([^\[\]]*)\]")
 PLACEHOLDER_NAME = re.compile(r"[A-Z0-9_]+")
 BARE_PLACEHOLDER = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")  # CHECKING_BALANCE without its brackets
-STORE_FIGURE_WORDS = re.compile(r"\b(balance|rate|apr|fee|routing|account number|transactions?)\b", re.IGNORECASE)
+# Words of an answer about the customer's accounts or the bank's figures: a number in it must be the store's.
+ABOUT_ACCOUNTS = re.compile(
+    r"\b(balances?|rates?|apr|apy|interest|fees?|charges?|charged|routing|account numbers?|transactions?|savings"
+    r"|checking|credit|debt|owe[ds]?|owing|available|total|spent|remaining|have|has|had)\b",
+    re.IGNORECASE,
+)
+# Words of a query that asks for a figure: an answer echoing the user's number to it would confirm it.
+ASKS_FOR_FIGURE = re.compile(
+    r"\b(balances?|rates?|apr|apy|interest|fees?|charges?|routing|account numbers?|how much|available|do i have"
+    r"|left|statements?)\b",
+    re.IGNORECASE,
+)
 CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x1f\x7f-\x9f]")  # ANSI escapes, then control characters
 
 
@@ -167,15 +184,8 @@ def clean(text: str) -> str:
 
 
 def numbers_in(text: str) -> list[Decimal]:
-    """Every number written in `text`, as a signed value: "-$42.10" is -42.10, "$2,682.00" is 2682."""
-    found = []
-    for match in NUMBER.finditer(text):
-        try:
-            value = Decimal(match.group(3).replace(",", "").rstrip("."))
-        except InvalidOperation:
-            continue
-        found.append(-value if match.group(1) or match.group(2) else value)
-    return found
+    """Every number written in `text`, as a signed value: "-$42.10" is -42.10, "five grand" is 5000."""
+    return [figure.value for figure in figures_in(text)]
 
 
 def ground(raw: str, query: str, store: AccountStore, complete: bool = True) -> Grounded:
@@ -199,15 +209,21 @@ def ground(raw: str, query: str, store: AccountStore, complete: bool = True) -> 
     response, problems = store.fill(raw)
     if problems:  # the placeholders are well formed: what is left is a figure the store lacks
         return Grounded(UNAVAILABLE, "missing_figure", problems)
+    unusual = unusual_numerals(outside)
+    if unusual:
+        return Grounded(UNAVAILABLE, "invented_figure", [f"a number written as {unusual[0]!r}, not by the store"])
+    about_accounts = ABOUT_ACCOUNTS.search(outside)
+    confirms = about_accounts or ASKS_FOR_FIGURE.search(query)
     user_numbers = set(numbers_in(query))
-    for sentence in re.split(r"(?<=[.!?])\s+", outside):
-        for number in numbers_in(sentence):
-            if number not in user_numbers:
-                return Grounded(UNAVAILABLE, "invented_figure", [f"{number} is in neither the query nor the store"])
-            if STORE_FIGURE_WORDS.search(sentence):
-                return Grounded(
-                    UNAVAILABLE, "invented_figure", [f"the user's {number} is presented as a figure of the store"]
-                )
+    for figure in figures_in(outside):
+        if figure.small_count and (figure.before_count_noun or not confirms):
+            continue  # "about ten minutes", "one of them": a count, no amount
+        if figure.value not in user_numbers:
+            return Grounded(UNAVAILABLE, "invented_figure", [f"{figure.text!r} is in neither the query nor the store"])
+        if confirms:
+            return Grounded(
+                UNAVAILABLE, "invented_figure", [f"the user's {figure.text!r} is presented as a figure of the store"]
+            )
     return Grounded(response)
 
 

@@ -148,3 +148,140 @@ def test_an_empty_answer_is_called_empty_not_cut_off(store, complete):
     for raw in ("", "  \n "):
         grounded = ground(raw, "What is my savings balance?", store, complete)
         assert grounded.reason == "empty" and grounded.response == EMPTY and "cut off" not in EMPTY
+
+
+# Amounts in every spelling a model might use: none may be shown unless the store's placeholder wrote it.
+ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen \
+seventeen eighteen nineteen".split()
+TENS_WORDS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def in_words(n: int, joiner: str = " ") -> str:
+    """English words for 0 <= n < 10**9, written independently of support.amounts' reader."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS_WORDS[n // 10] + ("" if n % 10 == 0 else "-" + ONES[n % 10])
+    for size, name in ((10**6, "million"), (1000, "thousand"), (100, "hundred")):
+        if n >= size:
+            head = f"{in_words(n // size, joiner)} {name}"
+            return head if n % size == 0 else f"{head}{joiner}{in_words(n % size, joiner)}"
+    raise AssertionError(n)
+
+
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+FULL_WIDTH = str.maketrans("0123456789", "０１２３４５６７８９")
+ARABIC_INDIC = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+DEVANAGARI = str.maketrans("0123456789", "०१२३४५६७८९")
+
+
+def spellings(amount: Decimal) -> list[str]:
+    """Ways to write `amount` (dollars and cents) in an answer."""
+    whole, cents = int(amount), int((amount % 1) * 100)
+    digits = f"{amount:.2f}" if cents else str(whole)
+    grouped = f"{amount:,.2f}" if cents else f"{whole:,}"
+    european = grouped.replace(",", " ").replace(".", ",")
+    words = in_words(whole)
+    found = [
+        digits,
+        grouped,
+        f"${grouped}",
+        f"-${grouped}",
+        f"$ {digits}",
+        f"USD {grouped}",
+        f"{grouped} USD",
+        f"€{grouped}",
+        f"£{digits}",
+        f"{digits} dollars",
+        european,
+        grouped.replace(",", "."),
+        f"{words} dollars",
+        in_words(whole, " and ") + " dollars",
+        words.replace("-", " "),
+        digits.translate(SUPERSCRIPT),
+        digits.translate(FULL_WIDTH),
+        digits.translate(ARABIC_INDIC),
+        digits.translate(DEVANAGARI),
+        f"{whole}½",
+        f"{whole}.{cents:02d}".translate(SUPERSCRIPT),
+    ]
+    if cents:
+        found += [
+            f"{words} dollars and {in_words(cents)} cents",
+            f"{words} point {' '.join(ONES[int(d)] for d in f'{cents:02d}')}",
+        ]
+    if whole >= 1000:
+        found += [f"{whole / 1000:g}k", f"{whole / 1000:g}K", f"${whole / 1000:g}k", f"{in_words(whole // 1000)} grand"]
+        found += [f"{whole // 1000} grand", f"{whole / 10**6:g} million"]
+    return found
+
+
+ANSWERS = [
+    "Your savings balance is {}.",
+    "You have {} in your checking account.",
+    "Your balance! {} is what you have.",
+    "Yes, {} is what you have in savings.",
+    "The wire fee is {}. Call [SUPPORT_PHONE] for details.",
+    "Sure. {}. Is there anything else I can help with?",
+]
+AMOUNTS = [Decimal("10450.55"), Decimal("2682"), Decimal("5000"), Decimal("10400"), Decimal("42.10"), Decimal("250")]
+
+
+def test_no_amount_in_any_spelling_is_shown_unless_the_store_gave_it(store):
+    """Over a thousand spellings in otherwise-correct answers, asked for or echoed back: all withheld."""
+    cases = []
+    for amount in AMOUNTS:
+        for spelling in spellings(amount):
+            for answer in ANSWERS:
+                cases.append((answer.format(spelling), "What is my savings balance?"))
+                cases.append((answer.format(spelling), f"Is my savings balance {spelling}?"))  # confirming it
+    assert len(cases) >= 1000
+    shown = [(raw, query) for raw, query in cases if ground(raw, query, store).reason is None]
+    assert shown == [], f"{len(shown)} of {len(cases)} shown, e.g. {shown[:3]}"
+
+
+@pytest.mark.parametrize(
+    "raw, query",
+    [
+        ("Your savings balance is ten thousand four hundred dollars.", "savings balance?"),
+        ("You have five grand in savings.", "savings?"),
+        ("Yes, 10450.55 is what you have in savings.", "Is 10450.55 my savings?"),
+        ("Your balance! 5000 dollars is what you have.", "Is it 5000 dollars?"),
+        ("Your balance is ²³⁴.", "balance?"),
+        ("Sure, ten.", "Is my balance ten?"),
+        ("Your balance is one.", "What is my balance?"),
+        ("I can help you send ten dollars to Mom.", "send 500 to mom"),  # a small number, but money
+    ],
+)
+def test_the_spellings_that_slipped_through_are_withheld(store, raw, query):
+    assert ground(raw, query, store).reason == "invented_figure"
+
+
+@pytest.mark.parametrize(
+    "raw, query",
+    [
+        ("I can help you send five hundred dollars to Mom.", "send $500 to mom"),
+        ("I can help you send $500 to Mom.", "send five hundred dollars to mom"),
+        ("I can help you send $2,500 to Nina.", "send 2.5k to Nina"),
+        ("I can help you send $2,000 to Nina.", "send two grand to Nina"),
+        ("Visit any branch and it takes about ten minutes. Your balance is [SAVINGS_BALANCE].", "balance?"),
+        ("If you don't recognise one of them, tell me: [CHECKING_RECENT_TRANSACTIONS].", "recent transactions?"),
+        ("You can order a new one in the app.", "I lost my card"),
+    ],
+)
+def test_echoes_and_counts_are_still_shown(store, raw, query):
+    assert ground(raw, query, store).reason is None
+
+
+def test_every_reference_answer_of_the_bundled_data_is_shown_with_the_demo_store(store):
+    from data.dataset import DATA_DIR, load_examples
+
+    rows = [
+        row for split in ("train", "validation", "test") for row in load_examples(DATA_DIR / f"banking_{split}.jsonl")
+    ]
+    withheld = [
+        (row["instruction"], row["response"])
+        for row in rows
+        if ground(row["response"], row["instruction"], store).reason
+    ]
+    assert len(rows) > 1800 and withheld == []
