@@ -38,7 +38,7 @@ from lora.adapter_io import read_adapter
 from lora.adapters import active_adapter, mixed_adapters
 from support import evaluation
 from support.cli import UsageError, run_cli, terminate_as_interrupt
-from support.files import atomic_write_text, check_text, loads_json
+from support.files import atomic_write_all, check_text, loads_json
 from support.grounding import DEFAULT_ACCOUNTS, AccountStore, ground
 from support.models import ModelLoadError, load_model_and_tokenizer, same_base_model
 from support.precision import default_device, resolve_dtype
@@ -272,9 +272,10 @@ def evaluate(assistant: Assistant, rows: list[dict], store: AccountStore, args: 
     }
     json_path, markdown_path = report_paths(args)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
-    atomic_write_text(markdown_path, evaluation.report_markdown(report))
-    print(evaluation.metrics_markdown(report))
+    print(evaluation.metrics_markdown(report))  # shown before the write, which a full disk can fail
+    atomic_write_all(
+        {json_path: json.dumps(report, indent=2) + "\n", markdown_path: evaluation.report_markdown(report)}
+    )
     print(f"\nreport written to {markdown_path} and {json_path}")
     return report
 

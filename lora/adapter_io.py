@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from support.files import atomic_write, atomic_write_text, loads_json
+from support.files import atomic_write_all, loads_json
 
 from .adapters import adapter_names, add_adapter, check_adapter_name, delete_adapter
 from .dora import DoRALinear
@@ -117,7 +117,7 @@ def save_adapter(
     pissa_as_lora: bool = False,
     name: str | None = None,
 ) -> Path:
-    """Write the model's adapter to `directory` in PEFT's layout; each file is written atomically.
+    """Write the model's adapter to `directory` in PEFT's layout, both files atomically, as a pair.
 
     A PiSSA adapter applies to the residual base W0 − s·B0 A0, which a loader rebuilds by redoing the
     SVD. With `pissa_as_lora` it is written instead as the rank-2r plain LoRA adapter of the original
@@ -132,8 +132,7 @@ def save_adapter(
     # Serialised in memory, written by Python: a full disk is then an OSError naming its errno, not a
     # SafetensorError from inside the library.
     weights = safetensors_bytes(state, metadata={"format": "pt"})
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(weights))
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    atomic_write_all({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: json.dumps(config, indent=2) + "\n"})
     return directory
 
 

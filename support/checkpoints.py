@@ -119,8 +119,10 @@ def save_checkpoint(
     try:
         save_adapter(model, staging, base_model)
         (staging / STATE_FILE).write_bytes(buffer.getbuffer())
-    except BaseException:  # a failed checkpoint leaves no half-written directory holding the space
+    except BaseException as err:  # a failed checkpoint leaves no half-written directory holding the space
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError) and (err.filename is None or str(err.filename).startswith(str(staging))):
+            err.filename = str(final)  # the checkpoint the user knows, not the staging directory
         raise
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)

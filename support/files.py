@@ -17,11 +17,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        with naming_failures(path):
+            write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: others could not read the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def naming_failures(path: Path) -> Iterator[None]:
+    """An OSError from a write (a full disk: EFBIG, ENOSPC) names no file; give it the one being written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None or str(err.filename).endswith(".tmp"):
+            err.filename = str(path)
         raise
 
 
@@ -33,6 +45,25 @@ def current_umask() -> int:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_all(contents: dict[Path, bytes | str]) -> None:
+    """Write several files that belong together (text as UTF-8): each is written in full beside its place
+    before the first replaces anything, so a failed write (a full disk) leaves all the old files, never a mix."""
+    staged = {}
+    try:
+        for path, content in contents.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged[tmp] = path
+            with naming_failures(path):
+                Path(tmp).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+            os.chmod(tmp, 0o666 & ~current_umask())
+        for tmp, path in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged:
+            Path(tmp).unlink(missing_ok=True)
 
 
 @contextmanager
