@@ -185,7 +185,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     }
     outer = [(layer, layer.row_groups) for layer in layers]  # a block inside another one gives them back
     for layer in layers:
-        layer.row_groups = (len(names), groups)
+        layer.row_groups = (len(names), groups, False)  # generate() lets beams repeat rows (_beams_repeat_rows)
     try:
         yield model
     finally:
@@ -245,7 +245,23 @@ def _close_mixed_batch(model, args, kwargs, output):
 def _generate_with_adapter_names(model, *args, adapter_names=None, **kwargs):
     generate = type(model).generate
     if adapter_names is None:
-        return generate(model, *args, **kwargs)
+        with _beams_repeat_rows(model):  # inside a mixed_adapters block, if any
+            return generate(model, *args, **kwargs)
     _check_rows(adapter_names, _rows_of(args, kwargs, ("input_ids", "inputs", "inputs_embeds")))
-    with mixed_adapters(model, adapter_names):
+    with mixed_adapters(model, adapter_names), _beams_repeat_rows(model):
         return generate(model, *args, **kwargs)
+
+
+@contextmanager
+def _beams_repeat_rows(model: nn.Module) -> Iterator[None]:
+    """Within generate() a mixed batch's row i may come as k consecutive rows, its k beams; elsewhere a batch
+    whose size is a multiple of the names is a mistake, not beams, and is refused."""
+    layers = [layer for layer in lora_layers(model).values() if layer.row_groups is not None]
+    saved = [layer.row_groups for layer in layers]
+    for layer in layers:
+        layer.row_groups = (*layer.row_groups[:2], True)
+    try:
+        yield
+    finally:
+        for layer, row_groups in zip(layers, saved):
+            layer.row_groups = row_groups

@@ -120,7 +120,7 @@ class LoRALinear(nn.Module):
         self.extra_adapters = nn.ModuleDict()  # more named adapters (LowRank), beside this layer's own
         self.active = self.name  # whose update the forward adds; None: no adapter's
         self.merged_name = None  # whose update is folded into `weight`, while merged
-        self.row_groups = None  # inside mixed_adapters: (rows, {adapter name: row indices})
+        self.row_groups = None  # inside mixed_adapters: (rows, {adapter name: row indices}, beams allowed)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.reset_lora_parameters()
 
@@ -174,8 +174,8 @@ class LoRALinear(nn.Module):
     def mixed_update(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's own adapter's update, (batch, ..., out) in A's dtype: the rows are grouped by adapter,
         one low-rank product per adapter present. generate() repeats each row for beam search; so do we."""
-        rows, groups = self.row_groups
-        repeats = x.shape[0] // rows  # 1, or the beams per row
+        rows, groups, beams = self.row_groups
+        repeats = x.shape[0] // rows if beams else 1  # in generate(), the beams per row
         if x.shape[0] != rows * repeats or repeats == 0:
             raise ValueError(
                 f"a mixed batch names an adapter for each of {rows} rows, but this batch has {x.shape[0]} rows: "

@@ -224,6 +224,11 @@ def test_mixed_blocks_nest_and_check_their_rows(two_adapters, t5_batch):
     with pytest.raises(ValueError, match="names an adapter for each of 2 rows, but this batch has 3 rows"):
         with mixed_adapters(model, ["retail", "business"]):
             logits(model, t5_batch)
+    two_rows = {key: value[:2] for key, value in t5_batch.items()}
+    four_rows = {key: torch.cat([value, value]) for key, value in two_rows.items()}
+    with pytest.raises(ValueError, match="names an adapter for each of 2 rows, but this batch has 4 rows"):
+        with mixed_adapters(model, ["retail", "business"]):  # a multiple of the names is beams only in generate
+            logits(model, four_rows)
 
 
 def test_adapter_bookkeeping_completes_or_changes_nothing(two_adapters, t5_batch):
