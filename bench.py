@@ -587,7 +587,7 @@ def bench_inference(args, rows) -> list[dict]:
     two = copy.deepcopy(unmerged)
     add_adapter(two, "second")
     for layer in lora_layers(two).values():
-        torch.nn.init.normal_(layer.extra_adapters["second"].lora_B, std=0.01)
+        torch.nn.init.normal_(layer.adapters["second"].lora_B, std=0.01)
     results = []
     for batch_size in (1, 16):
         half = ["default"] * (batch_size // 2) + ["second"] * (batch_size - batch_size // 2)

@@ -20,7 +20,7 @@ from torch import nn
 
 from support.files import atomic_write_all, loads_json
 
-from .adapters import adapter_names, add_adapter, check_adapter_name, delete_adapter
+from .adapters import adapter_names, adapters_of, add_adapter, check_adapter_name, delete_adapter
 from .dora import DoRALinear
 from .layer import check_lora_hyperparameters
 from .model import inject_lora, lora_layers
@@ -38,8 +38,8 @@ class AdapterError(ValueError):
 
 
 def named_adapter(model: nn.Module, name: str | None) -> dict[str, nn.Module]:
-    """The layers (or, for an extra adapter, the LowRank modules) that hold adapter `name`, by module path;
-    name=None: the model's only adapter."""
+    """The modules that hold adapter `name` (LoRA layers, or a MultiLoRALinear's LowRank adapters), by the
+    module path of their layer; name=None: the model's only adapter."""
     layers = lora_layers(model)
     names = adapter_names(model)
     if name is None:
@@ -48,7 +48,8 @@ def named_adapter(model: nn.Module, name: str | None) -> dict[str, nn.Module]:
         return layers
     if name not in names:
         raise AdapterError(f"the model has no adapter named '{name}' (it has {', '.join(names) or 'none'}).")
-    return {path: layer.adapters()[name] for path, layer in layers.items() if name in layer.adapters()}
+    holders = {path: adapters_of(layer, model).get(name) for path, layer in layers.items()}
+    return {path: holder for path, holder in holders.items() if holder is not None}
 
 
 def adapter_state_dict(
@@ -294,6 +295,8 @@ def _load_single(model: nn.Module, directory: Path, config: dict, setting: dict,
                 f"the model holds several adapters ({', '.join(names)}): load {directory} beside them under a "
                 "name of its own, load_adapter(model, directory, name=...), or delete_adapter one first."
             )
+        merged = [path for path, layer in layers.items() if layer.merged]
+        layers = named_adapter(model, names[0])
         for name, layer in layers.items():
             ours = {
                 "r": layer.r,
@@ -312,7 +315,7 @@ def _load_single(model: nn.Module, directory: Path, config: dict, setting: dict,
                     f"the model's LoRA layer {name} does not match {directory} ({differ}); "
                     "load into a fresh base model."
                 )
-            if layer.merged:
+            if name in merged:
                 raise AdapterError(f"LoRA layer {name} is merged: unmerge_lora(model) before loading an adapter.")
     return _copy_checked(layers, state, directory)
 
@@ -371,10 +374,9 @@ def _load_named(model: nn.Module, directory: Path, name: str, config: dict, sett
             loaded = _load_single(model, directory, config, setting, state)
         except AdapterError:
             if lora_layers(model):
-                delete_adapter(model, "default")  # nothing half-loaded stays behind
+                delete_adapter(model, adapter_names(model)[0])  # nothing half-loaded stays behind
             raise
-        for layer in lora_layers(model).values():
-            layer.name = layer.active = name
+        model.lora_adapter_name = name
         return loaded
     if setting["use_dora"] or setting["init"] != "lora":
         raise AdapterError(f"{directory} is a DoRA or PiSSA adapter; several adapters on one model take plain LoRA.")

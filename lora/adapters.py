@@ -1,12 +1,13 @@
 """Many adapters on one base: add them by name, choose the active one, or give each row of a batch its own.
 
 A model injected once (`inject_lora`, `load_adapter` without a name) holds one adapter, named "default",
-and nothing here changes how it computes or saves. `add_adapter` puts more beside it: each named
-adapter has its own r, alpha and targets. The forward adds the active adapter's update
-(`set_active_adapter`), or, inside `mixed_adapters(model, names)`, each row's own adapter's update
-(None: the base alone), with the rows grouped by adapter in every layer: one low-rank product per
-adapter in the batch, not one per row. Merging folds in the active adapter only, and is refused
-while a mixed batch runs; switching the active adapter unmerges first.
+in its LoRALinear layers, and nothing here changes how it computes or saves. Adding a second adapter
+turns every LoRA layer into a MultiLoRALinear (lora/multi_layer.py), which holds each named adapter alike,
+each with its own r, alpha and targets. The forward adds the active adapter's update (`set_active_adapter`;
+None: the base alone), or, inside `mixed_adapters(model, names)`, each row's own adapter's update, with the
+rows grouped by adapter in every layer: one low-rank product per adapter in the batch, not one per row.
+Merging folds in the active adapter only, and is refused while a mixed batch runs; switching the active
+adapter unmerges first.
 """
 
 from __future__ import annotations
@@ -14,28 +15,38 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import MethodType
 
 import torch
 from torch import nn
 
 from .dora import DoRALinear
-from .layer import LoRALinear, LowRank, check_lora_hyperparameters
+from .layer import LoRALinear, check_lora_hyperparameters
 from .model import inject_lora, lora_layers
+from .multi_layer import LowRank, MultiLoRALinear
 
-BASE = None  # the "adapter" of a row that wants the base model alone
+SINGLE = "default"  # the name of a model's one adapter when it was given none (PEFT's too)
+PEFT_BASE = "__base__"  # PEFT's name for a row that wants the base model alone; ours is None
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The names of the adapters in `model`, in the order they were added."""
-    names = {}
-    for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.adapters()))
-    return list(names)
+    layers = lora_layers(model).values()
+    if not layers:
+        return []
+    if not isinstance(next(iter(layers)), MultiLoRALinear):
+        return [getattr(model, "lora_adapter_name", SINGLE)]
+    return list(dict.fromkeys(name for layer in layers for name in layer.adapters))
+
+
+def adapters_of(layer: nn.Module, model: nn.Module) -> dict[str, nn.Module]:
+    """A layer's adapters by name, each a module with lora_A, lora_B and lora_update()."""
+    return dict(layer.adapters) if isinstance(layer, MultiLoRALinear) else {adapter_names(model)[0]: layer}
 
 
 def check_adapter_name(name) -> None:
-    """An adapter's name is a Python identifier: it becomes a module name (extra_adapters[name])."""
+    """An adapter's name is a Python identifier: it becomes a module name (`adapters[name]`)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"an adapter name must be a Python identifier such as 'retail', got {name!r}.")
 
@@ -58,42 +69,41 @@ def add_adapter(
         raise ValueError(f"the model already has an adapter named '{name}': delete_adapter it first, or pick another.")
     if not existing:
         replaced = inject_lora(model, target_modules, r, alpha, dropout, use_rslora)
-        for layer in lora_layers(model).values():
-            layer.name = layer.active = name
+        model.lora_adapter_name = name
         return replaced
     check_lora_hyperparameters(r, alpha, dropout)
     layers = lora_layers(model)
-    if any(isinstance(layer, DoRALinear) or layer.init != "lora" for layer in layers.values()):
+    if any(isinstance(layer, DoRALinear) or getattr(layer, "init", "lora") != "lora" for layer in layers.values()):
         raise ValueError("several adapters work with plain LoRA only; this model holds a DoRA or PiSSA adapter.")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("the model has a merged adapter: unmerge_lora(model) before adding another.")
-    active = next(iter(layers.values())).active
     targets = set(target_modules)
     plain = {path for path, module in model.named_modules() if type(module) is nn.Linear}
     paths = [path for path in [*layers, *plain] if path.rsplit(".", 1)[-1] in targets]
     unmatched = targets - {path.rsplit(".", 1)[-1] for path in paths}
     if unmatched:
         raise ValueError(f"target module(s) {sorted(unmatched)} match no linear layer of the model.")
-    added = []
+    for path, layer in layers.items():  # one adapter so far: its layers become layers of several
+        if isinstance(layer, LoRALinear):
+            _replace(model, path, MultiLoRALinear.of(layer, existing[0]))
+    if hasattr(model, "lora_adapter_name"):
+        del model.lora_adapter_name
+    layers = lora_layers(model)
+    active = next(iter(layers.values())).active
     try:
         for path in paths:
-            if path in layers:
-                layer = layers[path]
-                shape = (layer.in_features, layer.out_features)
-                extra = LowRank(*shape, r, alpha, dropout, use_rslora, device=layer.lora_A.device)
-                layer.extra_adapters[name] = extra.train(layer.training)
-            else:  # a layer the earlier adapters leave alone: a LoRALinear whose own adapter is this one
-                parent_name, _, child_name = path.rpartition(".")
-                linear = model.get_submodule(path)
-                layer = LoRALinear.from_linear(linear, r, alpha, dropout, use_rslora).train(linear.training)
-                layer.name, layer.active = name, active
-                setattr(model.get_submodule(parent_name), child_name, layer)
-            added.append(path)
+            layer = layers.get(path)
+            if layer is None:  # a layer the earlier adapters leave alone
+                layer = MultiLoRALinear.of(model.get_submodule(path), name)
+                layer.active = active
+                _replace(model, path, layer)
+            adapter = LowRank(layer.in_features, layer.out_features, r, alpha, dropout, use_rslora, layer.weight.device)
+            layer.adapters[name] = adapter.train(layer.training)
     except ValueError:  # e.g. a rank larger than a layer: leave nothing of this adapter behind
         if name in adapter_names(model):
             delete_adapter(model, name)
         raise
-    return added
+    return paths
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -107,48 +117,55 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     merged = [path for path, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"layer {merged[0]} is merged: unmerge_lora(model) before deleting an adapter.")
-    was_active = any(layer.active == name for layer in layers.values())
+    was_active = name == active_name(model)
     for path, layer in layers.items():
-        if name not in layer.adapters():
-            continue
-        if name in layer.extra_adapters:
-            del layer.extra_adapters[name]
-        elif layer.extra_adapters:  # its own adapter goes: the first extra one takes its place
-            successor, extra = next(iter(layer.extra_adapters.items()))
-            del layer.extra_adapters[successor]
-            layer.name, layer.lora_A, layer.lora_B, layer.dropout = successor, extra.lora_A, extra.lora_B, extra.dropout
-            layer.r, layer.alpha, layer.scaling = extra.r, extra.alpha, extra.scaling
-            layer.use_rslora = extra.use_rslora
-        else:
-            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            linear.weight, linear.bias = layer.weight, layer.bias
-            parent_name, _, child_name = path.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, linear.train(layer.training))
-    if was_active:
-        remaining = adapter_names(model)
-        active = remaining[0] if remaining else BASE
-        if remaining:
-            warnings.warn(f"adapter '{name}' was active and is deleted: '{active}' is active now.", stacklevel=2)
-        for layer in lora_layers(model).values():
-            layer.active = active
+        if isinstance(layer, MultiLoRALinear):
+            if name in layer.adapters:
+                del layer.adapters[name]
+            if layer.adapters:
+                continue
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight, linear.bias = layer.weight, layer.bias
+        _replace(model, path, linear.train(layer.training))
+    if hasattr(model, "lora_adapter_name") and not lora_layers(model):
+        del model.lora_adapter_name
+    remaining = adapter_names(model)
+    if was_active and remaining:
+        warnings.warn(f"adapter '{name}' was active and is deleted: '{remaining[0]}' is active now.", stacklevel=2)
+        set_active_adapter(model, remaining[0])
+
+
+def active_name(model: nn.Module) -> str | None:
+    """The adapter the forward applies (None: the base alone)."""
+    layers = list(lora_layers(model).values())
+    if not layers:
+        return None
+    if isinstance(layers[0], MultiLoRALinear):
+        return layers[0].active
+    return None if layers[0].disabled else adapter_names(model)[0]
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Make `name` the adapter the forward applies (None: none). A layer merged with another adapter is
-    unmerged first, so a merged model never mixes two adapters' updates."""
-    if name is not BASE and name not in adapter_names(model):
+    """Make `name` the adapter the forward applies (None: none; on a model of one adapter that disables its
+    layers, as `lora_disabled` does). A layer merged with another adapter is unmerged first, so a merged
+    model never mixes two adapters' updates."""
+    if name is not None and name not in adapter_names(model):
         raise ValueError(f"unknown adapter '{name}': the model has {', '.join(adapter_names(model))}.")
     for layer in lora_layers(model).values():
-        if layer.merged and layer.merged_name != name:
-            layer.unmerge()
-        layer.active = name
+        if isinstance(layer, MultiLoRALinear):
+            if layer.merged and layer.merged_name != name:
+                layer.unmerge()
+            layer.active = name
+        else:  # the model's one adapter: active, or disabled
+            if layer.merged and name is None:
+                layer.unmerge()
+            layer.disabled = name is None
 
 
 @contextmanager
 def active_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
     """`set_active_adapter` for the block; the previous active adapter is restored on exit."""
-    layers = lora_layers(model).values()
-    before = next(iter(layers)).active if layers else None
+    before = active_name(model)
     set_active_adapter(model, name)
     try:
         yield model
@@ -156,7 +173,20 @@ def active_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
         set_active_adapter(model, before)
 
 
-PEFT_BASE = "__base__"  # PEFT's name for a row that wants the base model alone; ours is None
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child_name = path.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)
+
+
+# A mixed batch: while it runs, each LoRA layer's forward is _mixed_forward, which gives row i the update of
+# names[i]'s adapter. Nothing of it is stored in the layers: leaving the block gives them their forward back.
+
+
+@dataclass
+class MixedBatch:
+    rows: int  # one name per row
+    groups: dict[str, torch.Tensor]  # adapter name -> the indices of its rows
+    beams: bool = False  # inside generate(): row i may come as k consecutive rows, its k beams
 
 
 @contextmanager
@@ -166,31 +196,63 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     `model(..., adapter_names=names)` and `model.generate(..., adapter_names=names)` do the same for one call."""
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
         raise ValueError(f"adapter names for a mixed batch are a non-empty list, one per row; got {names!r}.")
-    names = [BASE if name == PEFT_BASE else name for name in names]
+    names = [None if name == PEFT_BASE else name for name in names]
     known = adapter_names(model)
-    unknown = sorted({str(name) for name in names if name is not BASE and name not in known})
+    unknown = sorted({str(name) for name in names if name is not None and name not in known})
     if unknown:
         has = f"the model has {', '.join(known)}" if known else "the model holds no adapter"
         raise ValueError(f"unknown adapter(s) {unknown} in the batch: {has} (and {PEFT_BASE!r} for the base).")
-    layers = lora_layers(model).values()
-    if any(layer.merged for layer in layers):
+    layers = lora_layers(model)
+    if any(layer.merged for layer in layers.values()):
         raise ValueError("a mixed batch needs every adapter unmerged: call unmerge_lora(model) first.")
-    if any(isinstance(layer, DoRALinear) for layer in layers):
+    if any(isinstance(layer, DoRALinear) for layer in layers.values()):
         raise ValueError("mixed batches work with plain LoRA adapters; this model holds a DoRA adapter.")
-    device = next(iter(layers)).lora_A.device if layers else torch.device("cpu")
+    device = next(iter(layers.values())).weight.device
     groups = {
         name: torch.tensor([i for i, row in enumerate(names) if row == name], device=device)
         for name in dict.fromkeys(names)
-        if name is not BASE
+        if name is not None
     }
-    outer = [(layer, layer.row_groups) for layer in layers]  # a block inside another one gives them back
-    for layer in layers:
-        layer.row_groups = (len(names), groups, False)  # generate() lets beams repeat rows (_beams_repeat_rows)
+    batch = MixedBatch(len(names), groups)
+    outer = [(layer, vars(layer).get("forward")) for layer in layers.values()]  # an enclosing block's
+    for layer in layers.values():
+        layer.forward = MethodType(_mixed_forward(batch, adapters_of(layer, model)), layer)
+    model._mixed_batches = [*getattr(model, "_mixed_batches", []), batch]
     try:
         yield model
     finally:
-        for layer, row_groups in outer:
-            layer.row_groups = row_groups
+        model._mixed_batches = model._mixed_batches[:-1]
+        for layer, forward in outer:
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
+    def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Each row's own adapter's update, the rows grouped by adapter: one low-rank product per adapter."""
+        result = layer.base_product(x, layer.weight, layer.bias)  # (batch, ..., out)
+        if layer.disabled:
+            return result
+        repeats = x.shape[0] // batch.rows if batch.beams else 1  # in generate(), the beams per row
+        if x.shape[0] != batch.rows * repeats or repeats == 0:
+            raise ValueError(
+                f"a mixed batch names an adapter for each of {batch.rows} rows, but this batch has {x.shape[0]} "
+                "rows: give one name per row."
+            )
+        dtype = next(iter(adapters.values())).lora_A.dtype
+        update = x.new_zeros(*x.shape[:-1], layer.out_features, dtype=dtype)  # (batch, ..., out)
+        for name, index in batch.groups.items():
+            adapter = adapters.get(name)
+            if adapter is None:  # this adapter does not target this layer: its rows get no update here
+                continue
+            if repeats > 1:
+                index = (index.unsqueeze(1) * repeats + torch.arange(repeats, device=index.device)).flatten()
+            update.index_add_(0, index, adapter.lora_update(x.index_select(0, index)))
+        return result + update.to(result.dtype)
+
+    return forward
 
 
 # PEFT's form, `model(..., adapter_names=[...])` and `model.generate(..., adapter_names=[...])`. transformers'
@@ -256,12 +318,13 @@ def _generate_with_adapter_names(model, *args, adapter_names=None, **kwargs):
 def _beams_repeat_rows(model: nn.Module) -> Iterator[None]:
     """Within generate() a mixed batch's row i may come as k consecutive rows, its k beams; elsewhere a batch
     whose size is a multiple of the names is a mistake, not beams, and is refused."""
-    layers = [layer for layer in lora_layers(model).values() if layer.row_groups is not None]
-    saved = [layer.row_groups for layer in layers]
-    for layer in layers:
-        layer.row_groups = (*layer.row_groups[:2], True)
+    batches = getattr(model, "_mixed_batches", [])
+    batch = batches[-1] if batches else None
+    if batch is None or batch.beams:
+        yield
+        return
+    batch.beams = True
     try:
         yield
     finally:
-        for layer, row_groups in zip(layers, saved):
-            layer.row_groups = row_groups
+        batch.beams = False

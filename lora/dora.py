@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoRALinear, frozen_linear
+from .layer import LoRALinear
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -59,8 +59,8 @@ class DoRALinear(LoRALinear):
         return {**super().adapter_params(), "lora_magnitude": self.lora_magnitude}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = frozen_linear(x, self.weight, self.bias)  # (..., out)
-        if self.merged or self.disabled or self.active != self.name:
+        result = self.base_product(x, self.weight, self.bias)  # (..., out)
+        if self.merged or self.disabled:
             return result
         dropped = self.dropout(x)
         with torch.no_grad():  # a constant for autograd (DoRA, Section 4.3)
@@ -69,7 +69,7 @@ class DoRALinear(LoRALinear):
         if isinstance(self.dropout, nn.Identity) or not self.training:  # W0 x' = W0 x: reuse it
             base = result if self.bias is None else result - self.bias  # (..., out)
         else:
-            base = frozen_linear(dropped, self.weight)  # (..., out)
+            base = self.base_product(dropped, self.weight, None)  # (..., out)
         low_rank = F.linear(F.linear(dropped.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # (..., out)
         return result + ((scale - 1) * base + scale * low_rank * self.scaling).to(result.dtype)
 

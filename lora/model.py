@@ -11,12 +11,14 @@ from torch import nn
 
 from .dora import DoRALinear
 from .layer import LoRALinear, check_lora_hyperparameters
+from .multi_layer import MultiLoRALinear
 from .pissa import pissa_init, pissa_niter
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear in `model`, by its module path."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | MultiLoRALinear]:
+    """Every LoRA layer in `model` (LoRALinear and its DoRA variant, or the layers of several adapters), by
+    its module path."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, (LoRALinear, MultiLoRALinear))}
 
 
 def inject_lora(
@@ -85,6 +87,8 @@ def inject_lora(
 
 def merge_lora(model: nn.Module) -> None:
     """Merge every LoRA layer of `model` into its base weight (idempotent)."""
+    if getattr(model, "_mixed_batches", None):
+        raise ValueError("cannot merge while a mixed batch runs: merge one active adapter outside mixed_adapters.")
     for layer in lora_layers(model).values():
         layer.merge()
 
@@ -155,8 +159,8 @@ def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float | No
     if loraplus_lr_ratio is None:
         return [{"params": [param for _, param in params], "lr": lr}]
     return [
-        {"params": [param for name, param in params if name == "lora_A"], "lr": lr},
-        {"params": [param for name, param in params if name != "lora_A"], "lr": lr * loraplus_lr_ratio},
+        {"params": [param for name, param in params if name.endswith("lora_A")], "lr": lr},
+        {"params": [param for name, param in params if not name.endswith("lora_A")], "lr": lr * loraplus_lr_ratio},
     ]
 
 

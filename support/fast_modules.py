@@ -8,10 +8,10 @@
   draw per element, the step's third most expensive operator). Each call seeds PCG64 from torch's
   generator, so --seed, --resume and activation checkpointing's replay still fix every mask; the
   random stream is not the one nn.Dropout draws. On a GPU it is F.dropout (Philox, already fast).
-- every plain `nn.Linear` (k, o, the feed-forward's, lm_head) for `Linear`, whose product is lora's
+- every plain `nn.Linear` (k, o, the feed-forward's, lm_head) for `Linear`, whose product is
   `frozen_linear`: F.linear, except for a frozen bf16 weight on a CPU without bf16 matrix instructions,
-  where PyTorch's bf16 GEMM is 5-300x slower than computing the same product in fp32 and rounding once
-  (the LoRA layers' own base product already goes through it). The same Parameters, so ties are kept.
+  where PyTorch's bf16 GEMM is 5-300x slower than computing the same product in fp32 and rounding once.
+  The same Parameters, so ties are kept. The LoRA layers' base product becomes `frozen_linear` too.
 - transformers' `NewGELUActivation` (flan-t5's gated-GELU, the tanh approximation written as six
   elementwise operations) for `nn.GELU(approximate="tanh")`: the same formula in one kernel (outputs
   within 3e-7 of each other in fp32).
@@ -21,10 +21,56 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import NewGELUActivation
 
-from lora.layer import frozen_linear
+from lora import lora_layers
+
+
+def _cpu_has_bf16_matmul() -> bool:
+    """Whether oneDNN runs bf16 matrix products natively here (AVX-512 or AMX); False on AVX2-only CPUs."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without the query: the fp32 path below is right anywhere
+        return False
+
+
+CPU_HAS_BF16_MATMUL = _cpu_has_bf16_matmul()
+
+
+class _Bf16LinearInFp32(torch.autograd.Function):
+    """y = x W^T + b for bf16 x and a frozen bf16 W, each product computed in fp32 and rounded once to bf16:
+    the values a bf16 GEMM with fp32 accumulation gives. Saves only W (a parameter: nothing new is kept);
+    the fp32 copies live for the one product."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., out) -> (..., in); W and b are frozen: no gradient of theirs
+        (weight,) = ctx.saved_tensors
+        grad_x = (grad.float() @ weight.float()).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a frozen base weight. The one exception: bf16 on a CPU without bf16 matrix instructions
+    (AVX2 ones), where PyTorch's bf16 GEMM runs at 19 GFLOP/s forward and 0.3 GFLOP/s for the input's
+    gradient against 100 GFLOP/s in fp32 (2 cores, 512 x 2048 -> 5120): there the product is computed in fp32
+    of the same bf16 values and rounded once, as above. Memory stays that of a bf16 base."""
+    if (
+        weight.dtype == torch.bfloat16
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not weight.requires_grad
+        and not CPU_HAS_BF16_MATMUL
+    ):
+        return _Bf16LinearInFp32.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class Dropout(nn.Dropout):
@@ -57,6 +103,9 @@ class Linear(nn.Linear):
 def use_fast_modules(model: nn.Module) -> int:
     """Swap the model's dropout, linear and tanh-GELU modules for the faster ones above; return how many."""
     swapped = 0
+    for layer in lora_layers(model).values():
+        layer.base_product = frozen_linear
+        swapped += 1
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:

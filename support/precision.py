@@ -11,8 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-import lora.layer
-
+from . import fast_modules
 from .cli import UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,7 +41,7 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
             "scaler and NaN guards skip such steps, but prefer --precision bf16.",
             stacklevel=2,
         )
-    if dtype == torch.bfloat16 and device.type == "cpu" and not lora.layer.CPU_HAS_BF16_MATMUL:
+    if dtype == torch.bfloat16 and device.type == "cpu" and not fast_modules.CPU_HAS_BF16_MATMUL:
         warnings.warn(
             "--precision bf16: this CPU has no bf16 matrix instructions, so bf16 autocast makes its matmuls "
             "5-300x slower than fp32; use --precision fp32 (--base-dtype bf16 still halves the weights' memory).",

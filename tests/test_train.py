@@ -13,7 +13,7 @@ from conftest import randomize_adapter, tiny_t5
 from helpers import run_to_the_end
 from safetensors.torch import load_file
 
-import lora.layer
+import support.fast_modules
 import train
 from data import EncodedExample, collate
 from lora import inject_lora, load_adapter
@@ -536,7 +536,7 @@ def test_torchrun_runs_end_with_their_work_and_no_ddp_wrapper_outlives_the_proce
 
 
 def test_bf16_autocast_on_the_cpu_trains_with_fp32_adapter(tmp_path, monkeypatch):
-    monkeypatch.setattr(lora.layer, "CPU_HAS_BF16_MATMUL", False)  # as on this project's AVX2 CPUs
+    monkeypatch.setattr(support.fast_modules, "CPU_HAS_BF16_MATMUL", False)  # as on this project's AVX2 CPUs
     with pytest.warns(UserWarning, match="this CPU has no bf16 matrix instructions"):
         summary = train.train(
             train.parse_args(FAST + ["--max-steps", "1", "--precision", "bf16", "--output-dir", str(tmp_path)])
