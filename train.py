@@ -1,7 +1,7 @@
 """Fine-tune a T5 with LoRA on the banking data and write a PEFT-layout adapter.
 
     python train.py                                  # google/flan-t5-base, the original project's settings
-    python train.py --model tiny                     # offline smoke run on the tiny model, ~2 minutes on a CPU
+    python train.py --model tiny --output-dir runs/tiny_lora   # offline smoke run on the tiny model
     torchrun --nproc_per_node 2 train.py ...         # data-parallel (NCCL on CUDA, gloo on the CPU)
 
 A plain PyTorch loop: no PEFT, no HF Trainer, no accelerate. Read it top to bottom: `train()` is the

@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         action="store_true",
         help="torch.compile the model, for CUDA: lengths are padded to multiples of 16 so it meets few shapes, "
         "a new shape compiles again (about 3 times a run) and the first step's time is logged apart; on a CPU "
-        "it does not pay (the tiny quick start's 372 steps: 242 s compiled, 79 s eager, on 2 cores)",
+        "it does not pay (see docs/training.md)",
     )
     opt.add_argument(
         "--base-dtype",
