@@ -26,25 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
-
-from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TEST_FILE, TRAIN_FILE, DataError, build_prompt, load_examples
-from lora import AdapterError, load_adapter, lora_disabled, lora_layers, merge_lora, unmerge_lora
-from lora.adapter_io import read_adapter
-from lora.adapters import active_adapter, mixed_adapters
-from support import evaluation
+from banking.assistant import BASE, Assistant, answer
+from banking.grounding import DEFAULT_ACCOUNTS, AccountStore
+from banking.report import check_report_place, check_writable, report_paths, write_report
+from data import MAX_TARGET_LEN, TEST_FILE, DataError, load_examples
+from lora import AdapterError
 from support.cli import UsageError, run_cli, terminate_as_interrupt
-from support.files import atomic_write_all, check_text, loads_json
-from support.grounding import DEFAULT_ACCOUNTS, AccountStore, ground
-from support.models import ModelLoadError, load_model_and_tokenizer, same_base_model
-from support.precision import default_device, resolve_dtype
-from support.run_dir import EVAL, training_config_for
+from support.files import check_text, loads_json
+from support.models import ModelLoadError
 
-BASE = "base"  # the name a query gives to be answered by the base model alone, never an adapter's
 DEFAULT_ADAPTER = Path("banking_assistant_lora")
 MAX_NEW_TOKENS = 1024  # past this an answer is a ramble, and generation runs for minutes
 
@@ -69,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
     merge = len(args.adapters) == 1 and BASE not in asked and not (args.no_merge or args.eval)
     assistant = Assistant(args.adapters, args.model, merge=merge, precision=args.precision)
     if args.eval:
-        evaluate(assistant, eval_rows, store, args)
+        write_report(assistant, eval_rows, store, args)
     elif file_queries is not None:
         for i in range(0, len(file_queries), args.batch_size):
             queries, names = zip(*file_queries[i : i + args.batch_size])
@@ -80,254 +72,9 @@ def run(args: argparse.Namespace) -> None:
         interactive(assistant, store, args)
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-class Assistant:
-    """A base model with its adapters loaded, ready to answer queries.
-
-    `adapters` is one adapter directory, or {name: directory} for several on one base model; a single
-    one is merged into the weights unless merge=False. The base model is the one the adapters' configs
-    name, unless `model` says otherwise. Prompts are truncated to the length the adapters were trained
-    with, read from their runs' training_config.json.
-    """
-
-    def __init__(
-        self,
-        adapters: str | Path | dict[str, Path],
-        model: str | None = None,
-        merge: bool = True,
-        precision: str = "auto",
-    ) -> None:
-        self.adapters = (
-            {k: Path(v) for k, v in adapters.items()} if isinstance(adapters, dict) else {"default": Path(adapters)}
-        )
-        name = self._base_model_name(model)
-        if (Path(name) / "adapter_config.json").is_file() and not (Path(name) / "config.json").is_file():
-            raise UsageError(f"{name} is an adapter directory, not a base model: pass it as --adapter.")
-        self.device = default_device()
-        dtype = resolve_dtype(precision, self.device)
-        configs = [training_config_for(directory) or {} for directory in self.adapters.values()]
-        self.training_configs = configs
-        for config, directory in zip(configs, self.adapters.values()):
-            if config.get("max_source_len") is None:
-                warn(
-                    f"{directory} does not record the prompt length it was trained with (no training_config.json "
-                    f"from train.py); prompts are cut at {MAX_SOURCE_LEN} tokens."
-                )
-        self.max_source_len = max(config.get("max_source_len") or MAX_SOURCE_LEN for config in configs)
-        # Long enough for the longest answer an adapter was trained on (plus its </s>).
-        self.max_new_tokens = max(config.get("longest_target_tokens") or MAX_TARGET_LEN for config in configs)
-        self.model, self.tokenizer, self.base_path = load_model_and_tokenizer(name)
-        for adapter_name, directory in self.adapters.items():
-            # strict: refuses an adapter of another model size, and leaves nothing of it behind
-            load_adapter(self.model, directory, name=adapter_name)
-        self.names = list(self.adapters)  # in --adapter order: the first answers by default
-        if merge and len(self.adapters) == 1:
-            merge_lora(self.model)  # in fp32, before any cast: an answer then costs what the base model costs
-        self.model.to(self.device, dtype=dtype).eval()
-
-    def _base_model_name(self, model: str | None) -> str:
-        """`model`, else the base model the adapters' configs name (refused if they name different ones).
-        Each adapter's config is read and checked here, before any model loads."""
-        recorded = {name: read_adapter(d)[0].get("base_model_name_or_path") for name, d in self.adapters.items()}
-        if model:
-            for name, base in recorded.items():
-                if base and not same_base_model(model, base):
-                    warn(
-                        f"the adapter {self.adapters[name]} was trained on {base}; "
-                        f"loading it into {model} as --model asks."
-                    )
-            return model
-        for name, base in recorded.items():
-            if not base:
-                raise UsageError(f"{self.adapters[name]}/adapter_config.json names no base model: pass --model.")
-        (first, base), *others = recorded.items()
-        for name, other in others:
-            if not same_base_model(base, other):
-                raise UsageError(
-                    f"adapter '{name}' was trained on {other} but '{first}' on {base}: one base model serves "
-                    "every adapter; pass adapters trained on the same base model (or --model to force one)."
-                )
-        return base
-
-    def generate(
-        self, queries: list[str], max_new_tokens: int | None = None, base: bool = False, **options
-    ) -> list[str]:
-        """Raw model outputs (placeholders unfilled) for a batch of queries; base=True bypasses the adapter."""
-        return [text for text, _ in self.generate_with_ends(queries, max_new_tokens, base, **options)]
-
-    @torch.inference_mode()
-    def generate_with_ends(
-        self, queries, max_new_tokens=None, base=False, adapters: list[str] | None = None, **generation
-    ) -> list[tuple[str, bool]]:
-        """(raw output, whether it ended by itself rather than at the token limit) for each query.
-
-        adapters[i] names the adapter that answers query i ("base": the base model); by default the
-        first adapter answers every query, or none with base=True.
-        """
-        names = [BASE] * len(queries) if base else adapters or [self.names[0]] * len(queries)
-        prompts = [build_prompt(q) for q in queries]
-        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
-        for query, length in zip(queries, lengths):
-            if length > self.max_source_len:
-                warn(
-                    f"the query is {length} tokens long; only its first {self.max_source_len} are read: "
-                    f"{query[:40]!r}..."
-                )
-        inputs = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_source_len
-        ).to(self.device)
-        with self._answering_with(names):
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, **generation)
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        ended = [bool((row[1:] == self.tokenizer.eos_token_id).any()) for row in output]
-        return [(text.strip(), end) for text, end in zip(texts, ended)]
-
-    def _answering_with(self, names: list[str]):
-        """The context in which row i is answered by adapter names[i]: one adapter for the whole batch
-        (merged or not), the base alone, or a mixed batch, each row's update from its own adapter."""
-        unknown = sorted(set(names) - {BASE, *self.names})
-        if unknown:
-            raise UsageError(f"no adapter named {unknown[0]!r} is loaded: use {', '.join(self.names)} or {BASE}.")
-        merged = self.names[0] if any(layer.merged for layer in lora_layers(self.model).values()) else None
-        if merged and set(names) != {merged}:
-            # Anything but the merged adapter needs W0 back; from here on the adapters stay apart.
-            unmerge_lora(self.model)
-        if set(names) == {BASE}:
-            return lora_disabled(self.model)
-        if len(set(names)) == 1:
-            return active_adapter(self.model, names[0])
-        return mixed_adapters(self.model, [None if name == BASE else name for name in names])
-
-
-def generation_options(args: argparse.Namespace) -> dict:
-    options = {"num_beams": args.num_beams, "do_sample": args.sample}
-    if args.sample:
-        options.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    return options
-
-
-def answer(
-    assistant: Assistant, store: AccountStore, queries: list[str], args: argparse.Namespace, adapters=None
-) -> list[dict]:
-    """Answers for one batch of queries, grounded in the store; adapters[i] answers query i (default: the first).
-
-    latency_s is the time until the answer was ready: the whole batch's generation, since a batch's
-    answers arrive together (batch_size says how many shared it).
-    """
-    adapters = adapters or [assistant.names[0]] * len(queries)
-    if args.sample:
-        torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    raw = assistant.generate_with_ends(queries, args.max_new_tokens, adapters=adapters, **generation_options(args))
-    if assistant.device.type == "cuda":
-        torch.cuda.synchronize()
-    latency = time.perf_counter() - start
-    results = []
-    for query, adapter, (output, complete) in zip(queries, adapters, raw):
-        grounded = ground(output, query, store, complete)
-        results.append(
-            {
-                "query": query,
-                "adapter": adapter,
-                "response": grounded.response,
-                "raw_response": output,
-                "latency_s": round(latency, 4),
-                "batch_size": len(queries),
-                **({"withheld_because": grounded.problems} if grounded.problems else {}),
-            }
-        )
-    return results
-
-
 def show(results: list[dict], as_json: bool) -> None:
     for result in results:
         print(json.dumps(result, ensure_ascii=False) if as_json else result["response"], flush=True)
-
-
-def evaluate(assistant: Assistant, rows: list[dict], store: AccountStore, args: argparse.Namespace) -> dict:
-    """Base (adapter disabled) against fine-tuned on `rows`, or against each adapter when there are several;
-    writes the report as JSON and markdown (`report_paths`), prints the table.
-
-    A response's intent is that of the most similar response in the data the adapters were trained on
-    (their runs' --data), or in the bundled training split for an adapter that did not come from train.py.
-    """
-    intent_data = list(dict.fromkeys(config.get("data") or str(TRAIN_FILE) for config in assistant.training_configs))
-    matcher = evaluation.IntentMatcher([row for path in intent_data for row in load_examples(path)])
-    options = generation_options(args)
-    several = len(assistant.names) > 1
-    models = [BASE, *assistant.names] if several else list(evaluation.MODELS)  # MODELS: base, fine_tuned
-
-    def generate(queries: list[str], model: str) -> list[str]:
-        adapter = model if several else {BASE: BASE, "fine_tuned": assistant.names[0]}[model]
-        return assistant.generate(queries, args.max_new_tokens, adapters=[adapter] * len(queries), **options)
-
-    report = {
-        "adapter": evaluated_adapters(assistant.adapters),
-        "base_model": assistant.base_path,
-        "intent_reference": ", ".join(intent_data),
-        **evaluation.evaluate(generate, rows, store, matcher, args.batch_size, args.samples, models),
-    }
-    json_path, markdown_path = report_paths(args)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    print(evaluation.metrics_markdown(report))  # shown before the write, which a full disk can fail
-    atomic_write_all(
-        {json_path: json.dumps(report, indent=2) + "\n", markdown_path: evaluation.report_markdown(report)}
-    )
-    print(f"\nreport written to {markdown_path} and {json_path}")
-    return report
-
-
-def check_writable(directory: Path) -> None:
-    """Refuse a report directory that cannot be created or written to, before the evaluation runs."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise UsageError(
-            f"cannot write the evaluation report in {directory} ({err.strerror or err}); pass --report-dir with "
-            "a directory you can write to."
-        ) from None
-
-
-def evaluated_adapters(adapters: dict[str, Path]) -> str | dict[str, str]:
-    """What a report records of the adapters it evaluated: the directory, or {name: directory} for several."""
-    paths = {name: str(path) for name, path in adapters.items()}
-    return paths if len(paths) > 1 else next(iter(paths.values()))
-
-
-def report_paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    """Where --eval writes: eval_report.json and .md in --report-dir (default: the first adapter's eval/);
-    with several adapters, named after them (eval_report.retail+business.json), so that they never take
-    the place of the first adapter's own report."""
-    directory = args.report_dir or next(iter(args.adapters.values())) / EVAL
-    stem = "eval_report" if len(args.adapters) == 1 else "eval_report." + "+".join(args.adapters)
-    return directory / f"{stem}.json", directory / f"{stem}.md"
-
-
-def check_report_place(args: argparse.Namespace) -> None:
-    """A report there already is replaced only by a new evaluation of the same adapters."""
-    json_path, _ = report_paths(args)
-    if not json_path.is_file():
-        return
-    try:
-        previous = loads_json(json_path.read_text(encoding="utf-8")).get("adapter")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        previous = None
-
-    def resolved(adapters):
-        if isinstance(adapters, dict):
-            return {name: str(Path(path).resolve()) for name, path in adapters.items()}
-        return str(Path(adapters).resolve()) if isinstance(adapters, str) else adapters
-
-    if resolved(previous) != resolved(evaluated_adapters(args.adapters)):
-        raise UsageError(
-            f"{json_path} holds the report of another evaluation (of {previous or 'unknown adapters'}); pass "
-            "--report-dir to write this one elsewhere, or move that report away."
-        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""What the scripts need besides the loop, one job per module.
+"""What the scripts need besides the loop, one job per module (the banking product itself is in banking/).
 
 - cli: the usage-error type and the exit-status convention every script follows
 - files: atomic writes and the lock that keeps two runs out of one directory
@@ -11,7 +11,4 @@
 - checkpoints: training progress, RNG states, save/load/rotate for exact resume
 - distributed: torchrun setup and the reductions the loop needs
 - metrics: metrics.jsonl, the loss plot, peak memory
-- grounding: the account store that fills placeholders, and the invented-figure check
-- amounts: every number a text writes, in digits or in English words, with its value
-- evaluation: base against fine-tuned: metrics, intent matching, the report
 """

@@ -2,8 +2,8 @@
 
 import pytest
 
-from support import evaluation as ev
-from support.grounding import DEFAULT_ACCOUNTS, AccountStore
+from banking import evaluation as ev
+from banking.grounding import DEFAULT_ACCOUNTS, AccountStore
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from support.grounding import (
+from banking.grounding import (
     CUT_OFF,
     DEFAULT_ACCOUNTS,
     EMPTY,
@@ -157,7 +157,7 @@ TENS_WORDS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def in_words(n: int, joiner: str = " ") -> str:
-    """English words for 0 <= n < 10**9, written independently of support.amounts' reader."""
+    """English words for 0 <= n < 10**9, written independently of banking.amounts' reader."""
     if n < 20:
         return ONES[n]
     if n < 100:

@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import randomize_adapter, tiny_t5
 
+import banking.assistant
 import infer
+from banking.grounding import CUT_OFF, DEFAULT_ACCOUNTS, UNAVAILABLE, AccountStore
 from data import TEST_FILE, load_examples
 from lora import inject_lora, save_adapter
-from support.grounding import CUT_OFF, DEFAULT_ACCOUNTS, UNAVAILABLE, AccountStore
 from support.models import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,9 @@ def test_unusable_query_file_is_refused_before_the_model_loads(tmp_path, capsys,
 
 
 def test_missing_or_incomplete_adapter_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(infer, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(
+        banking.assistant, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded first")
+    )
     code, _, err = run_infer(capsys, "--adapter", tmp_path / "missing", "hi")
     assert code == 1 and "does not exist" in err and "Traceback" not in err
     (tmp_path / "half").mkdir()
@@ -237,7 +240,9 @@ def test_several_adapters_are_refused_clearly(trained_run, random_adapter, tmp_p
     retail, business = f"retail={trained_run}", f"business={random_adapter}"
     file = tmp_path / "queries.jsonl"
     file.write_text('{"query": "Hi", "adapter": "retail"}\n{"query": "Hi", "adapter": "wholesale"}\n')
-    monkeypatch.setattr(infer, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(
+        banking.assistant, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded first")
+    )
     cases = [
         (["--adapter", retail, "--adapter", business, "--file", file], "line 2 of", "asks for adapter 'wholesale'"),
         (["--adapter", retail, "--adapter", f"retail={random_adapter}", "Hi"], "two --adapter options are named"),
@@ -263,7 +268,7 @@ def test_an_adapter_for_another_base_size_is_refused(trained_run, tmp_path, caps
 
 
 def test_an_unwritable_report_place_is_refused_before_the_evaluation(trained_run, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(infer, "evaluate", lambda *a, **k: pytest.fail("the evaluation ran"))
+    monkeypatch.setattr(infer, "write_report", lambda *a, **k: pytest.fail("the evaluation ran"))
     (tmp_path / "a_file").write_text("")
     code, _, err = run_infer(capsys, "--adapter", trained_run, "--eval", "--report-dir", tmp_path / "a_file" / "eval")
     assert code == 2 and f"cannot write the evaluation report in {tmp_path / 'a_file' / 'eval'}" in err

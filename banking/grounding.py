@@ -9,7 +9,7 @@ What a figure in an answer may be, checked on the model's raw output:
 - a small count in words, "about ten minutes", "one of them": right before a unit that is no amount
   ("minutes", "days", "of", "-time"), or anywhere in an answer that, by the same words, no figure is asked for.
 Numbers are read in digits and in English words, with "k", "grand", "million", cents and currency signs
-(support/amounts.py); a numeral outside ASCII's 0-9 ("²", "½", "５") is never shown. Anything else
+(banking/amounts.py); a numeral outside ASCII's 0-9 ("²", "½", "５") is never shown. Anything else
 withholds the whole answer, with a reply that says why: a figure the store lacks, a number nobody gave,
 or an answer that came out malformed or cut off. Nothing is guessed.
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from data import DataError
 from data.dataset import DATA_DIR
+from support.files import loads_json
 
 from .amounts import figures_in, unusual_numerals
-from .files import loads_json
 
 DEFAULT_ACCOUNTS = DATA_DIR / "accounts_demo.json"
 UNAVAILABLE = (

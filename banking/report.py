@@ -1,0 +1,101 @@
+"""The evaluation report of `infer.py --eval`: base against fine-tuned (or against each adapter), where it
+is written, and the checks that keep it from taking another evaluation's place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from data import TRAIN_FILE, load_examples
+from support.cli import UsageError
+from support.files import atomic_write_all, loads_json
+from support.run_dir import EVAL
+
+from . import evaluation
+from .assistant import BASE, Assistant, generation_options
+from .grounding import AccountStore
+
+
+def write_report(assistant: Assistant, rows: list[dict], store: AccountStore, args: argparse.Namespace) -> dict:
+    """Base (adapter disabled) against fine-tuned on `rows`, or against each adapter when there are several;
+    writes the report as JSON and markdown (`report_paths`), prints the table.
+
+    A response's intent is that of the most similar response in the data the adapters were trained on
+    (their runs' --data), or in the bundled training split for an adapter that did not come from train.py.
+    """
+    intent_data = list(dict.fromkeys(config.get("data") or str(TRAIN_FILE) for config in assistant.training_configs))
+    matcher = evaluation.IntentMatcher([row for path in intent_data for row in load_examples(path)])
+    options = generation_options(args)
+    several = len(assistant.names) > 1
+    models = [BASE, *assistant.names] if several else list(evaluation.MODELS)  # MODELS: base, fine_tuned
+
+    def generate(queries: list[str], model: str) -> list[str]:
+        adapter = model if several else {BASE: BASE, "fine_tuned": assistant.names[0]}[model]
+        return assistant.generate(queries, args.max_new_tokens, adapters=[adapter] * len(queries), **options)
+
+    report = {
+        "adapter": evaluated_adapters(assistant.adapters),
+        "base_model": assistant.base_path,
+        "intent_reference": ", ".join(intent_data),
+        **evaluation.evaluate(generate, rows, store, matcher, args.batch_size, args.samples, models),
+    }
+    json_path, markdown_path = report_paths(args)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    print(evaluation.metrics_markdown(report))  # shown before the write, which a full disk can fail
+    atomic_write_all(
+        {json_path: json.dumps(report, indent=2) + "\n", markdown_path: evaluation.report_markdown(report)}
+    )
+    print(f"\nreport written to {markdown_path} and {json_path}")
+    return report
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse a report directory that cannot be created or written to, before the evaluation runs."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise UsageError(
+            f"cannot write the evaluation report in {directory} ({err.strerror or err}); pass --report-dir with "
+            "a directory you can write to."
+        ) from None
+
+
+def evaluated_adapters(adapters: dict[str, Path]) -> str | dict[str, str]:
+    """What a report records of the adapters it evaluated: the directory, or {name: directory} for several."""
+    paths = {name: str(path) for name, path in adapters.items()}
+    return paths if len(paths) > 1 else next(iter(paths.values()))
+
+
+def report_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where --eval writes: eval_report.json and .md in --report-dir (default: the first adapter's eval/);
+    with several adapters, named after them (eval_report.retail+business.json), so that they never take
+    the place of the first adapter's own report."""
+    directory = args.report_dir or next(iter(args.adapters.values())) / EVAL
+    stem = "eval_report" if len(args.adapters) == 1 else "eval_report." + "+".join(args.adapters)
+    return directory / f"{stem}.json", directory / f"{stem}.md"
+
+
+def check_report_place(args: argparse.Namespace) -> None:
+    """A report there already is replaced only by a new evaluation of the same adapters."""
+    json_path, _ = report_paths(args)
+    if not json_path.is_file():
+        return
+    try:
+        previous = loads_json(json_path.read_text(encoding="utf-8")).get("adapter")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        previous = None
+
+    def resolved(adapters):
+        if isinstance(adapters, dict):
+            return {name: str(Path(path).resolve()) for name, path in adapters.items()}
+        return str(Path(adapters).resolve()) if isinstance(adapters, str) else adapters
+
+    if resolved(previous) != resolved(evaluated_adapters(args.adapters)):
+        raise UsageError(
+            f"{json_path} holds the report of another evaluation (of {previous or 'unknown adapters'}); pass "
+            "--report-dir to write this one elsewhere, or move that report away."
+        )
