@@ -16,7 +16,7 @@ import math
 import random
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -31,16 +31,18 @@ from data import (
     collate,
     encode_examples,
     sequential_batches,
+    warn_if_unreadable,
 )
 from lora import AdapterError, inject_lora, lora_param_groups, save_adapter, set_base_dtype
 from support import checkpoints
 from support import distributed as dist
 from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
 from support.cli import UsageError, run_cli, stop_requests
-from support.fast_modules import use_fast_modules
+from support.fast_modules import lm_head_on, use_fast_modules
+from support.lr_schedule import warmup_then_linear_decay
 from support.memory import MemoryPlanError, check_plan
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
-from support.models import ModelLoadError, enable_activation_checkpointing, load_model_and_tokenizer
+from support.models import ModelLoadError, compile_t5, enable_activation_checkpointing, load_model_and_tokenizer
 from support.precision import autocast, resolve_dtype, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.train_args import parse_args, read_data, run_config, validate_args
@@ -84,10 +86,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             env.log(f"resumed from {resume_from} at step {progress.step}")
         run.train_model = dist.data_parallel(model)
         if args.compile:
-            # transformers wraps each T5 layer type's forward in one shared function, which dynamo compiles once
-            # per type and batch shape: past the default limit of 8 it would silently fall back to eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            run.train_model = torch.compile(run.train_model)
+            run.train_model = compile_t5(run.train_model)
         if env.is_main:  # infer.py's default answer length covers the longest answer trained on
             config["longest_target_tokens"] = max(len(example.labels) for example in run.train_set)
             start_run(args.output_dir, config, tokenizer, replace=args.overwrite)
@@ -164,13 +163,8 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     val_set, val_truncated = encode_examples(val_rows, tokenizer, args.max_source_len, args.max_target_len)
     if train_truncated or val_truncated:
         env.log(f"note: {train_truncated} training and {val_truncated} validation rows were cut to the max lengths")
-    unknown = unknown_share(train_set, tokenizer.unk_token_id)
-    if unknown > UNKNOWN_WARNING and env.is_main:  # e.g. a language or script the tokenizer does not cover
-        warnings.warn(
-            f"{unknown:.0%} of the training answers' tokens are the tokenizer's <unk> (characters it does not "
-            f"know): the model would learn to write <unk>; check --data ({args.data}).",
-            stacklevel=2,
-        )
+    if env.is_main:
+        warn_if_unreadable(train_set, tokenizer.unk_token_id, args.data)  # a script the tokenizer cannot read
     # Lengths padded up to a multiple: 8 suits tensor cores; 16 bounds the shapes a compiled model meets.
     pad_id, pad_multiple = tokenizer.pad_token_id, (16 if args.compile else 8 if env.device.type == "cuda" else None)
     sampler = LengthBucketSampler(
@@ -181,7 +175,7 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     warmup_steps = int(args.warmup_ratio * total_steps)
     groups = lora_param_groups(model, args.lr, args.loraplus_lr_ratio)  # A and B, or LoRA+'s faster B
     optimizer = torch.optim.AdamW(groups, args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+    scheduler = warmup_then_linear_decay(optimizer, warmup_steps, total_steps)
     dtype = training_dtype(args.precision, env.device)
     env.log(start_line(args.model, model, len(train_set), total_steps, f"{env.world_size} x {env.device.type}", dtype))
     env.log(check_plan(model, train_set, dtype, env.device, args).describe())  # on CUDA: refuses what won't fit
@@ -190,22 +184,6 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
         args, env, model, model, base_path, train_set, sampler, val_batches, bool(val_rows), (pad_id, pad_multiple),
         optimizer, scheduler, scaler, dtype, total_steps,
     )  # fmt: skip
-
-
-UNKNOWN_WARNING = 0.2  # the bundled data has none; a share like this means text the tokenizer cannot read
-
-
-def unknown_share(rows: list, unk_token_id: int | None) -> float:
-    """The share of the answers' tokens (labels) that are <unk>."""
-    tokens = [token for row in rows for token in row.labels]
-    return sum(token == unk_token_id for token in tokens) / max(len(tokens), 1) if unk_token_id is not None else 0.0
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then linear decay towards 0 at total_steps; no step runs at a factor of 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(0.0, (total_steps - step) / (total_steps - warmup_steps + 1))
 
 
 def fit(run: Run, progress: Progress) -> str | None:
@@ -259,25 +237,31 @@ def fit(run: Run, progress: Progress) -> str | None:
                     if row is not None:  # None when every step of the interval was skipped
                         bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                     meter = IntervalMeter()
-                end_of_epoch = progress.batch_in_epoch >= batches_per_epoch
-                last_step = progress.step == run.total_steps
-                eval_now = progress.step % args.eval_every == 0 if args.eval_every else end_of_epoch or last_step
-                if run.validating and eval_now:
-                    validate(run, progress, end_of_epoch, bar)
-                if end_of_epoch:
-                    progress.next_epoch()
-                save_now = progress.step % args.save_every == 0 if args.save_every else end_of_epoch
-                stopping = dist.any_rank(bool(stop), env.device)  # Ctrl-C or SIGTERM: finish the step, save, stop
-                if save_now or stopping:
-                    checkpoint(run, progress)
-                if stopping:
-                    raise KeyboardInterrupt(
-                        f"{(stop or ['a signal'])[0]} at step {progress.step}: checkpoint saved in "
-                        f"{args.output_dir / CHECKPOINTS}; continue with --resume."
-                    )
+                end_of_epoch = end_of_step(run, progress, bar, stop)
                 if end_of_epoch:
                     break
         return None
+
+
+def end_of_step(run: Run, progress: Progress, bar, stop: list[str]) -> bool:
+    """Validation, a checkpoint and a stop request, each when due after a step; whether the epoch ended."""
+    args, total = run.args, run.total_steps
+    end_of_epoch = progress.batch_in_epoch >= len(run.sampler)
+    eval_now = progress.step % args.eval_every == 0 if args.eval_every else end_of_epoch or progress.step == total
+    if run.validating and eval_now:
+        validate(run, progress, end_of_epoch, bar)
+    if end_of_epoch:
+        progress.next_epoch()
+    save_now = progress.step % args.save_every == 0 if args.save_every else end_of_epoch
+    stopping = dist.any_rank(bool(stop), run.env.device)  # Ctrl-C or SIGTERM: finish the step, save, stop
+    if save_now or stopping:
+        checkpoint(run, progress)
+    if stopping:
+        raise KeyboardInterrupt(
+            f"{(stop or ['a signal'])[0]} at step {progress.step}: checkpoint saved in "
+            f"{args.output_dir / CHECKPOINTS}; continue with --resume."
+        )
+    return end_of_epoch
 
 
 @dataclass
@@ -347,21 +331,8 @@ def sequence_loss_sum(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels[supervised], reduction="sum")
 
 
-@contextmanager
-def lm_head_on(model, positions: torch.Tensor):
-    """Inside the block, the model's LM head projects only the decoder states at `positions` ((B, T), bool),
-    so the model returns (N, V) logits for the N positions that are True."""
-    t5 = getattr(model, "_orig_mod", model)  # inside torch.compile's wrapper
-    t5 = getattr(t5, "module", t5)  # inside DistributedDataParallel's
-    handle = t5.lm_head.register_forward_pre_hook(lambda head, args: (args[0][positions],))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
-def evaluate(model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> float:
+def validation_loss(model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> float:
     """Per-token loss over this process's batches, summed over all processes."""
     was_training = model.training
     model.eval()
@@ -378,7 +349,7 @@ def evaluate(model, batches: list[dict], device: torch.device, dtype: torch.dtyp
 
 def validate(run: Run, progress: Progress, end_of_epoch: bool, bar) -> None:
     """Validation loss; a new best is saved to best/."""
-    val_loss = evaluate(run.model, run.val_batches, run.env.device, run.dtype)
+    val_loss = validation_loss(run.model, run.val_batches, run.env.device, run.dtype)
     progress.history.append({"step": progress.step, "epoch": progress.epoch + end_of_epoch, "val_loss": val_loss})
     if run.env.is_main:
         bar.write(f"step {progress.step}: val_loss {val_loss:.4f}")

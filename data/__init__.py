@@ -17,6 +17,7 @@ from .dataset import (
     hold_out,
     load_examples,
     sequential_batches,
+    warn_if_unreadable,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "hold_out",
     "load_examples",
     "sequential_batches",
+    "warn_if_unreadable",
 ]

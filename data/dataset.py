@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,3 +224,23 @@ class LengthBucketSampler:
 
     def __len__(self) -> int:
         return len(self.all_batches(self.epoch)) // self.world_size - self.start_batch
+
+
+UNKNOWN_WARNING = 0.2  # the bundled data has none; a share like this means text the tokenizer cannot read
+
+
+def unknown_share(rows: Sequence[EncodedExample], unk_token_id: int | None) -> float:
+    """The share of the answers' tokens (labels) that are <unk>."""
+    tokens = [token for row in rows for token in row.labels]
+    return sum(token == unk_token_id for token in tokens) / max(len(tokens), 1) if unk_token_id is not None else 0.0
+
+
+def warn_if_unreadable(rows: Sequence[EncodedExample], unk_token_id: int | None, source) -> None:
+    """Warn when the answers are mostly <unk> (e.g. a script the tokenizer does not cover)."""
+    unknown = unknown_share(rows, unk_token_id)
+    if unknown > UNKNOWN_WARNING:
+        warnings.warn(
+            f"{unknown:.0%} of the training answers' tokens are the tokenizer's <unk> (characters it does not "
+            f"know): the model would learn to write <unk>; check --data ({source}).",
+            stacklevel=3,
+        )

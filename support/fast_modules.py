@@ -12,12 +12,16 @@
   `frozen_linear`: F.linear, except for a frozen bf16 weight on a CPU without bf16 matrix instructions,
   where PyTorch's bf16 GEMM is 5-300x slower than computing the same product in fp32 and rounding once.
   The same Parameters, so ties are kept. The LoRA layers' base product becomes `frozen_linear` too.
+- (`lm_head_on`, which train.py's loss uses) the LM head and the softmax on the labelled positions only:
+  a padded position would cost a projection onto the whole vocabulary (32,128 words), then be ignored.
 - transformers' `NewGELUActivation` (flan-t5's gated-GELU, the tanh approximation written as six
   elementwise operations) for `nn.GELU(approximate="tanh")`: the same formula in one kernel (outputs
   within 3e-7 of each other in fp32).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -118,3 +122,16 @@ def use_fast_modules(model: nn.Module) -> int:
                 continue
             swapped += 1
     return swapped
+
+
+@contextmanager
+def lm_head_on(model, positions: torch.Tensor):
+    """Inside the block, the model's LM head projects only the decoder states at `positions` ((B, T), bool),
+    so the model returns (N, V) logits for the N positions that are True."""
+    t5 = getattr(model, "_orig_mod", model)  # inside torch.compile's wrapper
+    t5 = getattr(t5, "module", t5)  # inside DistributedDataParallel's
+    handle = t5.lm_head.register_forward_pre_hook(lambda head, args: (args[0][positions],))
+    try:
+        yield
+    finally:
+        handle.remove()

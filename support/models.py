@@ -289,3 +289,11 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def compile_t5(model):
+    """torch.compile for training. transformers wraps each T5 layer type's forward in one shared function,
+    which dynamo compiles once per type and batch shape: past the default limit of 8 it would silently fall
+    back to eager, so the limit is raised."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model)

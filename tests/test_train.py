@@ -17,6 +17,7 @@ import support.fast_modules
 import train
 from data import EncodedExample, collate
 from lora import inject_lora, load_adapter
+from support.lr_schedule import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--val-data", "none", "--log-every", "1"]
@@ -258,9 +259,9 @@ def test_the_lm_head_on_supervised_positions_only_gives_t5s_loss_and_gradients()
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    factors = [train.lr_factor(s, 4, 20) for s in range(20)]
+    factors = [lr_factor(s, 4, 20) for s in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a > b for a, b in zip(factors[3:], factors[4:])) and train.lr_factor(20, 4, 20) == 0
+    assert all(a > b for a, b in zip(factors[3:], factors[4:])) and lr_factor(20, 4, 20) == 0
 
 
 # --- NaN guards in the whole loop -------------------------------------------------------------------------
