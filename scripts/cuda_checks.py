@@ -15,14 +15,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # helpers.py: the tests' tiny T5, without pytest
 
 import torch  # noqa: E402
-from helpers import randomize_adapter, tiny_t5  # noqa: E402
 
 import train  # noqa: E402
 from data import EncodedExample, collate  # noqa: E402
 from lora import inject_lora, lora_layers  # noqa: E402
+from support.toy_models import randomize_adapter, tiny_t5  # noqa: E402
 
 CUDA = torch.device("cuda")
 ROWS = [EncodedExample([5, 6, 7, 8, 1], [9, 8, 1]), EncodedExample([4, 1], [3, 3, 3, 3, 3, 3, 1])]

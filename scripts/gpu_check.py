@@ -33,8 +33,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import bench  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from data import LengthBucketSampler, bucket_key  # noqa: E402
 from support.files import atomic_write_text  # noqa: E402
+from support.models import TINY  # noqa: E402
 
 
 def run_command(name: str, command: list[str], timeout: int) -> dict:
@@ -70,9 +72,9 @@ def tiny_runs(report_dir: Path, dry_run: bool) -> list[dict]:
 def throughput(dry_run: bool) -> tuple[dict, list[dict]]:
     """bench.py's worker (a fresh process per configuration) over the configurations in the docstring."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    peak = next((value for key, value in bench.PEAK_BF16_FLOPS if key in name), None)
+    peak = next((value for key, value in harness.PEAK_BF16_FLOPS if key in name), None)
     if dry_run:  # both kinds of batch, with and without checkpointing, tiny, in fp32 on the CPU
-        model, reps, warmup, batch_size = bench.TINY, 2, 0, 2
+        model, reps, warmup, batch_size = TINY, 2, 0, 2
         configs = [("batch 2 x 16/8 tokens", (2, 16, 8), "fp32", False, False)]
         configs += [("batch 2, bundled lengths", None, "fp32", False, True)]
     else:
@@ -91,13 +93,13 @@ def throughput(dry_run: bool) -> tuple[dict, list[dict]]:
         if shape is not None:
             spec["shape"] = list(shape)
         else:  # the first batches of an epoch's length-bucketed plan, as train.py makes them
-            encoded = encoded or bench.encoded_rows(None)
-            keys = [bench.bucket_key(r) for r in encoded]
-            spec["batches"] = bench.LengthBucketSampler(keys, batch_size, seed=0).all_batches(0)[:reps]
+            encoded = encoded or harness.encoded_rows(None)
+            keys = [bucket_key(r) for r in encoded]
+            spec["batches"] = LengthBucketSampler(keys, batch_size, seed=0).all_batches(0)[:reps]
             spec["pad_multiple"] = 8
         row = {"shape": shape_name, "precision": precision, "compile": compiled, "checkpointing": checkpointing}
         try:
-            out = bench.run_worker(spec)
+            out = harness.run_worker(spec)
         except RuntimeError as err:
             check["ok"], check["tail"] = False, check["tail"] + f"\n{row}: {str(err)[-600:]}"
             results.append({**row, "error": str(err).splitlines()[0]})
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.report_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "device": bench.hardware(),
+        "device": harness.hardware(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -11,4 +11,6 @@
 - checkpoints: training progress, RNG states, save/load/rotate for exact resume
 - distributed: torchrun setup and the reductions the loop needs
 - metrics: metrics.jsonl, the loss plot, peak memory
+- lr_schedule: linear warm-up, then linear decay
+- toy_models: T5s built from a config with random weights, for the tests and the CUDA checks
 """

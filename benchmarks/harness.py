@@ -1,0 +1,316 @@
+"""What every benchmark shares: the machine's description, models by name, timing with warm-ups and
+medians, peak memory, and the worker that measures a configuration in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from data import IGNORE_INDEX, TRAIN_FILE, collate, encode_examples, load_examples
+from lora import LoRALinear, count_parameters, inject_lora, set_base_dtype
+from support.fast_modules import use_fast_modules
+from support.metrics import peak_memory_mib
+from support.models import (
+    TINY,
+    enable_activation_checkpointing,
+    flan_t5_architecture,
+    load_model_and_tokenizer,
+    resolve_model_path,
+)
+from support.precision import training_dtype
+from train import train_step as train_py_step
+
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench.py"  # a worker is `bench.py --worker SPEC`
+
+# Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, by device-name substring, first
+# match wins (so the PCIe H100 comes before the SXM one). TF32, used for fp32 matmuls, is half of it.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("RTX 4090", 165e12),
+)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU)"
+
+
+def build_model(name: str):
+    """A flan-t5 size's architecture with random weights (the real checkpoint's layout), or the tiny model."""
+    torch.manual_seed(0)
+    return flan_t5_architecture(name.removeprefix("flan-t5-")) if name != TINY else load_model_and_tokenizer(TINY)[0]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """This process's peak resident memory while the block runs, sampled every millisecond. ru_maxrss
+    would include building the model, which can peak above training (a bf16 base is built in fp32)."""
+
+    def __enter__(self):
+        self.peak_mib, self._done = rss_mib(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.wait(0.001):
+            self.peak_mib = max(self.peak_mib, rss_mib())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, rss_mib())
+
+
+def model_shapes(name: str):
+    """The LoRA model's modules on the meta device: shapes for counting FLOPs, no weights, no memory."""
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    if name == TINY:
+        with torch.device("meta"):
+            model = T5ForConditionalGeneration(AutoConfig.from_pretrained(resolve_model_path(TINY)))
+    else:
+        model = flan_t5_architecture(name.removeprefix("flan-t5-"), device="meta")
+    inject_lora(model)
+    return model
+
+
+def encoded_rows(tokenizer_path: str | None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path(TINY))
+    encoded, _ = encode_examples(load_examples(TRAIN_FILE), tokenizer)
+    return encoded
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prepare_training(model, mode: str):
+    """Make `model` trainable as `mode` (lora, dora, full, peft, peft_dora) and return (model, optimizer)."""
+    if mode in ("lora", "dora"):  # as train.py builds it
+        inject_lora(model, use_dora=mode == "dora")
+        use_fast_modules(model)
+    elif mode in ("peft", "peft_dora"):
+        import peft
+
+        config = peft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules=["q", "v"],
+            task_type="SEQ_2_SEQ_LM",
+            use_dora=mode == "peft_dora",
+        )
+        model = peft.get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4, fused=torch.cuda.is_available())
+
+
+def train_step(model, optimizer, batch, dtype=torch.float32):
+    """One optimizer step exactly as train.py makes it (loss, clipping, finite check), one micro-batch."""
+    scaler = torch.amp.GradScaler(device().type, enabled=False)
+    train_py_step(model, optimizer, scaler, [batch], device=device(), dtype=dtype, max_grad_norm=1.0)
+
+
+def time_steps(model, optimizer, batches, warmup: int, dtype=torch.float32) -> list[float]:
+    """Seconds per training step over `batches`, after `warmup` untimed steps on the first batch."""
+    for _ in range(warmup):
+        train_step(model, optimizer, batches[0], dtype)
+    times = []
+    for batch in batches:
+        sync()
+        start = time.perf_counter()
+        train_step(model, optimizer, batch, dtype)
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(spec: dict) -> dict:
+    from transformers import T5ForConditionalGeneration  # noqa: F401  (imported before the runtime is measured)
+
+    runtime_mib = rss_mib()  # the interpreter, torch and transformers, before any model
+    torch.manual_seed(0)
+    dev = device()
+    dtype = training_dtype(spec.get("precision", "fp32"), dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
+    model = build_model(spec["model"]).to(dev).train()
+    model, optimizer = prepare_training(model, spec["mode"])
+    if spec.get("base_dtype") == "bf16":
+        set_base_dtype(model, torch.bfloat16)  # A and B stay fp32, as train.py --base-dtype bf16
+    if spec.get("checkpointing"):
+        enable_activation_checkpointing(model)
+    trainable, total = count_parameters(model)
+    if spec.get("shape"):  # (batch, source, target): random tokens of fixed lengths
+        rows = random_rows(*spec["shape"], vocab_size=model.config.vocab_size)
+        spec["batches"] = [list(range(spec["shape"][0]))] * spec["reps"]
+    else:
+        rows = encoded_rows(spec["tokenizer"])
+    batches = [
+        {k: v.to(dev) for k, v in collate([rows[i] for i in idx], 0, spec.get("pad_multiple")).items()}
+        for idx in spec["batches"]
+    ]
+    if spec.get("pad_to"):
+        batches = [pad_batch(b, spec["pad_to"]) for b in batches]
+    if spec.get("compile"):
+        model = torch.compile(model)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        sync()
+        start = time.perf_counter()
+        train_step(model, optimizer, batches[0], dtype)  # the first step: compilation, if compiled
+        sync()
+        first_step_s = time.perf_counter() - start
+        times = time_steps(model, optimizer, batches, max(spec["warmup"] - 1, 0), dtype)
+    source_tokens = [int(b["attention_mask"].sum()) for b in batches]
+    target_tokens = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
+    passes = 3 if spec["mode"] == "full" else 2  # see bench_throughput
+    return {
+        "times": times,
+        "first_step_s": first_step_s,
+        "real_tokens": [s + t for s, t in zip(source_tokens, target_tokens)],
+        "model_flops": [passes * forward_matmul_flops(model, s, t) for s, t in zip(source_tokens, target_tokens)],
+        "peak_mib": peak_memory_mib(dev),  # CUDA: max allocated; CPU: the process's peak RSS
+        "step_peak_mib": peak_memory_mib(dev) if dev.type == "cuda" else rss.peak_mib,  # while steps ran
+        "runtime_mib": 0.0 if dev.type == "cuda" else runtime_mib,
+        "trainable": trainable,
+        "total": total,
+    }
+
+
+def random_rows(batch_size: int, source_len: int, target_len: int, vocab_size: int):
+    from data.dataset import EncodedExample
+
+    generator = torch.Generator().manual_seed(0)
+    return [
+        EncodedExample(
+            torch.randint(2, vocab_size, (source_len,), generator=generator).tolist(),
+            torch.randint(2, vocab_size, (target_len,), generator=generator).tolist(),
+        )
+        for _ in range(batch_size)
+    ]
+
+
+def pad_batch(batch: dict, length: int) -> dict:
+    """Pad (never truncate: the bundled rows fit) every tensor of a collated batch to `length` columns."""
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+    return {
+        "input_ids": pad(batch["input_ids"], 0),
+        "attention_mask": pad(batch["attention_mask"], 0),
+        "labels": pad(batch["labels"], IGNORE_INDEX),
+        "decoder_input_ids": pad(batch["decoder_input_ids"], 0),
+    }
+
+
+WORKER_DEFAULTS = {
+    "precision": "fp32",
+    "compile": False,
+    "pad_multiple": None,
+    "pad_to": None,
+    "base_dtype": "fp32",
+    "checkpointing": False,
+}
+
+
+_worker_results: dict[str, dict] = {}
+
+
+def run_worker(spec: dict) -> dict:
+    """Measure `spec` in a fresh process. A configuration measured before in this run is not measured
+    again: on the CPU the throughput section's runs are the training-step section's."""
+    key = json.dumps({**WORKER_DEFAULTS, **spec}, sort_keys=True)
+    if key not in _worker_results:
+        env = os.environ.copy()
+        if spec.get("return_freed_memory"):  # every large block mmapped, so freeing it returns it to the OS
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # (else glibc may keep the fp32 copies a bf16 base freed)
+        command = [sys.executable, str(BENCH_SCRIPT), "--worker", key]
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"benchmark worker {spec['mode']} failed:\n{result.stderr[-2000:]}")
+        _worker_results[key] = json.loads(result.stdout.strip().splitlines()[-1])
+    return _worker_results[key]
+
+
+def peft_installed() -> bool:
+    try:
+        import peft  # noqa: F401  (not a dependency: measured only when installed)
+
+        return True
+    except ImportError:
+        return False
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                ("n/a" if row[key] is None else format(row[key], fmt)) if fmt else str(row[key])
+                for _, key, fmt in columns
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def forward_matmul_flops(model, source_tokens: int, target_tokens: int) -> int:
+    """FLOPs of the matmuls in one forward pass: 2 x each weight matrix x the tokens it multiplies.
+
+    In an encoder-decoder a token meets only part of the weights: encoder layers see source tokens;
+    decoder layers and lm_head see target tokens, except cross-attention k and v, which project the
+    encoder's output (source tokens). LoRA branches add 2·r·(in + out) per token. Embedding lookups
+    are no matmuls, and attention scores (QKᵀ, AV) are left out, as in the usual 6·N rule.
+    """
+    flops = 0
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            per_token = module.in_features * module.out_features + module.r * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Linear):
+            per_token = module.in_features * module.out_features
+        else:
+            continue
+        parts = name.split(".")
+        cross = parts.index("EncDecAttention") if "EncDecAttention" in parts else None
+        on_source = "encoder" in parts or (cross is not None and parts[cross + 1] in ("k", "v"))
+        flops += 2 * per_token * (source_tokens if on_source else target_tokens)
+    return flops
