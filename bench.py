@@ -24,7 +24,7 @@ from benchmarks.epoch import (
     bench_epoch,
     forward_matmul_flops,  # noqa: F401  (the tests' FLOP counter check)
 )
-from benchmarks.harness import encoded_rows, hardware, peft_installed, table, worker
+from benchmarks.harness import encoded_rows, hardware, peft_installed, worker
 from benchmarks.inference import bench_inference
 from benchmarks.memory import bench_memory
 from benchmarks.profile import bench_profile
@@ -33,6 +33,20 @@ from benchmarks.variants import bench_variants
 from data import LengthBucketSampler, bucket_key
 from support.cli import EXIT_USAGE
 from support.models import TINY
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                ("n/a" if row[key] is None else format(row[key], fmt)) if fmt else str(row[key])
+                for _, key, fmt in columns
+            )
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,14 +32,8 @@ BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench.py"  # a worker is `
 
 # Dense bf16 tensor-core peaks (no sparsity) from NVIDIA's data sheets, by device-name substring, first
 # match wins (so the PCIe H100 comes before the SXM one). TF32, used for fp32 matmuls, is half of it.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("RTX 4090", 165e12),
-)
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+                   ("L40S", 362e12), ("RTX 4090", 165e12))  # fmt: skip
 
 
 def device() -> torch.device:
@@ -270,29 +264,6 @@ def run_worker(spec: dict) -> dict:
     return _worker_results[key]
 
 
-def peft_installed() -> bool:
-    try:
-        import peft  # noqa: F401  (not a dependency: measured only when installed)
-
-        return True
-    except ImportError:
-        return False
-
-
-def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                ("n/a" if row[key] is None else format(row[key], fmt)) if fmt else str(row[key])
-                for _, key, fmt in columns
-            )
-            + " |"
-        )
-    return "\n".join(lines)
-
-
 def forward_matmul_flops(model, source_tokens: int, target_tokens: int) -> int:
     """FLOPs of the matmuls in one forward pass: 2 x each weight matrix x the tokens it multiplies.
 
@@ -314,3 +285,12 @@ def forward_matmul_flops(model, source_tokens: int, target_tokens: int) -> int:
         on_source = "encoder" in parts or (cross is not None and parts[cross + 1] in ("k", "v"))
         flops += 2 * per_token * (source_tokens if on_source else target_tokens)
     return flops
+
+
+def peft_installed() -> bool:
+    try:
+        import peft  # noqa: F401  (not a dependency: measured only when installed)
+
+        return True
+    except ImportError:
+        return False
