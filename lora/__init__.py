@@ -1,6 +1,7 @@
 """Hand-written LoRA for T5: the layer (`layer.py`) and its variants DoRA (`dora.py`) and PiSSA
 (`pissa.py`), putting them into a model and merging them (`model.py`), PEFT-layout adapter files
-(`adapter_io.py`), and the LoRA paper's analyses of what an adapter learned (`python -m lora.inspect`)."""
+(`adapter_io.py`), the LoRA paper's analyses of what an adapter learned (`python -m lora.inspect`), and
+checks of anyone's LoRA layer against the formula (`python -m lora.testing`)."""
 
 from .adapter_io import AdapterError, load_adapter, save_adapter
 from .dora import DoRALinear

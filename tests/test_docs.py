@@ -40,3 +40,14 @@ def test_every_relative_link_and_image_exists(page):
 def test_no_page_names_a_commit(page):
     hashes = re.findall(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", page.read_text(encoding="utf-8"))
     assert hashes == [], f"{page.name} names commits {hashes}: say what was measured, where, with which command"
+
+
+def test_the_readmes_own_lora_layer_passes_the_kit(tmp_path):
+    from lora.testing import check_lora_layer, load_factory
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Test your own LoRA layer") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "my_lora.py").write_text(code)
+    report = check_lora_layer(load_factory(f"{tmp_path / 'my_lora.py'}:MyLoRA"))
+    assert report.passed, str(report)

@@ -1,0 +1,187 @@
+"""lora.testing: a correct layer written from the formula passes; each classic mistake fails with its sentence."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora import DoRALinear, LoRALinear
+from lora.testing import assert_lora_layer, check_lora_layer
+
+
+class StudentLoRA(nn.Module):
+    """A LoRA layer as a student writes it from the paper: h = W0 x + b + (alpha/r) B A dropout(x)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.2):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.scaling, self.dropout, self.merged = alpha / r, nn.Dropout(dropout), False
+
+    def update(self, x):
+        return self.scaling * F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+
+    def forward(self, x):
+        result = F.linear(x, self.weight, self.bias)
+        return result if self.merged else result + self.update(x).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight += (self.scaling * self.lora_B @ self.lora_A).to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= (self.scaling * self.lora_B @ self.lora_A).to(self.weight.dtype)
+            self.merged = False
+
+
+def student(**changes):
+    def make(base, r, alpha):
+        layer = StudentLoRA(base, r, alpha)
+        for name, value in changes.items():
+            setattr(layer, name, value(layer) if callable(value) and name != "forward" else value)
+        return layer
+
+    return make
+
+
+def failed(report) -> dict[str, str]:
+    return {check.name: check.mistake for check in report.checks if check.passed is False}
+
+
+def test_a_layer_written_from_the_formula_passes_every_check():
+    report = assert_lora_layer(student())
+    assert report.passed and sum(check.passed is True for check in report.checks) >= 12
+    assert all(check.passed is not None for check in report.checks)  # dropout and merge were checked too
+
+
+def test_this_projects_layer_passes():
+    assert_lora_layer(lambda base, r, alpha: LoRALinear.from_linear(base, r, alpha, dropout=0.1))
+
+
+class AlphaNotOverR(StudentLoRA):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.scaling = alpha
+
+
+class RsLoRAConfused(StudentLoRA):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.scaling = alpha / math.sqrt(r)
+
+
+class NonZeroB(StudentLoRA):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.lora_B.data.normal_()
+
+
+class Transposed(StudentLoRA):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.lora_A = nn.Parameter(torch.zeros(base.in_features, r))
+
+
+class DropoutOnBase(StudentLoRA):
+    def forward(self, x):
+        x = self.dropout(x)
+        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+class DropoutInEval(StudentLoRA):
+    def update(self, x):
+        x = F.dropout(x, 0.2, training=True)
+        return self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+class TrainableBase(StudentLoRA):
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha)
+        self.weight.requires_grad_(True)
+
+
+class MergeWithoutScaling(StudentLoRA):
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight += self.lora_B @ self.lora_A
+            self.merged = True
+
+
+class UnmergeForgets(StudentLoRA):
+    @torch.no_grad()
+    def unmerge(self):
+        self.merged = False
+
+
+class Bf16Update(StudentLoRA):
+    def update(self, x):  # the update through the bf16 base's own dtype, rounded before it is scaled
+        low = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return (
+            (self.scaling * low.to(torch.float8_e4m3fn).to(x.dtype))
+            if x.dtype == torch.bfloat16
+            else self.scaling * low
+        )
+
+
+@pytest.mark.parametrize(
+    "layer, check, words",
+    [
+        (AlphaNotOverR, "forward", "scaled by alpha, not alpha / r"),
+        (RsLoRAConfused, "forward", "rsLoRA's alpha / sqrt(r) and LoRA's alpha / r are confused"),
+        (NonZeroB, "at initialisation", "B must start at zero"),
+        (Transposed, "shapes", "swapped or transposed"),
+        (DropoutOnBase, "dropout touches only", "dropout is applied to the base path"),
+        (DropoutInEval, "no dropout in eval mode", "still active in eval mode"),
+        (TrainableBase, "W0 and b get no gradient", "the base is left trainable"),
+        (MergeWithoutScaling, "merged output equals unmerged", "without the scaling"),
+        (UnmergeForgets, "unmerge gives W0 back", "unmerge must subtract exactly what merge added"),
+        (Bf16Update, "bf16 base", "lost or computed in too low a precision"),
+    ],
+)
+def test_each_classic_mistake_is_named(layer, check, words):
+    report = check_lora_layer(lambda base, r, alpha: layer(base, r, alpha))
+    failures = failed(report)
+    named = [mistake for name, mistake in failures.items() if name.startswith(check)]
+    assert named and words in named[0], failures
+    with pytest.raises(AssertionError, match="failed checks"):
+        assert_lora_layer(lambda base, r, alpha: layer(base, r, alpha))
+
+
+def test_rslora_is_checked_against_alpha_over_sqrt_r():
+    make = lambda base, r, alpha: LoRALinear.from_linear(base, r, alpha, use_rslora=True)  # noqa: E731
+    assert check_lora_layer(make, use_rslora=True).passed
+    assert "confused" in failed(check_lora_layer(make))["forward: W0 x + b + s·B A x (eval mode)"]
+
+
+def test_a_dora_layer_is_not_lora_and_the_kit_says_where():
+    report = check_lora_layer(lambda base, r, alpha: DoRALinear.from_linear(base, r, alpha))
+    assert "forward: W0 x + b + s·B A x (eval mode)" in failed(report)  # its formula is DoRA's, not LoRA's
+
+
+def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
+    layer_file = tmp_path / "my_lora.py"
+    layer_file.write_text(
+        "from lora import LoRALinear\n\ndef make_layer(base, r, alpha):\n"
+        "    return LoRALinear.from_linear(base, r, alpha, dropout=0.1)\n\n"
+        "def wrong(base, r, alpha):\n    layer = LoRALinear.from_linear(base, r, alpha)\n    layer.scaling = alpha\n"
+        "    return layer\n"
+    )
+    run = lambda spec: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "lora.testing", spec], capture_output=True, text=True, timeout=120
+    )
+    good, bad, missing = run(f"{layer_file}:make_layer"), run(f"{layer_file}:wrong"), run(f"{layer_file}:nothing")
+    assert good.returncode == 0 and "all checks passed" in good.stdout and "| check |" in good.stdout
+    assert bad.returncode == 1 and "scaled by alpha, not alpha / r" in bad.stdout
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
