@@ -44,6 +44,7 @@ class Check:
 @dataclass
 class Report:
     checks: list[Check] = field(default_factory=list)
+    norms: dict[str, float] = field(default_factory=dict)  # check_adapter_dir: ‖s·B A‖_F per module
 
     @property
     def passed(self) -> bool:
@@ -302,6 +303,89 @@ def _check_bf16_base(report, make_layer, base, x, r, alpha, A, B, scaling) -> No
     )  # fmt: skip
 
 
+def check_adapter_dir(directory, base: nn.Module | str) -> Report:
+    """Check an adapter directory from any tool (ours, PEFT's) against a base model (a module, or what
+    --model takes): its config, every key's module and shape, finite values, the update's norm per module
+    (an all-zero B is flagged), that it loads here, and, where peft is installed, PEFT's logits against ours."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .adapter_io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, AdapterError, load_adapter, read_adapter_config
+
+    report, directory = Report(), Path(directory)
+    if isinstance(base, str):
+        from support.models import load_model_and_tokenizer
+
+        base = load_model_and_tokenizer(base)[0]
+    try:
+        config = read_adapter_config(directory)
+        report.add("config", 0.0, 0.0, "")
+    except AdapterError as err:
+        report.add("config", 1.0, 0.0, str(err))
+        try:
+            config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return report
+    try:
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+    except Exception as err:  # a missing or damaged file: say so, check nothing more
+        report.add("weights file", 1.0, 0.0, f"{directory / WEIGHTS_NAME} cannot be read ({str(err)[:100]}).")
+        return report
+    r = config.get("r")
+    modules = {name: module for name, module in base.named_modules() if isinstance(module, nn.Linear)}
+    problems, layers = [], {}
+    for key, tensor in tensors.items():
+        path, _, kind = key.removeprefix(KEY_PREFIX).rpartition(".lora_")
+        if not key.startswith(KEY_PREFIX) or path not in modules:
+            problems.append(f"'{key}' names no linear layer of the base")
+            continue
+        linear = modules[path]
+        expected = {"A.weight": (r, linear.in_features), "B.weight": (linear.out_features, r),
+                    "magnitude_vector": (linear.out_features,)}.get(kind)  # fmt: skip
+        if expected is None or tuple(tensor.shape) != expected:
+            problems.append(f"'{key}' has shape {tuple(tensor.shape)}, not {expected} (r={r})")
+        layers.setdefault(path, {})[kind] = tensor
+    report.add("every key names a linear layer, in the shape r implies", float(len(problems)), 0.0,
+               "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))  # fmt: skip
+    bad = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    report.add("no NaN or inf", float(len(bad)), 0.0, f"non-finite values in {', '.join(bad[:3])}")
+    alpha, rslora = config.get("lora_alpha", r), config.get("use_rslora", False)
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r if isinstance(r, int) and r > 0 else 1.0
+    norms, zero = {}, []
+    for path, parts in sorted(layers.items()):
+        if "A.weight" in parts and "B.weight" in parts and parts["B.weight"].shape[-1] == parts["A.weight"].shape[0]:
+            norms[path] = (scaling * parts["B.weight"].float() @ parts["A.weight"].float()).norm().item()
+            if not parts["B.weight"].any():
+                zero.append(path)
+    report.norms = norms
+    report.add(
+        "B is not all zero (a trained adapter)", float(len(zero)), 0.0,
+        f"B is all zero in {len(zero)} module(s), e.g. {zero[:1]}: the update is nothing; was it trained?",
+    )  # fmt: skip
+    ours = copy.deepcopy(base).eval()
+    try:
+        load_adapter(ours, directory)
+        report.add("loads here", 0.0, 0.0, "")
+    except (AdapterError, ValueError) as err:
+        report.add("loads here", 1.0, 0.0, str(err))
+        return report
+    try:
+        from peft import PeftModel
+    except ImportError:
+        report.skip("PEFT's logits equal ours", "peft is not installed")
+        return report
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+    generator = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    inputs = {"input_ids": torch.randint(2, vocab, (2, 7), generator=generator),
+              "decoder_input_ids": torch.randint(2, vocab, (2, 5), generator=generator)}  # fmt: skip
+    with torch.no_grad():
+        error = _err(ours(**inputs).logits, theirs(**inputs).logits)
+    report.add("PEFT's logits equal ours", error, FP32_TOLERANCE * 10, "PEFT computes other logits from these files.")
+    return report
+
+
 def load_factory(spec: str) -> Callable:
     """'path/to/file.py:NAME' or 'package.module:NAME' -> the callable."""
     where, _, name = spec.rpartition(":")
@@ -322,21 +406,45 @@ def load_factory(spec: str) -> Callable:
     return factory
 
 
+def _config_base(directory: Path) -> str:
+    import json
+
+    try:
+        name = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if not name:
+        raise ValueError(f"{directory} does not name its base model: pass --model.")
+    return name
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora.testing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("factory", help="MODULE:FACTORY, e.g. my_lora.py:make_layer; make_layer(base, r, alpha)")
+    p.add_argument("factory", nargs="?", help="MODULE:FACTORY, e.g. my_lora.py:make_layer; make_layer(base, r, alpha)")
+    p.add_argument("--adapter", type=Path, help="check this adapter directory instead (ours, PEFT's, any tool's)")
+    p.add_argument("--model", default=None, help="its base model, as train.py's --model (default: the config's)")
     p.add_argument("--r", type=int, default=4, help="rank to build the layer with (default: 4)")
     p.add_argument("--alpha", type=float, default=8.0, help="alpha to build the layer with (default: 8)")
     p.add_argument("--rslora", action="store_true", help="the layer scales by alpha / sqrt(r)")
     p.add_argument("--nonzero-init", action="store_true", help="the layer's init is not B = 0 (PiSSA, OLoRA...)")
     args = p.parse_args(argv)
+    if (args.factory is None) == (args.adapter is None):
+        p.error("give a MODULE:FACTORY or --adapter DIR (one of them)")
     try:
-        factory = load_factory(args.factory)
-        report = check_lora_layer(
-            factory, r=args.r, alpha=args.alpha, use_rslora=args.rslora, zero_init=not args.nonzero_init
-        )
-    except (ValueError, TypeError, ImportError, SyntaxError) as err:
+        if args.adapter is not None:
+            model = args.model or _config_base(args.adapter)
+            report = check_adapter_dir(args.adapter, model)
+            for path, norm in report.norms.items():
+                print(f"{path}: ‖s·B A‖_F = {norm:.4g}")
+        else:
+            factory = load_factory(args.factory)
+            report = check_lora_layer(
+                factory, r=args.r, alpha=args.alpha, use_rslora=args.rslora, zero_init=not args.nonzero_init
+            )
+    except (ValueError, TypeError, ImportError, SyntaxError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report)

@@ -185,3 +185,66 @@ def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
     assert good.returncode == 0 and "all checks passed" in good.stdout and "| check |" in good.stdout
     assert bad.returncode == 1 and "scaled by alpha, not alpha / r" in bad.stdout
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+
+
+# --- adapter directories from any tool -----------------------------------------------------------------
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    import peft
+    from conftest import randomize_adapter, tiny_t5
+
+    from lora import inject_lora, save_adapter
+
+    ours = tiny_t5()
+    inject_lora(ours, ("q", "v"), r=4, alpha=8)
+    randomize_adapter(ours)
+    save_adapter(ours, tmp_path / "ours")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
+    peft.get_peft_model(tiny_t5(), config).save_pretrained(tmp_path / "peft")
+    return tmp_path
+
+
+def test_adapters_of_ours_and_of_peft_pass(adapters):
+    from conftest import tiny_t5
+
+    from lora.testing import check_adapter_dir
+
+    for name in ("ours", "peft"):
+        report = check_adapter_dir(adapters / name, tiny_t5())
+        assert report.passed, str(report)
+        assert [c.passed for c in report.checks if c.name == "PEFT's logits equal ours"] == [True]
+        assert len(report.norms) == 12 and all(norm > 0 for norm in report.norms.values())  # q, v of 12 layers
+
+
+@pytest.mark.parametrize(
+    "damage, check, words",
+    [
+        ("nan", "no NaN or inf", "non-finite values"),
+        ("shape", "every key names", "has shape (3, 32)"),
+        ("module", "every key names", "names no linear layer"),
+        ("zero_b", "B is not all zero", "B is all zero"),
+    ],
+)
+def test_each_problem_of_a_damaged_adapter_is_reported(adapters, damage, check, words):
+    from conftest import tiny_t5
+    from safetensors.torch import load_file, save_file
+
+    from lora.testing import check_adapter_dir
+
+    path = adapters / "ours" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if "lora_A" in k)
+    if damage == "nan":
+        tensors[key][0, 0] = float("nan")
+    elif damage == "shape":
+        tensors[key] = tensors[key][:3]
+    elif damage == "module":
+        tensors[key.replace("block.0", "block.9")] = tensors.pop(key)
+    else:
+        tensors = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}
+    save_file(tensors, path)
+    report = check_adapter_dir(adapters / "ours", tiny_t5())
+    failures = failed(report)
+    assert not report.passed and words in failures.get(next(n for n in failures if n.startswith(check)), ""), failures
