@@ -248,3 +248,25 @@ def test_each_problem_of_a_damaged_adapter_is_reported(adapters, damage, check, 
     report = check_adapter_dir(adapters / "ours", tiny_t5())
     failures = failed(report)
     assert not report.passed and words in failures.get(next(n for n in failures if n.startswith(check)), ""), failures
+
+
+@pytest.mark.parametrize("active", ["retail", "business"])
+def test_the_layer_of_several_adapters_passes_for_each_adapter(active):
+    """A MultiLoRALinear holding two adapters (the other one random), seen through its active adapter's A and B."""
+    from lora.multi_layer import LowRank, MultiLoRALinear
+
+    class ActiveAdapter(MultiLoRALinear):
+        lora_A = property(lambda self: self.adapters[self.active].lora_A)
+        lora_B = property(lambda self: self.adapters[self.active].lora_B)
+
+    def make(base, r, alpha):
+        base.requires_grad_(False)
+        layer = ActiveAdapter(base.weight, base.bias)
+        for name in ("retail", "business"):
+            layer.adapters[name] = LowRank(base.in_features, base.out_features, r, alpha, 0.2, False)
+        other = "business" if active == "retail" else "retail"
+        torch.nn.init.normal_(layer.adapters[other].lora_B)  # an adapter that is not active must change nothing
+        layer.active = active
+        return layer
+
+    assert_lora_layer(make)
