@@ -35,3 +35,14 @@ def randomize_adapter(model, seed=3, scale=0.1):
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * scale)
+
+
+def saved_random_adapter(directory, target_modules=("q", "v"), r: int = 4, alpha: float = 8):
+    """tiny_t5 with a LoRA adapter whose B is random (as if trained), saved to `directory`; returns the model."""
+    from lora import inject_lora, save_adapter
+
+    model = tiny_t5()
+    inject_lora(model, target_modules, r=r, alpha=alpha)
+    randomize_adapter(model)
+    save_adapter(model, directory)
+    return model

@@ -1,6 +1,6 @@
 """What the tests share: toy models (support/toy_models.py) and a guard for commands that must end."""
 
-from support.toy_models import randomize_adapter, tiny_t5  # noqa: F401  (re-exported for the tests)
+from support.toy_models import randomize_adapter, saved_random_adapter, tiny_t5  # noqa: F401  (re-exported for the tests)
 
 
 def run_to_the_end(command, *, work_done: str, env=None, timeout: float = 300, linger_s: float = 20):

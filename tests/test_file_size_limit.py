@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import randomize_adapter, tiny_t5
+from conftest import randomize_adapter, saved_random_adapter
 
 import infer
 import train
 from data import TRAIN_FILE
-from lora import inject_lora, save_adapter
+from lora import save_adapter
 from lora.inspect import main as inspect_main
 from support.files import atomic_write_all
 
@@ -125,10 +125,7 @@ def test_files_written_together_are_all_old_or_all_new(tmp_path):
 
 
 def test_an_adapter_saved_over_another_keeps_the_old_one(tmp_path):
-    model = tiny_t5()
-    inject_lora(model, ("q", "v"), r=4, alpha=8)
-    randomize_adapter(model)
-    save_adapter(model, tmp_path / "adapter")
+    model = saved_random_adapter(tmp_path / "adapter")
     before = files_in(tmp_path / "adapter")
     randomize_adapter(model)
     with pytest.raises(OSError, match="File too large"), file_size_limit(1024):
@@ -162,10 +159,7 @@ def test_the_evaluation_report_shows_its_table_and_keeps_the_previous_report(tra
 
 
 def test_inspect_figures_keep_the_previous_ones(tmp_path, capsys):
-    model = tiny_t5()
-    inject_lora(model, ("q", "v"), r=4, alpha=8)
-    randomize_adapter(model)
-    save_adapter(model, tmp_path / "adapter")
+    saved_random_adapter(tmp_path / "adapter")
     figures = tmp_path / "figures"
     assert inspect_main([str(tmp_path / "adapter"), "--out", str(figures)]) == 0
     before = files_in(figures)

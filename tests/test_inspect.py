@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapter, tiny_t5
+from conftest import randomize_adapter, saved_random_adapter, tiny_t5
 
 from lora import (
     amplification,
@@ -116,10 +116,7 @@ def test_the_command_line_on_a_peft_adapter_with_base_and_compare(tmp_path, caps
 
 
 def test_errors_are_one_sentence(tmp_path, capsys):
-    model = tiny_t5()
-    inject_lora(model, ("q", "v"), r=4, alpha=8)
-    randomize_adapter(model)
-    save_adapter(model, tmp_path / "qv")
+    saved_random_adapter(tmp_path / "qv")
     other = tiny_t5()
     inject_lora(other, ("q",), r=4, alpha=8)
     save_adapter(other, tmp_path / "q")
@@ -176,10 +173,7 @@ def test_figures_that_cannot_be_written_are_one_sentence_and_keep_the_previous_o
 
     from matplotlib.figure import Figure
 
-    model = tiny_t5()
-    inject_lora(model, ("q", "v"), r=4, alpha=8)
-    randomize_adapter(model)
-    save_adapter(model, tmp_path / "qv")
+    saved_random_adapter(tmp_path / "qv")
     figures = tmp_path / "figures"
     assert main([str(tmp_path / "qv"), "--out", str(figures)]) == 0
     before = {p.name: p.read_bytes() for p in figures.iterdir()}

@@ -193,14 +193,9 @@ def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
 @pytest.fixture
 def adapters(tmp_path):
     import peft
-    from conftest import randomize_adapter, tiny_t5
+    from conftest import saved_random_adapter, tiny_t5
 
-    from lora import inject_lora, save_adapter
-
-    ours = tiny_t5()
-    inject_lora(ours, ("q", "v"), r=4, alpha=8)
-    randomize_adapter(ours)
-    save_adapter(ours, tmp_path / "ours")
+    saved_random_adapter(tmp_path / "ours")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
     peft.get_peft_model(tiny_t5(), config).save_pretrained(tmp_path / "peft")
     return tmp_path
