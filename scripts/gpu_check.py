@@ -35,7 +35,7 @@ import transformers  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from data import LengthBucketSampler, bucket_key  # noqa: E402
-from support.files import atomic_write_text  # noqa: E402
+from support.files import atomic_write_all  # noqa: E402
 from support.models import TINY  # noqa: E402
 
 
@@ -192,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     report["checks"] += tiny_runs(args.report_dir, args.dry_run)
     check, report["throughput"] = throughput(args.dry_run)
     report["checks"].append(check)
-    atomic_write_text(args.report_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(args.report_dir / "report.md", markdown(report))
+    atomic_write_all(
+        {
+            args.report_dir / "report.json": json.dumps(report, indent=2) + "\n",
+            args.report_dir / "report.md": markdown(report),
+        }
+    )
     print(markdown(report))
     print(f"report written to {args.report_dir / 'report.md'} and {args.report_dir / 'report.json'}")
     return 0 if all(check["ok"] for check in report["checks"]) else 1

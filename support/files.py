@@ -14,8 +14,7 @@ from pathlib import Path
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_beside(path)
     try:
         with naming_failures(path):
             write(tmp)
@@ -24,6 +23,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_beside(path: Path) -> str:
+    """An empty temporary file in `path`'s directory (so that renaming it over `path` is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
 
 
 @contextmanager
@@ -53,8 +59,7 @@ def atomic_write_all(contents: dict[Path, bytes | str]) -> None:
     staged = {}
     try:
         for path, content in contents.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
+            tmp = temporary_beside(path)
             staged[tmp] = path
             with naming_failures(path):
                 Path(tmp).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
