@@ -48,7 +48,7 @@ def named_adapter(model: nn.Module, name: str | None) -> dict[str, nn.Module]:
         return layers
     if name not in names:
         raise AdapterError(f"the model has no adapter named '{name}' (it has {', '.join(names) or 'none'}).")
-    holders = {path: adapters_of(layer, model).get(name) for path, layer in layers.items()}
+    holders = {path: adapters_of(layer, names).get(name) for path, layer in layers.items()}
     return {path: holder for path, holder in holders.items() if holder is not None}
 
 

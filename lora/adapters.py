@@ -40,9 +40,10 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(name for layer in layers for name in layer.adapters))
 
 
-def adapters_of(layer: nn.Module, model: nn.Module) -> dict[str, nn.Module]:
-    """A layer's adapters by name, each a module with lora_A, lora_B and lora_update()."""
-    return dict(layer.adapters) if isinstance(layer, MultiLoRALinear) else {adapter_names(model)[0]: layer}
+def adapters_of(layer: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """A layer's adapters by name, each a module with lora_A, lora_B and lora_update(); `names` are the
+    model's (adapter_names), whose only one a single-adapter layer holds."""
+    return dict(layer.adapters) if isinstance(layer, MultiLoRALinear) else {names[0]: layer}
 
 
 def check_adapter_name(name) -> None:
@@ -216,7 +217,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     batch = MixedBatch(len(names), groups)
     outer = [(layer, vars(layer).get("forward")) for layer in layers.values()]  # an enclosing block's
     for layer in layers.values():
-        layer.forward = MethodType(_mixed_forward(batch, adapters_of(layer, model)), layer)
+        layer.forward = MethodType(_mixed_forward(batch, adapters_of(layer, known)), layer)
     model._mixed_batches = [*getattr(model, "_mixed_batches", []), batch]
     try:
         yield model
