@@ -307,9 +307,9 @@ def check_adapter_dir(directory, base: nn.Module | str) -> Report:
     """Check an adapter directory from any tool (ours, PEFT's) against a base model (a module, or what
     --model takes): its config, every key's module and shape, finite values, the update's norm per module
     (an all-zero B is flagged), that it loads here, and, where peft is installed, PEFT's logits against ours."""
-    import json
-
     from safetensors.torch import load_file
+
+    from support.files import loads_json
 
     from .adapter_io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, AdapterError, load_adapter, read_adapter_config
 
@@ -324,7 +324,7 @@ def check_adapter_dir(directory, base: nn.Module | str) -> Report:
     except AdapterError as err:
         report.add("config", 1.0, 0.0, str(err))
         try:
-            config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+            config = loads_json((directory / CONFIG_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return report
     try:
@@ -407,12 +407,12 @@ def load_factory(spec: str) -> Callable:
 
 
 def _config_base(directory: Path) -> str:
-    import json
+    from support.files import loads_json
+
+    from .adapter_io import CONFIG_NAME
 
     try:
-        name = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get(
-            "base_model_name_or_path"
-        )
+        name = loads_json((directory / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         name = None
     if not name:
