@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from banking.assistant import BASE, Assistant, answer
+from banking.assistant import BASE, FINE_TUNED, Assistant, answer
 from banking.grounding import DEFAULT_ACCOUNTS, AccountStore
 from banking.report import check_report_place, check_writable, report_paths, write_report
 from data import MAX_TARGET_LEN, TEST_FILE, DataError, load_examples
@@ -163,9 +163,9 @@ RESERVED_NAMES = (BASE, "query", "intent", "reference")  # a name a query or the
 
 
 def parse_adapters(values: list[str]) -> dict[str, Path]:
-    """--adapter values as {name: directory}: one DIR is the adapter 'default'; several are NAME=DIR each."""
+    """--adapter values as {name: directory}: one DIR is the adapter 'fine_tuned'; several are NAME=DIR each."""
     if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
-        return {"default": Path(values[0])}
+        return {FINE_TUNED: Path(values[0])}
     adapters = {}
     for value in values:
         name, equals, directory = value.partition("=")

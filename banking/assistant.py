@@ -22,6 +22,7 @@ from support.run_dir import training_config_for
 from .grounding import AccountStore, ground
 
 BASE = "base"  # the name a query gives to be answered by the base model alone, never an adapter's
+FINE_TUNED = "fine_tuned"  # the name of the one adapter, when the assistant is given one directory
 
 
 def warn(message: str) -> None:
@@ -45,7 +46,7 @@ class Assistant:
         precision: str = "auto",
     ) -> None:
         self.adapters = (
-            {k: Path(v) for k, v in adapters.items()} if isinstance(adapters, dict) else {"default": Path(adapters)}
+            {k: Path(v) for k, v in adapters.items()} if isinstance(adapters, dict) else {FINE_TUNED: Path(adapters)}
         )
         name = self._base_model_name(model)
         if (Path(name) / "adapter_config.json").is_file() and not (Path(name) / "config.json").is_file():

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from .grounding import AccountStore, ground
 
 REFUSAL_MARKER = "i can only help with banking"  # every out-of-domain answer in the dataset says this
-MODELS = ("base", "fine_tuned")
 NOTES = {
     "exact_match": "raw output equals the reference response, placeholders included",
     "intent_accuracy": "intent of the most similar training response (token F1 >= 0.5)",
@@ -92,7 +91,7 @@ def evaluate(
     matcher: IntentMatcher,
     batch_size: int,
     sample_count: int,
-    models: Sequence[str] = MODELS,
+    models: Sequence[str],
 ) -> dict:
     """Generate with each of `models` (generate(queries, model)) and score each; the report's data."""
     outputs = {name: [] for name in models}

@@ -28,12 +28,10 @@ def write_report(assistant: Assistant, rows: list[dict], store: AccountStore, ar
     intent_data = list(dict.fromkeys(config.get("data") or str(TRAIN_FILE) for config in assistant.training_configs))
     matcher = evaluation.IntentMatcher([row for path in intent_data for row in load_examples(path)])
     options = generation_options(args)
-    several = len(assistant.names) > 1
-    models = [BASE, *assistant.names] if several else list(evaluation.MODELS)  # MODELS: base, fine_tuned
+    models = [BASE, *assistant.names]  # one adapter is "fine_tuned"; several are named by --adapter NAME=DIR
 
     def generate(queries: list[str], model: str) -> list[str]:
-        adapter = model if several else {BASE: BASE, "fine_tuned": assistant.names[0]}[model]
-        return assistant.generate(queries, args.max_new_tokens, adapters=[adapter] * len(queries), **options)
+        return assistant.generate(queries, args.max_new_tokens, adapters=[model] * len(queries), **options)
 
     report = {
         "adapter": evaluated_adapters(assistant.adapters),

@@ -97,7 +97,7 @@ def test_answers_never_show_an_invented_figure():
 
     class FakeAssistant:
         device = torch.device("cpu")
-        names = ["default"]
+        names = ["fine_tuned"]
 
         def generate_with_ends(self, queries, max_new_tokens, **options):
             return [
