@@ -15,7 +15,6 @@ import argparse
 import math
 import random
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,23 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import (
-    IGNORE_INDEX,
-    DataError,
-    LengthBucketSampler,
-    bucket_key,
-    collate,
-    encode_examples,
-    sequential_batches,
-    warn_if_unreadable,
-)
+from data import IGNORE_INDEX, DataError, TrainingData, training_data, warn_if_unreadable
 from lora import AdapterError, inject_lora, lora_param_groups, save_adapter, set_base_dtype
 from support import checkpoints
 from support import distributed as dist
 from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
 from support.cli import UsageError, run_cli, stop_requests
 from support.fast_modules import lm_head_on, use_fast_modules
-from support.lr_schedule import warmup_then_linear_decay
+from support.lr_schedule import step_schedule, warmup_then_linear_decay
 from support.memory import MemoryPlanError, check_plan
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
 from support.models import ModelLoadError, compile_t5, enable_activation_checkpointing, load_model_and_tokenizer
@@ -88,7 +78,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         if args.compile:
             run.train_model = compile_t5(run.train_model)
         if env.is_main:  # infer.py's default answer length covers the longest answer trained on
-            config["longest_target_tokens"] = max(len(example.labels) for example in run.train_set)
+            config["longest_target_tokens"] = max(len(example.labels) for example in run.data.train_set)
             start_run(args.output_dir, config, tokenizer, replace=args.overwrite)
 
         start_time = time.perf_counter()
@@ -145,11 +135,8 @@ class Run:
     model: torch.nn.Module  # the LoRA model, as saved
     train_model: torch.nn.Module  # what the step calls: the model, in DDP and compiled as asked
     base_path: str
-    train_set: list
-    sampler: LengthBucketSampler
-    val_batches: list[dict]  # this process's share
+    data: TrainingData  # this process's training and validation batches
     validating: bool  # whether any process has validation rows
-    pad: tuple[int, int | None]  # collate's pad token and multiple to pad to
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -159,37 +146,32 @@ class Run:
 
 def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> Run:
     """Tokenise, batch, and make the optimizer, schedule and gradient scaler."""
-    train_set, train_truncated = encode_examples(train_rows, tokenizer, args.max_source_len, args.max_target_len)
-    val_set, val_truncated = encode_examples(val_rows, tokenizer, args.max_source_len, args.max_target_len)
-    if train_truncated or val_truncated:
-        env.log(f"note: {train_truncated} training and {val_truncated} validation rows were cut to the max lengths")
-    if env.is_main:
-        warn_if_unreadable(train_set, tokenizer.unk_token_id, args.data)  # a script the tokenizer cannot read
     # Lengths padded up to a multiple: 8 suits tensor cores; 16 bounds the shapes a compiled model meets.
-    pad_id, pad_multiple = tokenizer.pad_token_id, (16 if args.compile else 8 if env.device.type == "cuda" else None)
-    sampler = LengthBucketSampler(
-        [bucket_key(e) for e in train_set], args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size
-    )
-    val_batches = sequential_batches(val_set, args.batch_size, pad_id, pad_multiple, env.rank, env.world_size)
-    total_steps = args.max_steps or args.epochs * math.ceil(len(sampler) / args.grad_accum)
+    pad_multiple = 16 if args.compile else 8 if env.device.type == "cuda" else None
+    lengths, share = (args.max_source_len, args.max_target_len), (env.rank, env.world_size)
+    data = training_data(train_rows, val_rows, tokenizer, lengths, args.batch_size, pad_multiple, args.seed, *share)
+    if any(data.truncated):
+        env.log("note: {} training and {} validation rows were cut to the max lengths".format(*data.truncated))
+    if env.is_main:
+        warn_if_unreadable(data.train_set, tokenizer.unk_token_id, args.data)  # a script the tokenizer cannot read
+    total_steps = args.max_steps or args.epochs * math.ceil(len(data.sampler) / args.grad_accum)
     warmup_steps = int(args.warmup_ratio * total_steps)
     groups = lora_param_groups(model, args.lr, args.loraplus_lr_ratio)  # A and B, or LoRA+'s faster B
     optimizer = torch.optim.AdamW(groups, args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda")
     scheduler = warmup_then_linear_decay(optimizer, warmup_steps, total_steps)
     dtype = training_dtype(args.precision, env.device)
-    env.log(start_line(args.model, model, len(train_set), total_steps, f"{env.world_size} x {env.device.type}", dtype))
-    env.log(check_plan(model, train_set, dtype, env.device, args).describe())  # on CUDA: refuses what won't fit
+    where = f"{env.world_size} x {env.device.type}"
+    env.log(start_line(args.model, model, len(data.train_set), total_steps, where, dtype))
+    env.log(check_plan(model, data.train_set, dtype, env.device, args).describe())  # on CUDA: refuses what won't fit
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
-    return Run(
-        args, env, model, model, base_path, train_set, sampler, val_batches, bool(val_rows), (pad_id, pad_multiple),
-        optimizer, scheduler, scaler, dtype, total_steps,
-    )  # fmt: skip
+    return Run(args, env, model, model, base_path, data, bool(val_rows),
+               optimizer, scheduler, scaler, dtype, total_steps)  # fmt: skip
 
 
 def fit(run: Run, progress: Progress) -> str | None:
     """The loop: a train_step per --grad-accum micro-batches; logs, validation, checkpoints; why it stopped early."""
     args, env = run.args, run.env
-    batches_per_epoch = len(run.sampler)
+    sampler, batches_per_epoch = run.data.sampler, len(run.data.sampler)
     meter = IntervalMeter()
     compiling = args.compile
     bar = tqdm(
@@ -198,13 +180,10 @@ def fit(run: Run, progress: Progress) -> str | None:
     )  # fmt: skip
     with stop_requests() as stop, bar:
         while progress.step < run.total_steps:
-            run.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-            epoch_batches = iter(list(run.sampler))
+            sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
+            epoch_batches = iter(list(sampler))
             while progress.step < run.total_steps:
-                group = [
-                    collate([run.train_set[i] for i in indices], *run.pad)
-                    for _, indices in zip(range(args.grad_accum), epoch_batches)
-                ]
+                group = [run.data.batch(indices) for _, indices in zip(range(args.grad_accum), epoch_batches)]
                 if not group:  # resumed exactly at an epoch's end
                     progress.next_epoch()
                     break
@@ -217,9 +196,7 @@ def fit(run: Run, progress: Progress) -> str | None:
                 if compiling:  # its first step compiles the model: timed apart from the others
                     env.log(f"--compile: the first step took {time.perf_counter() - step_start:.1f} s (compilation)")
                     compiling = False
-                with warnings.catch_warnings():  # the schedule counts steps, skipped ones too: no warning
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                    run.scheduler.step()
+                step_schedule(run.scheduler)
                 progress.step += 1
                 bar.update(1)
                 progress.count_step(skipped=result.skipped is not None, empty=not result.supervised_tokens)
@@ -246,7 +223,7 @@ def fit(run: Run, progress: Progress) -> str | None:
 def end_of_step(run: Run, progress: Progress, bar, stop: list[str]) -> bool:
     """Validation, a checkpoint and a stop request, each when due after a step; whether the epoch ended."""
     args, total = run.args, run.total_steps
-    end_of_epoch = progress.batch_in_epoch >= len(run.sampler)
+    end_of_epoch = progress.batch_in_epoch >= len(run.data.sampler)
     eval_now = progress.step % args.eval_every == 0 if args.eval_every else end_of_epoch or progress.step == total
     if run.validating and eval_now:
         validate(run, progress, end_of_epoch, bar)
@@ -349,7 +326,7 @@ def validation_loss(model, batches: list[dict], device: torch.device, dtype: tor
 
 def validate(run: Run, progress: Progress, end_of_epoch: bool, bar) -> None:
     """Validation loss; a new best is saved to best/."""
-    val_loss = validation_loss(run.model, run.val_batches, run.env.device, run.dtype)
+    val_loss = validation_loss(run.model, run.data.val_batches, run.env.device, run.dtype)
     progress.history.append({"step": progress.step, "epoch": progress.epoch + end_of_epoch, "val_loss": val_loss})
     if run.env.is_main:
         bar.write(f"step {progress.step}: val_loss {val_loss:.4f}")

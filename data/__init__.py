@@ -10,6 +10,7 @@ from .dataset import (
     DataError,
     EncodedExample,
     LengthBucketSampler,
+    TrainingData,
     bucket_key,
     build_prompt,
     collate,
@@ -17,6 +18,7 @@ from .dataset import (
     hold_out,
     load_examples,
     sequential_batches,
+    training_data,
     warn_if_unreadable,
 )
 
@@ -30,6 +32,7 @@ __all__ = [
     "DataError",
     "EncodedExample",
     "LengthBucketSampler",
+    "TrainingData",
     "bucket_key",
     "build_prompt",
     "collate",
@@ -37,5 +40,6 @@ __all__ = [
     "hold_out",
     "load_examples",
     "sequential_batches",
+    "training_data",
     "warn_if_unreadable",
 ]

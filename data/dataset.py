@@ -226,6 +226,34 @@ class LengthBucketSampler:
         return len(self.all_batches(self.epoch)) // self.world_size - self.start_batch
 
 
+@dataclass
+class TrainingData:
+    """A run's tokenised rows and batches: training rows batched by length, validation rows in order."""
+
+    train_set: list[EncodedExample]
+    sampler: LengthBucketSampler  # this process's training batches, as indices into train_set
+    val_batches: list[dict]  # this process's share, collated
+    pad: tuple[int, int | None]  # collate's pad token and the multiple lengths are padded up to
+    truncated: tuple[int, int]  # training and validation rows cut to the max lengths
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        return collate([self.train_set[i] for i in indices], *self.pad)
+
+
+def training_data(
+    train_rows, val_rows, tokenizer, max_lengths: tuple[int, int], batch_size: int, pad_multiple, seed, rank, world_size
+) -> TrainingData:
+    """Tokenise both splits (prompts and answers cut to `max_lengths`); process `rank` of `world_size`
+    takes its share of each."""
+    train_set, train_cut = encode_examples(train_rows, tokenizer, *max_lengths)
+    val_set, val_cut = encode_examples(val_rows, tokenizer, *max_lengths)
+    keys = [bucket_key(e) for e in train_set]
+    sampler = LengthBucketSampler(keys, batch_size, seed=seed, rank=rank, world_size=world_size)
+    pad = (tokenizer.pad_token_id, pad_multiple)
+    val_batches = sequential_batches(val_set, batch_size, *pad, rank, world_size)
+    return TrainingData(train_set, sampler, val_batches, pad, (train_cut, val_cut))
+
+
 UNKNOWN_WARNING = 0.2  # the bundled data has none; a share like this means text the tokenizer cannot read
 
 
