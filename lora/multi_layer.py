@@ -4,6 +4,7 @@ each other, every one alike, the forward adding the active one's update."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layer import LoRALinear, _lora_a_init_params, check_adapter_shape, check_finite_merge, lora_scaling
@@ -35,8 +36,14 @@ class LowRank(nn.Module):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
-    lora_update = LoRALinear.lora_update  # scaling · B A dropout(x), in A's dtype
-    delta_weight = LoRALinear.delta_weight  # scaling · B @ A, in fp32
+    def lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling · B A dropout(x), (..., out), in A's dtype: LoRALinear's update."""
+        low_rank = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        return self.scaling * F.linear(low_rank, self.lora_B)  # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B @ A, (out, in), in fp32."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
 
 class MultiLoRALinear(nn.Module):
@@ -48,7 +55,8 @@ class MultiLoRALinear(nn.Module):
     alike, so adding or deleting one never moves another. Merging folds the active adapter into `weight`.
     """
 
-    base_product = LoRALinear.base_product
+    # W0 x + b, as in LoRALinear (support/fast_modules.py may give a layer a faster product of the same values).
+    base_product = staticmethod(F.linear)
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         super().__init__()
