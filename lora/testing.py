@@ -8,6 +8,11 @@ The checks set A and B to known values and compare the layer with
 
     h = W0 x + b + s · B A x,    s = alpha / r   (alpha / sqrt(r) for rsLoRA)
 
+or, for a DoRA layer (`dora=True`, `--dora`; its magnitude m (out,) as `lora_magnitude`),
+
+    h = m ⊙ (W0 + s·B A) x / ‖W0 + s·B A‖_c + b,    ‖·‖_c the L2 norm of each output row, a constant
+                                                      for autograd (DoRA, Section 4.3)
+
 its gradients with the hand-derived ones, and (when it has them) its `merge()`/`unmerge()` with their
 definitions. `check_lora_layer` returns a `Report`; `assert_lora_layer` raises AssertionError with it.
 A failed check comes with one sentence naming the likely mistake.
@@ -86,6 +91,20 @@ def factor(layer: nn.Module, name: str) -> torch.Tensor:
     return value
 
 
+def reference_output(x, w0, b0, A, B, scaling, magnitude=None) -> torch.Tensor:
+    """The formula, in fp32: W0 x + b + s·B A x, or DoRA's m ⊙ (W0 + s·B A) x / ‖W0 + s·B A‖_c + b."""
+    weight = reference_weight(w0, A, B, scaling, magnitude)
+    return x.float() @ weight.T + b0.float()
+
+
+def reference_weight(w0, A, B, scaling, magnitude=None) -> torch.Tensor:
+    """The one weight the layer computes with (what a merge writes), in fp32; the DoRA norm is detached."""
+    weight = w0.float() + scaling * B.float() @ A.float()
+    if magnitude is None:
+        return weight
+    return (magnitude.float() / weight.norm(dim=1).detach()).unsqueeze(1) * weight
+
+
 def check_lora_layer(
     make_layer: Callable[[nn.Linear, int, float], nn.Module],
     *,
@@ -95,6 +114,7 @@ def check_lora_layer(
     alpha: float = 8.0,
     use_rslora: bool = False,
     zero_init: bool = True,
+    dora: bool = False,
     seed: int = 0,
 ) -> Report:
     """Run every check on the layer `make_layer` builds; see the module's docstring."""
@@ -116,6 +136,18 @@ def check_lora_layer(
     )  # fmt: skip
     if not shapes_ok:
         return report
+    M = None
+    if dora:
+        try:
+            M = factor(layer, "lora_magnitude")
+        except TypeError as err:
+            report.add("DoRA magnitude m (out,)", 1.0, 0.0, f"{err} A DoRA layer trains m, one value per output row.")
+            return report
+        magnitude_ok = tuple(M.shape) == (out_features,)
+        shape_sentence = f"m is {tuple(M.shape)}, expected ({out_features},): one magnitude per output row of W0."
+        report.add("DoRA magnitude m (out,)", 0.0 if magnitude_ok else 1.0, 0.0, shape_sentence)
+        if not magnitude_ok:
+            return report
     expected_base = x @ w0.T + b0
     layer.eval()
     with torch.no_grad():
@@ -130,18 +162,53 @@ def check_lora_layer(
     scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
     A_value = torch.randn(r, in_features, generator=generator) * 0.3
     B_value = torch.randn(out_features, r, generator=generator) * 0.3
-    with torch.no_grad():
-        A.copy_(A_value)
-        B.copy_(B_value)
-    _check_forward(report, layer, x, expected_base, A_value, B_value, scaling, alpha, r, use_rslora)
-    _check_gradients(report, layer, x, A, B, A_value, B_value, scaling, w0, b0, generator)
-    _check_dropout(report, layer, x, expected_base, B)
-    with torch.no_grad():
-        A.copy_(A_value)
-        B.copy_(B_value)
-    _check_merge(report, layer, x, w0, b0, A_value, B_value, scaling)
-    _check_bf16_base(report, make_layer, base, x, r, alpha, A_value, B_value, scaling)
+    # DoRA's m: the norm of the adapted rows, scaled by random factors, so that m, the norm and the
+    # direction each show in the output
+    m_value = None
+    if M is not None:
+        row_scale = 1 + 0.5 * torch.rand(out_features, generator=generator)
+        m_value = reference_weight(w0, A_value, B_value, scaling).norm(dim=1) * row_scale
+    factors = Factors(A, B, M, A_value, B_value, m_value, scaling)
+    factors.set()
+    _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora)
+    _check_gradients(report, layer, x, w0, b0, factors, generator)
+    _check_dropout(report, layer, x, expected_base, factors, w0)
+    factors.set()
+    _check_merge(report, layer, x, w0, b0, factors)
+    _check_bf16_base(report, make_layer, base, x, r, alpha, factors)
     return report
+
+
+@dataclass
+class Factors:
+    """The layer's trainable tensors (A, B and DoRA's m, None for LoRA), the known values the checks give
+    them, and the scaling s."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    M: torch.Tensor | None
+    A_value: torch.Tensor
+    B_value: torch.Tensor
+    m_value: torch.Tensor | None
+    scaling: float
+
+    def set(self, layer: nn.Module | None = None) -> None:
+        """Give the known values to this layer's factors (or to `layer`'s, another layer of the same kind)."""
+        A, B = (self.A, self.B) if layer is None else (factor(layer, "lora_A"), factor(layer, "lora_B"))
+        M = self.M if layer is None or self.M is None else factor(layer, "lora_magnitude")
+        with torch.no_grad():
+            A.copy_(self.A_value)
+            B.copy_(self.B_value)
+            if M is not None:
+                M.copy_(self.m_value)
+
+    def expected(self, x, w0, b0, scaling=None) -> torch.Tensor:
+        scaling = self.scaling if scaling is None else scaling
+        return reference_output(x, w0, b0, self.A_value, self.B_value, scaling, self.m_value)
+
+    def expected_weight(self, w0, scaling=None) -> torch.Tensor:
+        scaling = self.scaling if scaling is None else scaling
+        return reference_weight(w0, self.A_value, self.B_value, scaling, self.m_value)
 
 
 def assert_lora_layer(make_layer, **options) -> Report:
@@ -158,38 +225,58 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item() / scale
 
 
-def _check_forward(report, layer, x, expected_base, A, B, scaling, alpha, r, use_rslora) -> None:
+def _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora) -> None:
     with torch.no_grad():
         got = layer(x)
-    low_rank = x @ A.T @ B.T  # (N, out): B A x without the scaling
-    error = _err(got, expected_base + scaling * low_rank)
-    mistake = "the forward does not compute W0 x + b + s·B A x."
+    scaling, dora = factors.scaling, factors.M is not None
+    error = _err(got, factors.expected(x, w0, b0))
+    formula = "m ⊙ (W0 + s·B A) x / ‖W0 + s·B A‖_c + b" if dora else "W0 x + b + s·B A x"
+    mistake = f"the forward does not compute {formula}."
     other_scale = alpha / r if use_rslora else alpha / math.sqrt(r)
-    for wrong, sentence in [
-        (alpha, "the update is scaled by alpha, not alpha / r."),
-        (other_scale, "rsLoRA's alpha / sqrt(r) and LoRA's alpha / r are confused."),
-        (1.0, "the update is not scaled at all (s = 1): multiply by alpha / r."),
-    ]:
-        if wrong != scaling and _err(got, expected_base + wrong * low_rank) <= FP32_TOLERANCE:
+    wrong_outputs = [
+        (factors.expected(x, w0, b0, alpha), "the update is scaled by alpha, not alpha / r."),
+        (factors.expected(x, w0, b0, other_scale), "rsLoRA's alpha / sqrt(r) and LoRA's alpha / r are confused."),
+        (factors.expected(x, w0, b0, 1.0), "the update is not scaled at all (s = 1): multiply by alpha / r."),
+    ]
+    if dora:
+        A, B, m = factors.A_value, factors.B_value, factors.m_value
+        adapted = w0 + scaling * B @ A
+        wrong_outputs += [
+            (reference_output(x, w0, b0, A, B, scaling), "the magnitude m is not applied: this is plain LoRA."),
+            (x @ ((m / w0.norm(dim=1)).unsqueeze(1) * adapted).T + b0,
+             "the norm is taken of W0 alone; DoRA divides by the norm of the adapted weight ‖W0 + s·B A‖_c."),
+        ]  # fmt: skip
+    for wrong, sentence in wrong_outputs:
+        if wrong is not None and _err(got, wrong) <= FP32_TOLERANCE and error > FP32_TOLERANCE:
             mistake = sentence
-    report.add("forward: W0 x + b + s·B A x (eval mode)", error, FP32_TOLERANCE, mistake)
+    report.add(f"forward: {formula} (eval mode)", error, FP32_TOLERANCE, mistake)
 
 
-def _check_gradients(report, layer, x, A, B, A_value, B_value, scaling, w0, b0, generator) -> None:
+def _check_gradients(report, layer, x, w0, b0, factors, generator) -> None:
     layer.eval()  # dropout off: the gradients are then exactly the formula's
+    A, B, M, scaling = factors.A, factors.B, factors.M, factors.scaling
     for param in layer.parameters():
         param.grad = None
     g = torch.randn(x.shape[0], B.shape[0], generator=generator)  # dL/dh
     (layer(x) * g).sum().backward()
-    grad_B = scaling * g.T @ (x @ A_value.T)  # (out, r)
-    grad_A = scaling * (g @ B_value).T @ x  # (r, in)
-    for name, tensor, expected in (("A", A, grad_A), ("B", B, grad_B)):
-        got = tensor.grad if tensor.grad is not None else torch.zeros_like(expected)
-        report.add(
-            f"gradient of {name} is s·{'Bᵀ G xᵀ' if name == 'A' else 'G (A x)ᵀ'}", _err(got, expected), FP32_TOLERANCE,
-            f"{name}'s gradient is not the formula's: {name} is detached, not trainable, or misused in the forward.",
-        )  # fmt: skip
-    frozen = [n for n, p in layer.named_parameters() if p.grad is not None and p is not A and p is not B]
+    if M is None:  # LoRA's, by hand
+        expected = {"A": scaling * (g @ factors.B_value).T @ x, "B": scaling * g.T @ (x @ factors.A_value.T)}
+        formulas, attached = {"A": "s·Bᵀ G xᵀ", "B": "s·G (A x)ᵀ"}, {}
+    else:  # DoRA's, by autograd through the reference formula: with the norm detached, and (wrongly) not
+        expected, attached = _dora_gradients(x, w0, b0, factors, g, True), _dora_gradients(x, w0, b0, factors, g, False)
+        formulas = {"A": "DoRA's", "B": "DoRA's", "m": "DoRA's"}
+    for name, tensor in (("A", A), ("B", B), ("m", M)):
+        if name not in expected:
+            continue
+        got = tensor.grad if tensor.grad is not None else torch.zeros_like(expected[name])
+        mistake = (
+            f"{name}'s gradient is not the formula's: {name} is detached, not trainable, or misused in the forward."
+        )
+        if name in attached and _err(got, attached[name]) <= FP32_TOLERANCE:
+            mistake = ("the gradient flows through the norm ‖W0 + s·B A‖_c: DoRA (Section 4.3) treats it as a "
+                       "constant; compute it under torch.no_grad() or .detach() it.")  # fmt: skip
+        report.add(f"gradient of {name} is {formulas[name]}", _err(got, expected[name]), FP32_TOLERANCE, mistake)
+    frozen = [n for n, p in layer.named_parameters() if p.grad is not None and all(p is not t for t in (A, B, M))]
     frozen = [n for n in frozen if n.split(".")[-1] in ("weight", "bias") and "lora" not in n]
     report.add(
         "W0 and b get no gradient", float(len(frozen)), 0.0,
@@ -207,7 +294,16 @@ def _check_gradients(report, layer, x, A, B, A_value, B_value, scaling, w0, b0, 
         param.grad = None
 
 
-def _check_dropout(report, layer, x, expected_base, B) -> None:
+def _dora_gradients(x, w0, b0, factors, g, detach_norm: bool) -> dict[str, torch.Tensor]:
+    A, B, m = (t.detach().clone().requires_grad_(True) for t in (factors.A_value, factors.B_value, factors.m_value))
+    weight = w0 + factors.scaling * B @ A
+    norm = weight.norm(dim=1)
+    norm = norm.detach() if detach_norm else norm
+    ((x @ ((m / norm).unsqueeze(1) * weight).T + b0) * g).sum().backward()
+    return {"A": A.grad, "B": B.grad, "m": m.grad}
+
+
+def _check_dropout(report, layer, x, expected_base, factors, w0) -> None:
     layer.train()
     with torch.no_grad():
         first, second = layer(x), layer(x)
@@ -221,12 +317,16 @@ def _check_dropout(report, layer, x, expected_base, B) -> None:
     if torch.equal(first, second):
         report.skip("dropout touches only the low-rank branch", "the layer has no dropout in train mode")
         return
-    saved = B.detach().clone()
+    B, M = factors.B, factors.M
+    saved = [t.detach().clone() for t in (B, M) if t is not None]
     with torch.no_grad():
         B.zero_()
+        if M is not None:  # DoRA with B = 0 and m = ‖W0‖_c is its base
+            M.copy_(w0.norm(dim=1))
         layer.train()
         base_only = layer(x)
-        B.copy_(saved)
+        for tensor, value in zip((B, M), saved):
+            tensor.copy_(value)
     layer.eval()
     report.add(
         "dropout touches only the low-rank branch", _err(base_only, expected_base), FP32_TOLERANCE,
@@ -235,7 +335,7 @@ def _check_dropout(report, layer, x, expected_base, B) -> None:
     )  # fmt: skip
 
 
-def _check_merge(report, layer, x, w0, b0, A, B, scaling) -> None:
+def _check_merge(report, layer, x, w0, b0, factors) -> None:
     if not (callable(getattr(layer, "merge", None)) and callable(getattr(layer, "unmerge", None))):
         report.skip("merge and unmerge", "the layer has no merge()/unmerge()")
         return
@@ -248,12 +348,13 @@ def _check_merge(report, layer, x, w0, b0, A, B, scaling) -> None:
         weight_once = weight.detach().clone()
         layer.merge()
         weight_twice = weight.detach().clone()
-    expected_weight = w0 + scaling * B @ A
+    expected_weight = factors.expected_weight(w0)
     mistake = "the merged layer computes something else than the unmerged one."
-    if _err(weight_once, w0 + B @ A) <= FP32_TOLERANCE:
+    if _err(weight_once, factors.expected_weight(w0, scaling=1.0)) <= FP32_TOLERANCE:
         mistake = "the merge adds B A to W0 without the scaling s = alpha / r."
     elif _err(weight_once, expected_weight) > FP32_TOLERANCE:
-        mistake = "the merged weight is not W0 + s·B A."
+        mistake = "the merged weight is not " + ("m ⊙ W' / ‖W'‖_c, W' = W0 + s·B A." if factors.M is not None
+                                                 else "W0 + s·B A.")  # fmt: skip
     report.add("merged output equals unmerged", _err(merged, unmerged), FP32_TOLERANCE, mistake)
     report.add(
         "merging twice equals merging once", _err(weight_twice, weight_once), 0.0,
@@ -276,7 +377,7 @@ def _check_merge(report, layer, x, w0, b0, A, B, scaling) -> None:
     )  # fmt: skip
 
 
-def _check_bf16_base(report, make_layer, base, x, r, alpha, A, B, scaling) -> None:
+def _check_bf16_base(report, make_layer, base, x, r, alpha, factors) -> None:
     """A bf16 W0 and b with fp32 A and B, as set_base_dtype leaves them: the output is the base product in bf16
     plus the fp32 update, rounded once; anything within two bf16 units of that passes."""
     layer = make_layer(copy.deepcopy(base), r, alpha).eval()
@@ -285,8 +386,7 @@ def _check_bf16_base(report, make_layer, base, x, r, alpha, A, B, scaling) -> No
             for name, param in layer.named_parameters():
                 if "lora" not in name:
                     param.data = param.data.to(torch.bfloat16)
-            factor(layer, "lora_A").copy_(A)
-            factor(layer, "lora_B").copy_(B)
+            factors.set(layer)
             x16 = x.to(torch.bfloat16)
             got = layer(x16)
     except RuntimeError as err:
@@ -294,7 +394,7 @@ def _check_bf16_base(report, make_layer, base, x, r, alpha, A, B, scaling) -> No
         return
     with torch.no_grad():
         w16, b16 = base.weight.to(torch.bfloat16), base.bias.to(torch.bfloat16)
-        expected = (x16.float() @ w16.float().T + b16.float()) + scaling * (x16.float() @ A.T @ B.T)
+        expected = factors.expected(x16.float(), w16.float(), b16.float())
     bound = 2 * 2.0**-8  # two bf16 units, relative to the output's magnitude
     report.add(
         "bf16 base, fp32 A and B", _err(got, expected), bound,
@@ -430,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=8.0, help="alpha to build the layer with (default: 8)")
     p.add_argument("--rslora", action="store_true", help="the layer scales by alpha / sqrt(r)")
     p.add_argument("--nonzero-init", action="store_true", help="the layer's init is not B = 0 (PiSSA, OLoRA...)")
+    p.add_argument("--dora", action="store_true", help="the layer is DoRA's, its magnitude m as lora_magnitude")
     args = p.parse_args(argv)
     if (args.factory is None) == (args.adapter is None):
         p.error("give a MODULE:FACTORY or --adapter DIR (one of them)")
@@ -442,7 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             factory = load_factory(args.factory)
             report = check_lora_layer(
-                factory, r=args.r, alpha=args.alpha, use_rslora=args.rslora, zero_init=not args.nonzero_init
+                factory,
+                r=args.r,
+                alpha=args.alpha,
+                use_rslora=args.rslora,
+                zero_init=not args.nonzero_init,
+                dora=args.dora,
             )
     except (ValueError, TypeError, ImportError, SyntaxError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

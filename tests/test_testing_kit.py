@@ -170,6 +170,92 @@ def test_a_dora_layer_is_not_lora_and_the_kit_says_where():
     assert "forward: W0 x + b + s·B A x (eval mode)" in failed(report)  # its formula is DoRA's, not LoRA's
 
 
+# --- DoRA: h = m ⊙ (W0 + s·B A) x / ‖W0 + s·B A‖_c + b -------------------------------------------------------
+
+
+class StudentDoRA(StudentLoRA):
+    """DoRA as a student writes it from the paper, the norm a constant for autograd (Section 4.3)."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__(base, r, alpha, dropout=0.0)
+        self.lora_magnitude = nn.Parameter(self.weight.norm(dim=1).detach().clone())
+
+    def adapted(self):
+        return self.weight + self.scaling * self.lora_B @ self.lora_A
+
+    def norm(self, adapted):
+        return adapted.norm(dim=1).detach()
+
+    def forward(self, x):
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        adapted = self.adapted()  # in A's fp32, whatever W0's dtype
+        weight = (self.lora_magnitude / self.norm(adapted)).unsqueeze(1) * adapted
+        return F.linear(x.to(weight.dtype), weight, self.bias.to(weight.dtype)).to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.w0 = self.weight.clone()
+            adapted = self.adapted()
+            self.weight.copy_((self.lora_magnitude / self.norm(adapted)).unsqueeze(1) * adapted)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.copy_(self.w0)
+            self.merged = False
+
+
+class MagnitudeIgnored(StudentDoRA):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(x, self.scaling * self.lora_B @ self.lora_A)
+
+
+class NormOfW0(StudentDoRA):
+    def norm(self, adapted):
+        return self.weight.norm(dim=1)
+
+
+class NormAttached(StudentDoRA):
+    def norm(self, adapted):
+        return adapted.norm(dim=1)
+
+
+class MergeWithoutMagnitude(StudentDoRA):
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.w0 = self.weight.clone()
+            self.weight.copy_(self.adapted())
+            self.merged = True
+
+
+def test_dora_from_the_paper_and_this_projects_dora_layer_pass_as_dora():
+    for make in (StudentDoRA, lambda base, r, alpha: DoRALinear.from_linear(base, r, alpha, dropout=0.1)):
+        report = assert_lora_layer(make, dora=True)
+        names = [check.name for check in report.checks if check.passed]
+        assert "forward: m ⊙ (W0 + s·B A) x / ‖W0 + s·B A‖_c + b (eval mode)" in names
+        assert {"gradient of A is DoRA's", "gradient of B is DoRA's", "gradient of m is DoRA's"} <= set(names)
+
+
+@pytest.mark.parametrize(
+    "layer, check, words",
+    [
+        (MagnitudeIgnored, "forward", "the magnitude m is not applied: this is plain LoRA"),
+        (NormOfW0, "forward", "the norm is taken of W0 alone"),
+        (NormAttached, "gradient of A", "DoRA (Section 4.3) treats it as a constant"),
+        (MergeWithoutMagnitude, "merged output equals unmerged", "the merged weight is not m ⊙ W' / ‖W'‖_c"),
+        (StudentLoRA, "DoRA magnitude", "no 'lora_magnitude' parameter"),
+    ],
+)
+def test_each_dora_mistake_is_named(layer, check, words):
+    failures = failed(check_lora_layer(layer, dora=True))
+    named = [mistake for name, mistake in failures.items() if name.startswith(check)]
+    assert named and words in named[0], failures
+
+
 def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
     layer_file = tmp_path / "my_lora.py"
     layer_file.write_text(
