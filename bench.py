@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in sections:
         report(
             "memory",
-            "Bigger bases: peak memory of a LoRA step with a bf16 base and activation checkpointing",
+            "Bigger bases: peak memory of a LoRA step with a bf16 or NF4 base and activation checkpointing",
             bench_memory(args, rows, batch_indices),
             [
                 ("model", "model", ""),
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("configuration", "config", ""),
                 ("peak memory while training (MiB)", "step_peak_mib", ",.0f"),
                 ("of which runtime (MiB)", "runtime_mib", ",.0f"),
+                ("peak while building (MiB)", "load_peak_mib", ",.0f"),
                 ("memory plan (MiB)", "plan_mib", ",.0f"),
                 ("vs (a)", "vs_a", ".2f"),
                 ("median step (s)", "median_step_s", ".2f"),

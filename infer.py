@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
     # Evaluation keeps the adapter apart, so lora_disabled gives the base weights exactly, not W0 + ΔW - ΔW.
     asked = {name for _, name in file_queries} if file_queries else {args.use}
     merge = len(args.adapters) == 1 and BASE not in asked and not (args.no_merge or args.eval)
-    assistant = Assistant(args.adapters, args.model, merge=merge, precision=args.precision)
+    assistant = Assistant(args.adapters, args.model, merge, args.precision, args.base_dtype)
     if args.eval:
         write_report(assistant, eval_rows, store, args)
     elif file_queries is not None:
@@ -122,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["auto", "fp32", "bf16"],
         default="auto",
         help="auto: bf16 on a CUDA GPU that has it, else fp32",
+    )
+    p.add_argument(
+        "--base-dtype",
+        choices=["auto", "dense", "nf4"],
+        default="auto",
+        help="nf4: the base model's linear layers in 4 bits (QLoRA), the adapter unmerged; dense: as loaded, in "
+        "--precision; auto (default): nf4 for an adapter trained with --base-dtype nf4, else dense",
     )
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch for --file and --eval (default: 16)")
     g = p.add_argument_group("decoding (greedy by default)")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import IGNORE_INDEX, DataError, TrainingData, training_data, warn_if_unreadable
-from lora import AdapterError, inject_lora, lora_param_groups, save_adapter, set_base_dtype
+from lora import AdapterError, inject_lora, lora_param_groups, save_adapter
 from support import checkpoints
 from support import distributed as dist
 from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
@@ -32,8 +32,8 @@ from support.fast_modules import lm_head_on, use_fast_modules
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
 from support.memory import MemoryPlanError, check_plan
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
-from support.models import ModelLoadError, compile_t5, enable_activation_checkpointing, load_model_and_tokenizer
-from support.precision import autocast, resolve_dtype, training_dtype
+from support.models import ModelLoadError, compile_t5, enable_activation_checkpointing, load_with_lora
+from support.precision import autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.train_args import parse_args, read_data, run_config, validate_args
 
@@ -106,18 +106,18 @@ class TrainingAborted(RuntimeError):
 
 
 def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
-    """The base model with LoRA injected, on its device, in train mode; LoRA's init (PiSSA's randomised SVD
-    too, so that --resume rebuilds the same residual base) comes from --seed."""
+    """The base with LoRA injected, on its device, in train mode; the init (PiSSA's SVD too) from --seed."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model, tokenizer, base_path = load_model_and_tokenizer(args.model)
-    try:
-        inject_lora(
-            model, args.target_modules, args.r, args.alpha, args.dropout, args.use_rslora, args.use_dora, args.init
-        )
-    except ValueError as err:  # e.g. --target-modules wi on a gated T5, whose layers are wi_0 and wi_1
-        raise UsageError(f"--target-modules: {err}") from None
-    set_base_dtype(model, resolve_dtype(args.base_dtype, env.device, "--base-dtype"))  # A and B stay fp32
+
+    def inject(model):
+        try:
+            inject_lora(model, args.target_modules, args.r, args.alpha, args.dropout, args.use_rslora,
+                        args.use_dora, args.init)  # fmt: skip
+        except ValueError as err:  # e.g. --target-modules wi on a gated T5, whose layers are wi_0 and wi_1
+            raise UsageError(f"--target-modules: {err}") from None
+
+    model, tokenizer, base_path = load_with_lora(args.model, args.base_dtype, env.device, inject)  # NF4: QLoRA
     use_fast_modules(model)  # the same dropout and GELU, computed faster (support/fast_modules.py)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)  # non-reentrant, or the LoRA weights would get no gradient

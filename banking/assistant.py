@@ -14,6 +14,7 @@ from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, build_prompt
 from lora import load_adapter, lora_disabled, lora_layers, merge_lora, unmerge_lora
 from lora.adapter_io import read_adapter
 from lora.adapters import active_adapter, mixed_adapters
+from lora.nf4 import quantize_base
 from support.cli import UsageError
 from support.models import load_model_and_tokenizer, same_base_model
 from support.precision import default_device, resolve_dtype
@@ -44,6 +45,7 @@ class Assistant:
         model: str | None = None,
         merge: bool = True,
         precision: str = "auto",
+        base_dtype: str = "auto",
     ) -> None:
         self.adapters = (
             {k: Path(v) for k, v in adapters.items()} if isinstance(adapters, dict) else {FINE_TUNED: Path(adapters)}
@@ -69,7 +71,12 @@ class Assistant:
             # strict: refuses an adapter of another model size, and leaves nothing of it behind
             load_adapter(self.model, directory, name=adapter_name)
         self.names = list(self.adapters)  # in --adapter order: the first answers by default
-        if merge and len(self.adapters) == 1:
+        # NF4 (QLoRA): the base the adapters were trained on, when their runs say so; it stays unmerged,
+        # since merging would round the adapter into 4 bits.
+        self.nf4 = base_dtype == "nf4" or (base_dtype == "auto" and any(c.get("base_dtype") == "nf4" for c in configs))
+        if self.nf4:
+            quantize_base(self.model, dtype)
+        elif merge and len(self.adapters) == 1:
             merge_lora(self.model)  # in fp32, before any cast: an answer then costs what the base model costs
         self.model.to(self.device, dtype=dtype).eval()
 

@@ -16,6 +16,7 @@ import torch
 
 from data import IGNORE_INDEX, TRAIN_FILE, collate, encode_examples, load_examples
 from lora import LoRALinear, count_parameters, inject_lora, set_base_dtype
+from lora.nf4 import quantize_while_loading
 from support.fast_modules import use_fast_modules
 from support.metrics import peak_memory_mib
 from support.models import (
@@ -25,7 +26,7 @@ from support.models import (
     load_model_and_tokenizer,
     resolve_model_path,
 )
-from support.precision import training_dtype
+from support.precision import nf4_dtype, training_dtype
 from train import train_step as train_py_step
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench.py"  # a worker is `bench.py --worker SPEC`
@@ -62,6 +63,27 @@ def build_model(name: str):
     """A flan-t5 size's architecture with random weights (the real checkpoint's layout), or the tiny model."""
     torch.manual_seed(0)
     return flan_t5_architecture(name.removeprefix("flan-t5-")) if name != TINY else load_model_and_tokenizer(TINY)[0]
+
+
+def build_nf4_lora_model(name: str, dtype: torch.dtype):
+    """train.py --base-dtype nf4's model with random weights: LoRA (r=16 on q, v) injected on the meta device,
+    then each frozen weight drawn and quantised in turn (lora/nf4.py), so the full-precision model is never
+    in memory; `dtype` is what the base computes in."""
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    if name == TINY:
+        with torch.device("meta"):
+            model = T5ForConditionalGeneration(AutoConfig.from_pretrained(resolve_model_path(TINY)))
+    else:
+        model = flan_t5_architecture(name.removeprefix("flan-t5-"), device="meta")
+    inject_lora(model)
+    generator = torch.Generator().manual_seed(0)
+    frozen = [(key, param.shape) for key, param in model.named_parameters() if not param.requires_grad]
+    drawn = ((key, torch.randn(shape, generator=generator) * 0.05) for key, shape in frozen)
+    torch.manual_seed(0)
+    quantize_while_loading(model, drawn, dtype)
+    use_fast_modules(model)
+    return model
 
 
 def rss_mib() -> float:
@@ -163,10 +185,15 @@ def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     dev = device()
     dtype = training_dtype(spec.get("precision", "fp32"), dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
-    model = build_model(spec["model"]).to(dev).train()
-    model, optimizer = prepare_training(model, spec["mode"])
-    if spec.get("base_dtype") == "bf16":
-        set_base_dtype(model, torch.bfloat16)  # A and B stay fp32, as train.py --base-dtype bf16
+    with PeakRSS() as load_rss:  # building the model (and quantising it), apart from the steps
+        if spec.get("base_dtype") == "nf4":  # QLoRA, as train.py --base-dtype nf4 builds it
+            model = build_nf4_lora_model(spec["model"], nf4_dtype(dev)).to(dev).train()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        else:
+            model = build_model(spec["model"]).to(dev).train()
+            model, optimizer = prepare_training(model, spec["mode"])
+        if spec.get("base_dtype") == "bf16":
+            set_base_dtype(model, torch.bfloat16)  # A and B stay fp32, as train.py --base-dtype bf16
     if spec.get("checkpointing"):
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -203,6 +230,7 @@ def worker(spec: dict) -> dict:
         "peak_mib": peak_memory_mib(dev),  # CUDA: max allocated; CPU: the process's peak RSS
         "step_peak_mib": peak_memory_mib(dev) if dev.type == "cuda" else rss.peak_mib,  # while steps ran
         "runtime_mib": 0.0 if dev.type == "cuda" else runtime_mib,
+        "load_peak_mib": 0.0 if dev.type == "cuda" else load_rss.peak_mib,
         "trainable": trainable,
         "total": total,
     }

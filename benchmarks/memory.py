@@ -7,15 +7,18 @@ import statistics
 import torch
 
 from lora import set_base_dtype
+from lora.nf4 import nf4_nbytes
 from support.models import TINY
+from support.precision import nf4_dtype
 
-from .harness import model_shapes, peft_installed, run_worker
+from .harness import device, model_shapes, peft_installed, run_worker
 
 MEMORY_CONFIGS = (  # label, mode, base dtype, activation checkpointing
     ("(a) PEFT LoRA, fp32 base", "peft", "fp32", False),
     ("(b) ours, fp32 base", "lora", "fp32", False),
     ("(c) ours, bf16 base", "lora", "bf16", False),
     ("(d) ours, bf16 base + checkpointing", "lora", "bf16", True),
+    ("(e) ours, NF4 base + checkpointing (QLoRA)", "lora", "nf4", True),
 )
 
 
@@ -46,7 +49,7 @@ def bench_memory(args, rows, batch_indices) -> list[dict]:
         )
         for label, mode, base_dtype, checkpointing in MEMORY_CONFIGS:
             if (mode == "peft" and not peft_installed()) or (args.quick and label[:3] in ("(a)", "(c)")):
-                continue  # --quick checks the code paths: (b) and (d) between them take every one
+                continue  # --quick checks the code paths: (b), (d) and (e) between them take every one
             plan = memory_plan(model_name, base_dtype, checkpointing, batch, source_len, target_len)
             spec = {
                 "model": model_name,
@@ -68,6 +71,7 @@ def bench_memory(args, rows, batch_indices) -> list[dict]:
                     "config": label,
                     "step_peak_mib": out["step_peak_mib"],
                     "runtime_mib": out["runtime_mib"],
+                    "load_peak_mib": out["load_peak_mib"],
                     "plan_mib": plan / 2**20,
                     "vs_a": out["step_peak_mib"] / baseline,
                     "median_step_s": statistics.median(out["times"]),
@@ -82,6 +86,10 @@ def memory_plan(model_name: str, base_dtype: str, checkpointing: bool, batch: in
     from support.memory import plan_memory
 
     model = model_shapes(model_name)
-    if base_dtype == "bf16":
-        set_base_dtype(model, torch.bfloat16)
-    return plan_memory(model, batch, source, target, torch.float32, checkpointing).total_bytes
+    if base_dtype in ("bf16", "nf4"):  # nf4: what is not quantised is stored in the dtype it computes in
+        set_base_dtype(model, torch.bfloat16 if base_dtype == "bf16" else nf4_dtype(device()))
+    plan = plan_memory(model, batch, source, target, torch.float32, checkpointing)
+    if base_dtype == "nf4":  # every linear layer but lm_head in 4 bits: its exact bytes for its dense ones
+        weights = [m.weight for name, m in model.named_modules() if hasattr(m, "in_features") and "lm_head" not in name]
+        plan.frozen_bytes += sum(nf4_nbytes(tuple(w.shape)) - w.numel() * w.element_size() for w in weights)
+    return plan.total_bytes

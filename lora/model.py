@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from torch import nn
 from .dora import DoRALinear
 from .layer import LoRALinear, check_lora_hyperparameters
 from .multi_layer import MultiLoRALinear
+from .nf4 import NF4Weight
 from .pissa import pissa_init, pissa_niter
 
 
@@ -89,7 +91,13 @@ def merge_lora(model: nn.Module) -> None:
     """Merge every LoRA layer of `model` into its base weight (idempotent)."""
     if getattr(model, "_mixed_batches", None):
         raise ValueError("cannot merge while a mixed batch runs: merge one active adapter outside mixed_adapters.")
-    for layer in lora_layers(model).values():
+    layers = lora_layers(model).values()
+    if any(isinstance(layer.weight, NF4Weight) for layer in layers):
+        raise ValueError(
+            "the base is in NF4: lora.nf4.dequantize_base(model, torch.bfloat16) (or torch.float32) first; an "
+            "adapter is merged into a dense weight, never rounded back into 4 bits."
+        )
+    for layer in layers:
         layer.merge()
 
 
@@ -167,4 +175,5 @@ def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float | No
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
     params = list(model.parameters())  # parameters() yields a shared tensor once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(math.prod(m.shape) for m in model.modules() if isinstance(m, NF4Weight))  # 4-bit: buffers
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized

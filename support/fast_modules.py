@@ -30,6 +30,7 @@ from torch import nn
 from transformers.activations import NewGELUActivation
 
 from lora import lora_layers
+from lora.nf4 import NF4Weight
 
 
 def _cpu_has_bf16_matmul() -> bool:
@@ -108,8 +109,9 @@ def use_fast_modules(model: nn.Module) -> int:
     """Swap the model's dropout, linear and tanh-GELU modules for the faster ones above; return how many."""
     swapped = 0
     for layer in lora_layers(model).values():
-        layer.base_product = frozen_linear
-        swapped += 1
+        if not isinstance(layer.weight, NF4Weight):  # a 4-bit base keeps its own product
+            layer.base_product = frozen_linear
+            swapped += 1
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lora.nf4 import nf4_bytes
+
 ADAM_BYTES_PER_TRAINABLE = 16  # fp32 parameter, gradient, and AdamW's two moments
 
 
@@ -83,7 +85,7 @@ def plan_memory(
     checkpointing: bool,
 ) -> MemoryPlan:
     params = list(model.parameters())  # a tied tensor once
-    frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad) + nf4_bytes(model)
     adapter = sum(p.numel() for p in params if p.requires_grad) * ADAM_BYTES_PER_TRAINABLE
     base_dtype = next(p.dtype for p in params if not p.requires_grad and p.is_floating_point())
     value_bytes = min(torch.finfo(compute_dtype).bits, torch.finfo(base_dtype).bits) // 8  # a bf16 base: bf16
@@ -98,8 +100,10 @@ def refusal(plan: MemoryPlan, free_bytes: int, args) -> str | None:
     options = []
     if not args.gradient_checkpointing:
         options.append("--gradient-checkpointing")
-    if args.base_dtype not in ("bf16", "fp16"):
-        options.append("--base-dtype bf16")
+    if args.base_dtype not in ("bf16", "fp16", "nf4"):
+        options.append("--base-dtype bf16 (or nf4)")
+    elif args.base_dtype != "nf4":
+        options.append("--base-dtype nf4")
     options.append(f"a smaller --batch-size with a larger --grad-accum (now {args.batch_size} x {args.grad_accum})")
     return (
         f"this run needs about {plan.total_bytes / 2**30:.1f} GiB of GPU memory but {free_bytes / 2**30:.1f} GiB "

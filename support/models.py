@@ -24,6 +24,7 @@ import torch
 
 from data import TRAIN_FILE, build_prompt, load_examples
 
+from .cli import UsageError
 from .files import current_umask, file_lock
 
 TINY = "tiny"
@@ -219,12 +220,17 @@ def same_base_model(name: str, recorded: str) -> bool:
     return resolved.is_dir() and Path(recorded).expanduser().is_dir() and resolved.resolve() == Path(recorded).resolve()
 
 
-def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):
+def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_inject=None):
     """Load a T5 model and its tokenizer from `tiny`, a local directory or a hub name.
 
     Returns (model, tokenizer, path) where path is what an adapter should record as its base model.
     A hub name is read from the local cache when it is there; otherwise the hub must be reachable,
     which is checked once, quickly, instead of waiting through the hub client's retries.
+
+    With `qlora_inject` (QLoRA): the model is built on the meta device, `qlora_inject(model)` injects LoRA
+    there, and the checkpoint's safetensors files are read tensor by tensor, each frozen linear layer's
+    weight quantised to NF4 as it comes and the rest stored in `dtype` (lora/nf4.py,
+    quantize_while_loading): neither the fp32 nor a bf16 copy of the model is ever in memory.
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -249,9 +255,14 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         # safetensors only: a pytorch_model.bin is a pickle, and nothing is unpickled from a file a user hands us
-        model = AutoModelForSeq2SeqLM.from_pretrained(
-            path, dtype=dtype, local_files_only=local_only, use_safetensors=True
-        )
+        if qlora_inject is not None:
+            model = _load_quantized(path, local_only, dtype, qlora_inject)
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(
+                path, dtype=dtype, local_files_only=local_only, use_safetensors=True
+            )
+    except UsageError:  # from qlora_inject: the LoRA settings, not the model
+        raise
     except (OSError, ValueError, ImportError) as err:
         if Path(path).expanduser().is_dir() and not list(Path(path).expanduser().glob("*.safetensors")):
             raise ModelLoadError(
@@ -267,6 +278,53 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None):
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     return model, tokenizer, path
+
+
+def load_with_lora(name: str, base_dtype: str, device: torch.device, inject):
+    """(model, tokenizer, path) of load_model_and_tokenizer with LoRA injected by `inject(model)` and the
+    frozen weights stored as --base-dtype asks: fp32, bf16 or fp16 after loading, or NF4 (QLoRA) as they
+    load, computing in support.precision.nf4_dtype's dtype."""
+    from lora import set_base_dtype
+
+    from .precision import nf4_dtype, resolve_dtype
+
+    if base_dtype == "nf4":
+        return load_model_and_tokenizer(name, nf4_dtype(device), qlora_inject=inject)
+    model, tokenizer, path = load_model_and_tokenizer(name)
+    inject(model)
+    set_base_dtype(model, resolve_dtype(base_dtype, device, "--base-dtype"))
+    return model, tokenizer, path
+
+
+def _load_quantized(path: str, local_only: bool, dtype: torch.dtype, inject):
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+
+    from lora.nf4 import quantize_while_loading
+
+    directory = Path(path).expanduser()
+    if not directory.is_dir():  # a hub name: its cached (or downloaded) snapshot's safetensors files
+        patterns = ["*.json", "*.safetensors"]
+        directory = Path(snapshot_download(path, allow_patterns=patterns, local_files_only=local_only))
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise OSError(f"no .safetensors weights in {directory}")
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    inject(model)
+
+    def tensors():
+        for file in files:
+            with safe_open(str(file), framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                    yield key, weights.get_tensor(key)
+
+    quantize_while_loading(model, tensors(), dtype)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
 
 
 def _in_hub_cache(name: str) -> bool:

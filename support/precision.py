@@ -32,6 +32,14 @@ def resolve_dtype(precision: str, device: torch.device, option: str = "--precisi
     return DTYPES[precision]
 
 
+def nf4_dtype(device: torch.device) -> torch.dtype:
+    """What an NF4 base (--base-dtype nf4) computes in: bf16 where the hardware has it (a CUDA GPU with bf16,
+    a CPU with bf16 matrix instructions), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if fast_modules.CPU_HAS_BF16_MATMUL else torch.float32
+
+
 def training_dtype(precision: str, device: torch.device) -> torch.dtype:
     """resolve_dtype for training: warns about fp16, and lets fp32 matmuls run as TF32 on CUDA."""
     dtype = resolve_dtype(precision, device)

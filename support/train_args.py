@@ -154,10 +154,11 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     )
     opt.add_argument(
         "--base-dtype",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=["auto", "fp32", "bf16", "fp16", "nf4"],
         default="auto",
         help="dtype the frozen base weights are stored in; A and B stay fp32. auto: bf16 on a CUDA GPU that has it "
-        "(half the memory of fp32), else fp32. fp16 needs CUDA",
+        "(half the memory of fp32), else fp32. fp16 needs CUDA. nf4: QLoRA, every frozen linear layer but lm_head "
+        "in 4-bit NormalFloat (lora/nf4.py), computing in bf16 where the hardware has it, else fp32; plain LoRA only",
     )
     opt.add_argument(
         "--skip-memory-check",
@@ -238,7 +239,13 @@ def validate_args(args: argparse.Namespace) -> None:
         if not ok:
             raise UsageError(message + ".")
     resolve_dtype(args.precision, default_device())  # refuses fp16 on the CPU, bf16 on a GPU without it
-    resolve_dtype(args.base_dtype, default_device(), "--base-dtype")
+    if args.base_dtype == "nf4" and (args.use_dora or args.init != "lora"):
+        raise UsageError(
+            "--base-dtype nf4 takes plain LoRA: DoRA and PiSSA read or rewrite W0, which is stored in 4 bits; "
+            "drop --use-dora / --init, or use --base-dtype bf16."
+        )
+    if args.base_dtype != "nf4":
+        resolve_dtype(args.base_dtype, default_device(), "--base-dtype")
     unknown = sorted(set(args.target_modules) - set(T5_LINEAR_NAMES))
     if unknown:
         raise UsageError(f"unknown target module(s) {unknown}: T5's linear layers are {', '.join(T5_LINEAR_NAMES)}.")

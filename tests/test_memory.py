@@ -77,10 +77,13 @@ def test_refusal_names_the_options_that_are_not_in_use_yet():
     args = argparse.Namespace(gradient_checkpointing=False, base_dtype="fp32", batch_size=8, grad_accum=1)
     message = refusal(plan, 16 * 2**30, args)
     assert message.startswith("this run needs about 20.0 GiB of GPU memory but 16.0 GiB is free; try ")
-    assert "--gradient-checkpointing, --base-dtype bf16, a smaller --batch-size" in message
+    assert "--gradient-checkpointing, --base-dtype bf16 (or nf4), a smaller --batch-size" in message
     assert "--skip-memory-check" in message
     args.gradient_checkpointing, args.base_dtype = True, "bf16"
-    assert "--gradient-checkpointing" not in refusal(plan, 16 * 2**30, args)
+    on_bf16 = refusal(plan, 16 * 2**30, args)
+    assert "--gradient-checkpointing" not in on_bf16 and "try --base-dtype nf4, a smaller" in on_bf16
+    args.base_dtype = "nf4"
+    assert "--base-dtype" not in refusal(plan, 16 * 2**30, args)
     assert refusal(plan, 21 * 2**30, args) is None
 
 
