@@ -61,15 +61,17 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
-        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which it freezes."""
+        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which it freezes. The adapter
+        is fp32 over a bf16 or fp16 weight: the dtype the optimizer updates it in."""
         layer = cls(linear.in_features, linear.out_features, r, alpha, dropout, use_rslora,
                     bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype)  # fmt: skip
         layer.weight, layer.bias = linear.weight, linear.bias
         layer.weight.requires_grad_(False)  # the base is frozen, as in a LoRALinear built from scratch
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
+        dtype = torch.float32 if linear.weight.dtype in (torch.bfloat16, torch.float16) else linear.weight.dtype
         for name, param in layer.adapter_params().items():  # built on "meta": allocate them beside the weight
-            setattr(layer, name, nn.Parameter(torch.empty_like(param, device=linear.weight.device)))
+            setattr(layer, name, nn.Parameter(torch.empty_like(param, device=linear.weight.device, dtype=dtype)))
         layer.reset_lora_parameters()
         return layer
 

@@ -72,7 +72,7 @@ def nearest_level_on_grid(scaled: torch.Tensor, levels: torch.Tensor) -> torch.T
     """nearest_level as bitsandbytes' 8-bit CPU quantiser computes it: each value is first rounded to the
     nearest of 65,536 evenly spaced points of [-1, 1], then takes the level nearest to that point (ties to
     the lower). The two roundings differ from one only within half a grid step (1.5e-5) of a midpoint."""
-    grid = torch.arange(GRID_POINTS) / (GRID_POINTS - 1) * 2 - 1
+    grid = torch.arange(GRID_POINTS, device=scaled.device) / (GRID_POINTS - 1) * 2 - 1
     above = torch.searchsorted(levels, grid).clamp(1, len(levels) - 1)  # the first level >= the point
     closer_above = (levels[above] - grid).abs() < (grid - levels[above - 1]).abs()
     nearest = torch.where(closer_above, above, above - 1)
@@ -99,7 +99,7 @@ def blockwise_absmax_scale(flat: torch.Tensor, block_size: int) -> tuple[torch.T
 def blockwise_expand(values: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
     """values (n,) times their block's scale (n / block_size rounded up,), in fp32."""
     n = values.numel()
-    padded = torch.nn.functional.pad(values, (0, -n % block_size)).view(-1, block_size)
+    padded = F.pad(values, (0, -n % block_size)).view(-1, block_size)
     return (padded * scales.unsqueeze(1)).reshape(-1)[:n]
 
 
@@ -130,16 +130,17 @@ class NF4Weight(nn.Module):
         self.double_quant = double_quant
         flat = weight.detach().reshape(-1).float()
         absmax, scaled = blockwise_absmax_scale(flat, BLOCK_SIZE)
-        indices = nearest_level(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2)), nf4_levels())
+        indices = nearest_level(F.pad(scaled, (0, scaled.numel() % 2)), levels_on("nf4", flat.device))
         self.register_buffer("packed", (indices[0::2] << 4) | indices[1::2])
         if double_quant:  # absmax - mean, in 8 bits: 32 -> 8 bits per block of 64 weights
             offset = absmax.mean()
             centered = absmax - offset
-            blocks = torch.nn.functional.pad(centered, (0, -centered.numel() % STATS_BLOCK_SIZE))
+            blocks = F.pad(centered, (0, -centered.numel() % STATS_BLOCK_SIZE))
             scales = blocks.view(-1, STATS_BLOCK_SIZE).abs().amax(dim=1)  # the padding's zeros change no max
             scaled_absmax = centered / scales.repeat_interleave(STATS_BLOCK_SIZE)[: centered.numel()]
             scaled_absmax = scaled_absmax.nan_to_num(nan=-1.0)  # a group of equal absmax is 0/0: index 0, as theirs
-            self.register_buffer("absmax_codes", nearest_level_on_grid(scaled_absmax, dynamic_levels()))
+            codes = nearest_level_on_grid(scaled_absmax, levels_on("dynamic", flat.device))
+            self.register_buffer("absmax_codes", codes)
             self.register_buffer("absmax_scales_bits", scales.view(torch.int32))
             self.register_buffer("absmax_offset_bits", offset.view(torch.int32))
         else:

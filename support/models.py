@@ -281,18 +281,19 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
 
 
 def load_with_lora(name: str, base_dtype: str, device: torch.device, inject):
-    """(model, tokenizer, path) of load_model_and_tokenizer with LoRA injected by `inject(model)` and the
-    frozen weights stored as --base-dtype asks: fp32, bf16 or fp16 after loading, or NF4 (QLoRA) as they
-    load, computing in support.precision.nf4_dtype's dtype."""
+    """(model, tokenizer, path) of load_model_and_tokenizer with LoRA injected by `inject(model)` (A and B in
+    fp32) and the frozen weights stored as --base-dtype asks: fp32, bf16 or fp16, each tensor cast as it
+    loads, or NF4 (QLoRA) quantised as it loads, computing in support.precision.nf4_dtype's dtype."""
     from lora import set_base_dtype
 
     from .precision import nf4_dtype, resolve_dtype
 
     if base_dtype == "nf4":
         return load_model_and_tokenizer(name, nf4_dtype(device), qlora_inject=inject)
-    model, tokenizer, path = load_model_and_tokenizer(name)
+    dtype = resolve_dtype(base_dtype, device, "--base-dtype")
+    model, tokenizer, path = load_model_and_tokenizer(name, dtype)  # in that dtype as it loads: no fp32 copy
     inject(model)
-    set_base_dtype(model, resolve_dtype(base_dtype, device, "--base-dtype"))
+    set_base_dtype(model, dtype)  # what the load kept in fp32 too (transformers keeps T5's wo there)
     return model, tokenizer, path
 
 

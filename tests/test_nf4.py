@@ -101,8 +101,10 @@ def bitsandbytes_base(model, skip):
     return model
 
 
-def test_qlora_on_a_tiny_t5_equals_peft_on_bitsandbytes_linear4bit():
+def test_qlora_on_a_tiny_t5_equals_peft_on_bitsandbytes_linear4bit(tmp_path):
     import peft
+
+    from lora import load_adapter, save_adapter
 
     # transformers keeps T5's wo out of 4 bits (_keep_in_fp32_modules), and T5 casts wo's input to its
     # weight's dtype, which for a bitsandbytes weight is uint8: both sides leave wo dense here.
@@ -131,6 +133,19 @@ def test_qlora_on_a_tiny_t5_equals_peft_on_bitsandbytes_linear4bit():
         for name in ("lora_A", "lora_B"):
             expected = peft_params[f"base_model.model.{path}.{name}.default.weight"].grad
             assert (getattr(layer, name).grad - expected).abs().max() <= 1e-5 * expected.abs().max(), (path, name)
+
+    # The files cross both ways: ours into PEFT over a bitsandbytes base, PEFT's into ours over an NF4 base.
+    save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    peft_loads_ours = peft.PeftModel.from_pretrained(bitsandbytes_base(copy.deepcopy(base), skip), tmp_path / "ours")
+    ours_loads_peft = copy.deepcopy(base)
+    load_adapter(ours_loads_peft, tmp_path / "peft")
+    quantize_base(ours_loads_peft, torch.float32, skip=skip)
+    # In train mode (dropout is 0): on a CPU with AVX-512 bf16, bitsandbytes repacks a Linear4bit's weight for a
+    # bf16 kernel the first time the layer runs in eval mode without gradients, and computes in bf16 from then on.
+    expected = ours(**batch).logits
+    assert (peft_loads_ours.train()(**batch).logits - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (ours_loads_peft.train()(**batch).logits - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_merging_into_an_nf4_base_goes_through_a_dense_weight_and_loads_into_the_plain_model():

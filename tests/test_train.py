@@ -55,7 +55,7 @@ def adapter_tensors(directory):
     ],
 )
 def test_invalid_values_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, message):
-    monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(train, "load_with_lora", lambda *a, **k: pytest.fail("model loaded"))
     code, err = run_main(FAST + ["--output-dir", str(tmp_path / "out")] + extra, capsys)
     assert code == 2 and message in err and "Traceback" not in err
     assert err.count("\n") == 1
@@ -71,7 +71,7 @@ def test_under_torchrun_only_rank_0_prints_a_refusal(tmp_path, capsys, monkeypat
 
 
 def test_empty_data_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(train, "load_with_lora", lambda *a, **k: pytest.fail("model loaded"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     code, err = run_main(FAST + ["--data", str(empty), "--output-dir", str(tmp_path / "out")], capsys)
