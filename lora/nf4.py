@@ -286,12 +286,14 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
 
     modules = dict(model.named_modules())
     lora = lora_layers(model)
+    loaded = set()
     for key, tensor in named_tensors:
         path, _, leaf = key.rpartition(".")
         module = modules.get(path)
         if module is None or not isinstance(getattr(module, leaf, None), (nn.Parameter, NF4Weight)):
             continue
         parent_path, _, name = path.rpartition(".")
+        loaded.add(key)
         if leaf == "weight" and path in lora:
             del module.weight
             module.weight = NF4Weight(tensor, dtype, double_quant)
@@ -303,8 +305,12 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
             setattr(modules[parent_path], name, modules[path])
         else:
             setattr(module, leaf, nn.Parameter(tensor.to(dtype), requires_grad=False))
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    # A tied weight the checkpoint does not hold (the tiny model's lm_head) is its source's, as from_pretrained
+    # ties it; one the checkpoint holds (flan-t5's own lm_head) keeps its values.
+    for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
+        target_path, _, target_name = target.rpartition(".")
+        if target not in loaded and target_path in modules:
+            setattr(modules[target_path], target_name, model.get_parameter(source))
     missing = [name for name, param in model.named_parameters() if param.is_meta and not param.requires_grad]
     if missing:
         raise ValueError(f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more).")

@@ -316,11 +316,14 @@ def _load_quantized(path: str, local_only: bool, dtype: torch.dtype, inject):
         model = AutoModelForSeq2SeqLM.from_config(config)
     inject(model)
 
-    def tensors():
+    def tensors():  # the file is opened for each tensor: its mapped pages are let go before the next one
         for file in files:
             with safe_open(str(file), framework="pt") as weights:
-                for key in weights.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
-                    yield key, weights.get_tensor(key)
+                keys = list(weights.keys())  # noqa: SIM118 (safe_open has keys(), not iteration)
+            for key in keys:
+                with safe_open(str(file), framework="pt") as weights:
+                    tensor = weights.get_tensor(key)
+                yield key, tensor
 
     quantize_while_loading(model, tensors(), dtype)
     if (directory / "generation_config.json").is_file():

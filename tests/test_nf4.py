@@ -243,3 +243,30 @@ def test_dora_on_an_nf4_base_is_refused_in_one_sentence(tmp_path, capsys):
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--base-dtype nf4 takes plain LoRA" in err
+
+
+def test_a_checkpoints_own_lm_head_is_kept_when_quantizing_while_loading(tmp_path):
+    import shutil
+
+    from support.models import load_model_and_tokenizer, tiny_model_dir
+
+    untied = tiny_t5(tie_word_embeddings=False)
+    with torch.no_grad():
+        untied.lm_head.weight = nn.Parameter(torch.randn_like(untied.shared.weight))  # flan-t5's layout
+    untied.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir() / name, tmp_path / name)
+
+    def inject(model):
+        inject_lora(model, ["q", "v"], r=4, alpha=8)
+
+    torch.manual_seed(0)
+    loaded = load_model_and_tokenizer(str(tmp_path))[0]
+    inject(loaded)
+    quantize_base(loaded, torch.float32)
+    torch.manual_seed(0)
+    streamed = load_model_and_tokenizer(str(tmp_path), torch.float32, qlora_inject=inject)[0]
+    assert streamed.lm_head.weight is not streamed.shared.weight
+    assert torch.equal(streamed.lm_head.weight, untied.lm_head.weight)
+    expected, got = loaded.state_dict(), streamed.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
