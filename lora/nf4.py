@@ -54,7 +54,11 @@ def dynamic_levels() -> torch.Tensor:
 
 @functools.cache
 def levels_on(kind: str, device: torch.device) -> torch.Tensor:
-    """nf4_levels() or dynamic_levels() on `device`, computed once: every product looks them up."""
+    """On `device`, computed once (every product looks them up): "nf4" the 16 levels, "dynamic" the 256,
+    "nf4_pairs" (256, 2) the two levels a packed byte holds (high nibble first)."""
+    if kind == "nf4_pairs":
+        levels = nf4_levels()
+        return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1).to(device)
     return (nf4_levels() if kind == "nf4" else dynamic_levels()).to(device)
 
 
@@ -97,8 +101,11 @@ def blockwise_absmax_scale(flat: torch.Tensor, block_size: int) -> tuple[torch.T
 
 
 def blockwise_expand(values: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
-    """values (n,) times their block's scale (n / block_size rounded up,), in fp32."""
+    """values (n,) times their block's scale (n / block_size rounded up,), in fp32; in place (values are
+    the caller's to overwrite) when n is a multiple of block_size."""
     n = values.numel()
+    if n % block_size == 0:
+        return values.view(-1, block_size).mul_(scales.unsqueeze(1)).view(-1)
     padded = F.pad(values, (0, -n % block_size)).view(-1, block_size)
     return (padded * scales.unsqueeze(1)).reshape(-1)[:n]
 
@@ -170,9 +177,9 @@ class NF4Weight(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W ≈ level · absmax, (out, in): looked up and multiplied in fp32, cast once to `dtype` (default:
         the compute dtype)."""
-        indices = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)[: math.prod(self.shape)]
-        levels = levels_on("nf4", self.packed.device)
-        weight = blockwise_expand(levels[indices.long()], self.block_absmax(), BLOCK_SIZE)
+        pairs = levels_on("nf4_pairs", self.packed.device)  # a byte's two levels: one lookup per byte
+        levels = F.embedding(self.packed.int(), pairs).view(-1)[: math.prod(self.shape)]
+        weight = blockwise_expand(levels, self.block_absmax(), BLOCK_SIZE)
         return weight.view(self.shape).to(dtype or self.dtype)
 
     def nbytes(self) -> int:
