@@ -41,8 +41,8 @@ def test_quick_benchmark_runs_every_section(tmp_path, capsys):
     assert variants["DoRA (ours)"]["trainable"] == variants["DoRA (PEFT)"]["trainable"] > modes["lora"]["trainable"]
     assert variants["LoRA, init=pissa"]["trainable"] == modes["lora"]["trainable"]
     configs = [row["config"] for row in report["memory"]]
-    assert [c.split()[0] for c in configs] == ["(b)", "(d)"]  # --quick: the code paths, not the figures
-    assert all(row["step_peak_mib"] > 0 for row in report["memory"])
+    assert [c.split()[0] for c in configs] == ["(b)", "(d)", "(e)"]  # --quick: the code paths, not the figures
+    assert all(row["step_peak_mib"] > 0 and row["load_peak_mib"] > 0 for row in report["memory"])
     assert [row["batches"] for row in report["epoch"]] == [185, 185, "-"]  # same rows, same batch count
     bucketed, padded, unpadded = (row["matmul_tflop"] for row in report["epoch"])
     assert unpadded < bucketed < padded
