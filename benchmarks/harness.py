@@ -69,14 +69,7 @@ def build_nf4_lora_model(name: str, dtype: torch.dtype):
     """train.py --base-dtype nf4's model with random weights: LoRA (r=16 on q, v) injected on the meta device,
     then each frozen weight drawn and quantised in turn (lora/nf4.py), so the full-precision model is never
     in memory; `dtype` is what the base computes in."""
-    from transformers import AutoConfig, T5ForConditionalGeneration
-
-    if name == TINY:
-        with torch.device("meta"):
-            model = T5ForConditionalGeneration(AutoConfig.from_pretrained(resolve_model_path(TINY)))
-    else:
-        model = flan_t5_architecture(name.removeprefix("flan-t5-"), device="meta")
-    inject_lora(model)
+    model = model_shapes(name)
     generator = torch.Generator().manual_seed(0)
     frozen = [(key, param.shape) for key, param in model.named_parameters() if not param.requires_grad]
     drawn = ((key, torch.randn(shape, generator=generator) * 0.05) for key, shape in frozen)
