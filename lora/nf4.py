@@ -215,15 +215,27 @@ class LinearNF4(nn.Module):
     """A frozen nn.Linear stored in NF4 (QLoRA's base layers that LoRA does not adapt: k, o, the
     feed-forward's). Its output is in the compute dtype, as a bf16 nn.Linear's is."""
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, double_quant: bool = True, weight=None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, double_quant: bool = True):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = NF4Weight(linear.weight if weight is None else weight, dtype, double_quant)
-        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+        self.weight = NF4Weight(weight, dtype, double_quant)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.weight, self.bias)
+
+
+def quantize_lora_layer(path: str, layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype, double_quant: bool):
+    """A LoRA layer's W0 to NF4 (quantised from `weight`) and its base product to the one that dequantises
+    it; refused for DoRA and PiSSA, which read or rewrite W0, and for a merged layer."""
+    if getattr(layer, "init", "lora") != "lora" or hasattr(layer, "lora_magnitude"):
+        raise ValueError(f"{path}: an NF4 base takes plain LoRA (not DoRA or PiSSA, which change or read W0).")
+    if layer.merged:
+        raise ValueError(f"{path} is merged: unmerge_lora(model) before quantising its base.")
+    quantized = NF4Weight(weight, dtype, double_quant)
+    del layer.weight  # a Parameter's place takes no module
+    layer.weight = quantized
+    layer.base_product = nf4_linear
 
 
 def quantize_base(model: nn.Module, dtype: torch.dtype, double_quant: bool = True, skip=("lm_head",)) -> int:
@@ -235,21 +247,14 @@ def quantize_base(model: nn.Module, dtype: torch.dtype, double_quant: bool = Tru
 
     count = 0
     for path, layer in lora_layers(model).items():
-        if getattr(layer, "init", "lora") != "lora" or hasattr(layer, "lora_magnitude"):
-            raise ValueError(f"{path}: an NF4 base takes plain LoRA (not DoRA or PiSSA, which change or read W0).")
-        if layer.merged:
-            raise ValueError(f"{path} is merged: unmerge_lora(model) before quantising its base.")
-        quantized = NF4Weight(layer.weight, dtype, double_quant)
-        del layer.weight  # a Parameter's place takes no module
-        layer.weight = quantized
-        layer.base_product = nf4_linear
+        quantize_lora_layer(path, layer, layer.weight, dtype, double_quant)
         if layer.bias is not None:
             layer.bias.data = layer.bias.data.to(dtype)
         count += 1
     for path, module in list(model.named_modules()):
         parent_path, _, name = path.rpartition(".")
         if isinstance(module, nn.Linear) and name not in skip and not module.weight.requires_grad:
-            setattr(model.get_submodule(parent_path), name, LinearNF4(module, dtype, double_quant))
+            setattr(model.get_submodule(parent_path), name, LinearNF4(module.weight, module.bias, dtype, double_quant))
             count += 1
     return count
 
@@ -302,13 +307,10 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
         parent_path, _, name = path.rpartition(".")
         loaded.add(key)
         if leaf == "weight" and path in lora:
-            del module.weight
-            module.weight = NF4Weight(tensor, dtype, double_quant)
-            module.base_product = nf4_linear
+            quantize_lora_layer(path, module, tensor, dtype, double_quant)
         elif leaf == "weight" and isinstance(module, nn.Linear) and name not in skip:
-            modules[path] = LinearNF4(nn.Linear(*tensor.shape[::-1], bias=False, device="meta"), dtype, double_quant,
-                                      weight=tensor)  # fmt: skip
-            modules[path].bias = module.bias  # still on meta, if it has one: filled when its key comes
+            # a bias still on the meta device stays there until its own key comes
+            modules[path] = LinearNF4(tensor, module.bias, dtype, double_quant)
             setattr(modules[parent_path], name, modules[path])
         else:
             setattr(module, leaf, nn.Parameter(tensor.to(dtype), requires_grad=False))

@@ -65,14 +65,15 @@ def test_double_quantisation_saves_what_it_says():
 
 
 def test_casting_a_model_never_rounds_the_scales():
-    layer = LinearNF4(nn.Linear(64, 32), torch.float32)
+    linear = nn.Linear(64, 32)
+    layer = LinearNF4(linear.weight, linear.bias, torch.float32)
     before = layer.weight.dequantize()
     layer.to(torch.bfloat16)
     assert torch.equal(layer.weight.dequantize(torch.float32), before)
 
 
 def test_the_product_keeps_nothing_but_the_packed_weight_for_the_backward():
-    layer = LinearNF4(nn.Linear(256, 128, bias=False), torch.float32)
+    layer = LinearNF4(nn.Linear(256, 128, bias=False).weight, None, torch.float32)
     x = torch.randn(4, 256, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
