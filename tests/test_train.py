@@ -451,10 +451,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 WORK_DONE = "; adapter in "  # rank 0's summary line: what is left after it is the teardown
 
 
-def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path, capsys):
+@pytest.mark.parametrize("base_dtype", ["fp32", "nf4"])
+def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path, capsys, base_dtype):
     """2 gloo processes at batch 10 see, step by step, the same 20 rows as 1 process accumulating 2 batches
-    of 10 (the epoch has an even number of batches, so none is split). Dropout is 0, so the adapters match."""
+    of 10 (the epoch has an even number of batches, so none is split). Dropout is 0, so the adapters match:
+    on a dense base and on an NF4 one (QLoRA under DDP)."""
     common = [*FAST, "--batch-size", "10", "--max-steps", "3", "--dropout", "0", "--log-every", "1"]
+    common += ["--base-dtype", base_dtype]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [*TORCHRUN, str(ROOT / "train.py"), *common, "--output-dir", str(tmp_path / "ddp")]
     code, stdout, stderr = run_to_the_end(command, work_done=WORK_DONE, env=env)
