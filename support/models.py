@@ -232,7 +232,7 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
     weight quantised to NF4 as it comes and the rest stored in `dtype` (lora/nf4.py,
     quantize_while_loading): neither the fp32 nor a bf16 copy of the model is ever in memory.
     """
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name)
@@ -254,6 +254,7 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        _refuse_a_quantized_checkpoint(name, AutoConfig.from_pretrained(path, local_files_only=local_only))
         # safetensors only: a pytorch_model.bin is a pickle, and nothing is unpickled from a file a user hands us
         if qlora_inject is not None:
             model = _load_quantized(path, local_only, dtype, qlora_inject)
@@ -278,6 +279,19 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     return model, tokenizer, path
+
+
+def _refuse_a_quantized_checkpoint(name: str, config) -> None:
+    """A checkpoint saved quantised (bitsandbytes' 4 or 8 bits, GPTQ, AWQ...) holds no full-precision weights
+    to train on or merge into, and loading it would need the quantiser's own library at run time."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "a quantiser") if isinstance(quantization, dict) else "a quantiser"
+        raise ModelLoadError(
+            f"model {name!r} was saved quantised by {method} (its config.json has a quantization_config); pass "
+            "the full-precision checkpoint instead: --base-dtype nf4 quantises it to NF4 as it loads, bit-equal "
+            "to bitsandbytes."
+        )
 
 
 def load_with_lora(name: str, base_dtype: str, device: torch.device, inject):

@@ -271,3 +271,30 @@ def test_a_checkpoints_own_lm_head_is_kept_when_quantizing_while_loading(tmp_pat
     assert torch.equal(streamed.lm_head.weight, untied.lm_head.weight)
     expected, got = loaded.state_dict(), streamed.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+@pytest.mark.parametrize("base_dtype", ["nf4", "fp32"])
+def test_a_checkpoint_saved_quantized_by_bitsandbytes_is_refused_in_one_sentence(
+    tmp_path, capsys, tiny_model_path, base_dtype
+):
+    """What transformers writes for a model loaded with BitsAndBytesConfig(load_in_4bit=True) and saved:
+    a quantization_config in config.json. It holds no full-precision weights to train on."""
+    import json
+    import shutil
+
+    from transformers import BitsAndBytesConfig
+
+    import train
+
+    base = tmp_path / "bnb-4bit"
+    shutil.copytree(tiny_model_path, base)
+    config = json.loads((base / "config.json").read_text())
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    config["quantization_config"] = quantization.to_dict()
+    (base / "config.json").write_text(json.dumps(config))
+    argv = ["--model", str(base), "--base-dtype", base_dtype, "--output-dir", str(tmp_path / "run")]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "was saved quantised by bitsandbytes (its config.json has a quantization_config)" in err
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
