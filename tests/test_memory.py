@@ -122,3 +122,21 @@ def test_the_plan_is_for_the_largest_real_batch_not_a_batch_size_past_the_data()
         return check_plan(model, [Row()] * 3, torch.float32, torch.device("cpu"), args).total_bytes
 
     assert plan(2) < plan(3) == plan(100_000)
+
+
+def test_the_readme_table_of_plans_is_what_scripts_memory_plans_prints(capsys):
+    """The README's table of which flan-t5 size fits which GPU is the script's output, as it stands."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        import memory_plans
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    assert memory_plans.main([]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 5 and table[-1].startswith("| flan-t5-xxl")
+    readme = (root / "README.md").read_text()
+    assert "\n".join(table) in readme
