@@ -24,9 +24,17 @@ from tqdm.auto import tqdm
 
 from data import IGNORE_INDEX, DataError, TrainingData, training_data, warn_if_unreadable
 from lora import AdapterError, inject_lora, lora_param_groups, save_adapter
-from support import checkpoints
+from support import checkpoints, fsdp
 from support import distributed as dist
-from support.checkpoints import CHECKPOINTS, CheckpointError, Progress, load_checkpoint, rng_state, save_checkpoint
+from support.checkpoints import (
+    CHECKPOINTS,
+    CheckpointError,
+    Progress,
+    load_checkpoint,
+    load_checkpoint_adapter,
+    rng_state,
+    save_checkpoint,
+)
 from support.cli import UsageError, run_cli, stop_requests
 from support.fast_modules import lm_head_on, use_fast_modules
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
@@ -53,7 +61,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
     """The recipe: arguments -> data -> model with LoRA -> optimizer -> loop -> save; returns a summary.
     `prepare_model(model)`, called once the model is built, lets tests install hooks."""
     validate_args(args)
-    env = dist.setup_distributed()
+    env = dist.setup_distributed(args.dist_timeout)
     lock = OutputDirLock(args.output_dir)  # rank 0 holds the directory until the run ends
     run, finished = None, False
     try:
@@ -66,15 +74,19 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         model, tokenizer, base_path = build_lora_model(args, env)
         if prepare_model is not None:
             prepare_model(model)
+        if resume_from is not None:
+            load_checkpoint_adapter(resume_from, model)
+        if args.fsdp:  # after LoRA and before the optimizer, which must see the sharded A and B
+            fsdp.shard_model(model, env.device, env.world_size)
         run = setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows)
 
         progress = Progress()
         if resume_from is not None:
-            progress = load_checkpoint(
-                resume_from, model, run.optimizer, run.scheduler, run.scaler, env.device, env.rank
-            )
-            env.log(f"resumed from {resume_from} at step {progress.step}")
-        run.train_model = dist.data_parallel(model)
+            shard_state = (lambda state: fsdp.shard_optimizer_state(run.optimizer, state)) if args.fsdp else None
+            progress, note = load_checkpoint(resume_from, run.optimizer, run.scheduler, run.scaler, env.device,
+                                             env.rank, env.world_size, shard_state)  # fmt: skip
+            env.log(f"resumed from {resume_from} at step {progress.step}" + (f" ({note})" if note else ""))
+        run.train_model = model if args.fsdp else dist.data_parallel(model)
         if args.compile:
             run.train_model = compile_t5(run.train_model)
         if env.is_main:  # infer.py's default answer length covers the longest answer trained on
@@ -84,9 +96,10 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         start_time = time.perf_counter()
         aborted = fit(run, progress)
 
-        if env.is_main:
-            save_adapter(model, args.output_dir, base_path, pissa_as_lora=True)  # PiSSA: for the original base
-            write_metrics_and_plot(args.output_dir, progress.history)
+        with fsdp.full_adapter(model):  # under --fsdp every rank gathers; rank 0 writes
+            if env.is_main:
+                save_adapter(model, args.output_dir, base_path, pissa_as_lora=True)  # PiSSA: for the original base
+                write_metrics_and_plot(args.output_dir, progress.history)
         summary = run_summary(model, progress, time.perf_counter() - start_time, run.validating, env.device)
         env.log("\n" + summary_line(summary, args.output_dir))
         summary.update(output_dir=str(args.output_dir), aborted=aborted)
@@ -268,6 +281,8 @@ def train_step(model, optimizer, scaler, micro_batches: list[dict], *, device, d
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         no_sync = getattr(model, "no_sync", None)  # DDP all-reduces gradients on the last micro-batch only
+        if hasattr(model, "set_requires_gradient_sync"):  # and FSDP reduce-scatters them then
+            model.set_requires_gradient_sync(last)
         with nullcontext() if last or no_sync is None else no_sync(), autocast(device, dtype):
             loss_sum = sequence_loss_sum(model, batch)
         # DDP averages gradients over ranks: scaling by world_size gives the global per-token mean.
@@ -280,7 +295,8 @@ def train_step(model, optimizer, scaler, micro_batches: list[dict], *, device, d
     if math.isfinite(step_loss_sum / global_tokens) and math.isfinite(grad_norm):
         before = checkpoints.snapshot(optimizer)
         scaler.step(optimizer)
-        if not checkpoints.all_finite(params):  # finite gradients, yet the update overflowed: undo it
+        finite = dist.every_rank(checkpoints.all_finite(params), device)  # each rank checks its own shards
+        if not finite:  # finite gradients, yet the update overflowed: undo it
             checkpoints.restore(optimizer, before)
             skipped = "the update made the adapter non-finite"
     else:  # no update: the adapter and the optimizer state stay as the last good step left them
@@ -330,20 +346,23 @@ def validate(run: Run, progress: Progress, end_of_epoch: bool, bar) -> None:
     progress.history.append({"step": progress.step, "epoch": progress.epoch + end_of_epoch, "val_loss": val_loss})
     if run.env.is_main:
         bar.write(f"step {progress.step}: val_loss {val_loss:.4f}")
-    if val_loss < progress.best_val_loss:
+    if val_loss < progress.best_val_loss:  # the same on every rank
         progress.best_val_loss = val_loss
-        if run.env.is_main:
-            save_adapter(run.model, run.args.output_dir / BEST, run.base_path, pissa_as_lora=True)
+        with fsdp.full_adapter(run.model):
+            if run.env.is_main:
+                save_adapter(run.model, run.args.output_dir / BEST, run.base_path, pissa_as_lora=True)
 
 
 def checkpoint(run: Run, progress: Progress) -> None:
     states = dist.gather_to_main(rng_state(run.env.device))  # every rank's RNG, for an exact resume
-    if run.env.is_main:
-        save_checkpoint(
-            run.args.output_dir, run.model, run.optimizer, run.scheduler, run.scaler,
-            progress, states, run.base_path, run.args.keep_checkpoints,
-        )  # fmt: skip
-        write_metrics_and_plot(run.args.output_dir, progress.history)
+    optimizer_state = fsdp.full_optimizer_state(run.optimizer)  # full tensors: any world size resumes it
+    with fsdp.full_adapter(run.model):
+        if run.env.is_main:
+            save_checkpoint(
+                run.args.output_dir, run.model, optimizer_state, run.scheduler, run.scaler,
+                progress, states, run.base_path, run.args.keep_checkpoints,
+            )  # fmt: skip
+            write_metrics_and_plot(run.args.output_dir, progress.history)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ import json
 import math
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lora import load_adapter, save_adapter
 
@@ -66,7 +68,9 @@ def restore(optimizer: torch.optim.Optimizer, saved: list) -> None:
 
 
 def all_finite(params) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    """Whether this rank's values of `params` (its shards, under FSDP) are all finite."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    return bool(torch.stack([torch.isfinite(t).all() for t in local]).all())
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -91,7 +95,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def save_checkpoint(
     output_dir: Path,
     model,
-    optimizer,
+    optimizer_state: dict,
     scheduler,
     scaler,
     progress: Progress,
@@ -99,18 +103,24 @@ def save_checkpoint(
     base_model: str,
     keep: int,
 ) -> Path:
-    """Write checkpoints/step-N atomically (built in a temporary directory, then renamed); keep the last `keep`."""
+    """Write checkpoints/step-N atomically (built in a temporary directory, then renamed); keep the last `keep`.
+    The adapter and `optimizer_state` are full tensors (support/fsdp.py gathers them under --fsdp), and
+    the position in the epoch is counted in batches of all ranks, so any number of processes resumes it."""
     root = output_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{progress.step:08d}"
     staging = root / f".tmp-step-{progress.step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
     state = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng_states,  # one per rank
-        "progress": {**progress.__dict__, "history": json.dumps(progress.history)},
+        "progress": {
+            **progress.__dict__,
+            "batch_in_epoch": progress.batch_in_epoch * len(rng_states),  # every rank's micro-batches
+            "history": json.dumps(progress.history),
+        },
     }
     # Serialised in memory, written by Python: torch.save's own writer turns a full disk or a file-size limit
     # into "RuntimeError: unexpected pos", where Python's write raises the OSError that names it.
@@ -131,17 +141,43 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, device: torch.device, rank: int) -> Progress:
-    """Restore everything save_checkpoint wrote, this rank's RNG state included; return the progress."""
-    try:
+def load_checkpoint_adapter(path: Path, model) -> None:
+    """The checkpoint's adapter into the model (before --fsdp shards it)."""
+    with readable(path):
         load_adapter(model, path)
+
+
+def load_checkpoint(
+    path: Path, optimizer, scheduler, scaler, device: torch.device, rank: int, world_size: int, shard_state=None
+) -> tuple[Progress, str | None]:
+    """Restore the optimizer, schedule, scaler, RNG and position save_checkpoint wrote; return the progress,
+    and a note when the checkpoint came from another number of processes. `shard_state` turns the full
+    optimizer state into this rank's shards (support/fsdp.py, under --fsdp)."""
+    with readable(path):
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(shard_state(state["optimizer"]) if shard_state else state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][rank], device)
-        return Progress(**{**state["progress"], "history": json.loads(state["progress"]["history"])})
-    except Exception as err:  # a checkpoint is written atomically, so damage came from outside: say which
+        saved_world_size = len(state["rng"])
+        note = None
+        if saved_world_size == world_size:
+            set_rng_state(state["rng"][rank], device)
+        else:  # dropout's masks cannot continue as they were: each rank keeps the seed it started with
+            note = (
+                f"the checkpoint was written by {saved_world_size} process(es), this run has {world_size}: the "
+                "same global batches follow, but dropout draws new masks"
+            )
+        progress = {**state["progress"], "history": json.loads(state["progress"]["history"])}
+        progress["batch_in_epoch"] //= world_size  # this rank's share of the batches done
+        return Progress(**progress), note
+
+
+@contextmanager
+def readable(path: Path):
+    """A checkpoint is written atomically, so damage came from outside: say which, in one sentence."""
+    try:
+        yield
+    except Exception as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({reason}); delete that directory to resume from the one "

@@ -12,6 +12,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -40,8 +41,9 @@ class Distributed:
             print(*values)
 
 
-def setup_distributed() -> Distributed:
-    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU), or run as a single process."""
+def setup_distributed(timeout_s: float = 300) -> Distributed:
+    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU), or run as a single process. A collective
+    that waits more than `timeout_s` for another rank fails (lost_rank_error says which rank)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:
@@ -49,7 +51,7 @@ def setup_distributed() -> Distributed:
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return Distributed(dist.get_rank(), world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
@@ -107,6 +109,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` is set on any process (so that all of them stop at the same step)."""
     return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on every process (under FSDP each checks its own shards)."""
+    return not any_rank(not flag, device)
 
 
 def on_main(fn: Callable[[], T], is_main: bool) -> T:

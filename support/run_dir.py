@@ -58,7 +58,7 @@ RESUME_KEYS = (
     "epochs",
     "max_steps",
     "batch_size",
-    "grad_accum",
+    "batches_per_step",  # world_size x grad_accum: a run resumes on another number of processes
     "warmup_ratio",
     "weight_decay",
     "max_grad_norm",
@@ -67,7 +67,6 @@ RESUME_KEYS = (
     "seed",
     "max_source_len",
     "max_target_len",
-    "world_size",
 )
 
 
@@ -164,9 +163,11 @@ def resume_checkpoint(out: Path, config: dict) -> Path:
     if differing:
         k = differing[0]
         what = "the data file's contents changed since" if k == "data_sha256" else f"{k}={config.get(k)!r} differs from"
+        if k == "batches_per_step":  # the number of processes may change, the global batch may not
+            what = f"processes x --grad-accum = {config.get(k)} differs from"
         raise UsageError(
-            f"--resume: {what} the run in {out} ({k}={saved.get(k)!r}); resume with the same settings and data, "
-            "or pass --overwrite to start afresh."
+            f"--resume: {what} the run in {out} ({k}={saved.get(k)!r}); resume with the same settings and data "
+            "(on another number of processes, keep processes x --grad-accum), or pass --overwrite to start afresh."
         )
     if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
         raise UsageError(f"--resume: {out / CHECKPOINTS} is a file, not the checkpoints directory; move it away.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TRAIN_FILE, VALIDATION_FILE, DataError, hold_out, load_examples
@@ -171,6 +172,20 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         help="recompute each T5 block's activations in the backward pass instead of keeping them: less memory, "
         "about one more forward pass of time; the gradients are the same",
     )
+    multi = p.add_argument_group("several processes (under torchrun)")
+    multi.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the frozen base, A and B across the processes (FSDP2, fully_shard per T5 block) instead of "
+        "copying the whole model to each (DDP, the default): for a base too big for one GPU",
+    )
+    multi.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300,
+        help="seconds a process waits for the others in a collective before it stops, naming the process that "
+        "stopped answering (default: 300)",
+    )
     opt.add_argument("--seed", type=int, default=42, help="seed for LoRA init, dropout and batch order (default: 42)")
     run = p.add_argument_group("logging and checkpoints")
     run.add_argument("--log-every", type=int, default=10, help="optimizer steps between metrics lines (default: 10)")
@@ -234,6 +249,7 @@ def validate_args(args: argparse.Namespace) -> None:
             "--eval-every and --save-every must be positive (leave them out for once per epoch)",
         ),
         (not (args.resume and args.overwrite), "--resume and --overwrite contradict each other: pick one"),
+        (args.dist_timeout > 0, "--dist-timeout must be a positive number of seconds"),
     ]
     for ok, message in checks:
         if not ok:
@@ -244,11 +260,29 @@ def validate_args(args: argparse.Namespace) -> None:
             "--base-dtype nf4 takes plain LoRA: DoRA and PiSSA read or rewrite W0, which is stored in 4 bits; "
             "drop --use-dora / --init, or use --base-dtype bf16."
         )
+    if args.fsdp:
+        check_fsdp(args)
     if args.base_dtype != "nf4":
         resolve_dtype(args.base_dtype, default_device(), "--base-dtype")
     unknown = sorted(set(args.target_modules) - set(T5_LINEAR_NAMES))
     if unknown:
         raise UsageError(f"unknown target module(s) {unknown}: T5's linear layers are {', '.join(T5_LINEAR_NAMES)}.")
+
+
+def check_fsdp(args: argparse.Namespace) -> None:
+    """--fsdp needs several processes, and shards parameters only."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UsageError(
+            "--fsdp shards the model across processes, and this is one: start it with torchrun, e.g. "
+            "torchrun --nproc_per_node 2 train.py --fsdp ..."
+        )
+    if args.base_dtype == "nf4":
+        raise UsageError(
+            "--fsdp shards parameters, and an NF4 base keeps its 4-bit weights as buffers that every process would "
+            "hold whole: use --base-dtype bf16 with --fsdp, or nf4 without it."
+        )
+    if args.compile:
+        raise UsageError("--fsdp and --compile cannot be combined yet: drop one of them.")
 
 
 def read_data(args: argparse.Namespace, world_size: int = 1) -> tuple[list[dict], list[dict], str]:
@@ -280,5 +314,6 @@ def run_config(args: argparse.Namespace, world_size: int) -> dict:
     training data so that --resume can tell when its contents changed."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["world_size"] = world_size
+    config["batches_per_step"] = world_size * args.grad_accum  # with --batch-size, the global batch
     config["data_sha256"] = file_sha256(args.data) if Path(args.data).is_file() else None
     return config

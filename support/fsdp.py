@@ -1,0 +1,79 @@
+"""FSDP2 for train.py --fsdp: the frozen base sharded across ranks, and the full tensors a checkpoint needs.
+
+`fully_shard` (torch.distributed.fsdp) turns each T5 block's parameters, then the rest of the model's, into
+DTensors holding 1/world_size of each tensor; a block's full weights exist only while it computes. LoRA is
+injected before sharding, so a block's frozen W0 and its trainable A and B shard together, and the
+optimizer is built after, over the sharded A and B. The adapter and its AdamW state are small: checkpoints
+hold them as full tensors, gathered from every rank, so that a run resumes on any number of processes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """fully_shard every encoder and decoder block, then the root (embeddings, final norms, lm_head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in [*model.encoder.block, *model.decoder.block]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds: its local shards under FSDP, the whole tensors otherwise."""
+    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def full(tensor):
+    """A DTensor gathered to the full tensor (a collective: every rank calls it); anything else as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def full_adapter(model: nn.Module):
+    """Within it, the model's trainable parameters are full tensors on every rank, so that the adapter can be
+    saved as a single process saves it; outside it, the sharded parameters FSDP manages. Every rank enters."""
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.requires_grad and isinstance(param, DTensor):
+                module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=True)
+                swapped.append((module, name, param))
+    try:
+        yield model
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every DTensor gathered to its full tensor. Every rank calls it."""
+    state = optimizer.state_dict()
+    state["state"] = {index: {k: full(v) for k, v in values.items()} for index, values in state["state"].items()}
+    return state
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A checkpoint's full optimizer state, each tensor sharded as the parameter it belongs to (a state
+    saved with or without FSDP loads either way)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for index, values in state["state"].items():
+        param = params[int(index)]
+        sharded[index] = {
+            k: distribute_tensor(v.to(param.dtype), param.device_mesh, param.placements)
+            if isinstance(param, DTensor) and torch.is_tensor(v) and v.shape == param.shape
+            else v
+            for k, v in values.items()
+        }
+    return {**state, "state": sharded}
