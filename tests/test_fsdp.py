@@ -83,7 +83,9 @@ def test_fsdp_on_two_processes_trains_as_one_process_accumulating_two_batches(tm
     }
     for name, command in runs.items():
         env = {**ENV, "GRADIENTS_FILE": str(tmp_path / f"{name}.pt")}
-        code, stdout, stderr = run_to_the_end([*command, "--output-dir", str(tmp_path / name)], work_done=WORK_DONE, env=env)
+        code, stdout, stderr = run_to_the_end(
+            [*command, "--output-dir", str(tmp_path / name)], work_done=WORK_DONE, env=env
+        )
         assert code == 0, stderr[-3000:]
     gradients = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in runs}
     assert len(gradients["fsdp"]) == 72 and all(g.shape == r.shape for g, r in zip(gradients["fsdp"], gradients["one"]))
@@ -93,3 +95,53 @@ def test_fsdp_on_two_processes_trains_as_one_process_accumulating_two_batches(tm
             torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6 * largest)
     assert_same_training(tmp_path / "fsdp", tmp_path / "one", steps=3)
     assert_same_training(tmp_path / "fsdp", tmp_path / "ddp", steps=3)
+
+
+def fsdp_command(output_dir, *extra):
+    return [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--max-steps", "6", "--save-every", "2", "--fsdp",
+            "--output-dir", str(output_dir), *extra]  # fmt: skip
+
+
+def test_a_killed_fsdp_job_resumes_exactly_on_two_processes_and_on_one_accumulating_two_batches(tmp_path, capsys):
+    straight, killed, elsewhere = tmp_path / "straight", tmp_path / "killed", tmp_path / "on_one_process"
+    code, _, stderr = run_to_the_end(fsdp_command(straight), work_done=WORK_DONE, env=ENV)
+    assert code == 0, stderr[-3000:]
+
+    process = subprocess.Popen(fsdp_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                               start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not list((killed / "checkpoints").glob("step-*")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    process.wait()
+    checkpoints = sorted((killed / "checkpoints").glob("step-*"))
+    assert checkpoints and not (killed / "adapter_model.safetensors").exists(), "the run was not interrupted"
+    shutil.copytree(killed, elsewhere)
+
+    code, stdout, stderr = run_to_the_end(fsdp_command(killed, "--resume"), work_done=WORK_DONE, env=ENV)
+    assert code == 0 and "resumed from" in stdout, stderr[-3000:]
+    expected, resumed = adapter_tensors(straight), adapter_tensors(killed)
+    for key in expected:  # the same sharded computation, continued: equal
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logged(killed, "train_loss"), logged(straight, "train_loss"), rtol=1e-6, atol=0)
+
+    # The checkpoint of 2 FSDP ranks, on 1 process without FSDP: the same global batches, 2 micro-batches a step.
+    argv = [*COMMON, "--max-steps", "6", "--save-every", "2", "--grad-accum", "2", "--output-dir", str(elsewhere)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: on some CPUs (AMX ones) a product's rounding depends on the threads
+    try:
+        assert train.main([*argv, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "the checkpoint was written by 2 process(es), this run has 1" in out
+    assert_same_training(elsewhere, straight, steps=6)
+
+
+def test_a_changed_global_batch_is_refused_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, stderr = run_to_the_end(fsdp_command(out), work_done=WORK_DONE, env=ENV)
+    assert code == 0, stderr[-3000:]
+    assert train.main([*COMMON, "--max-steps", "6", "--save-every", "2", "--output-dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "processes x --grad-accum = 1 differs from the run in" in err
