@@ -3,11 +3,46 @@
 from support.toy_models import randomize_adapter, saved_random_adapter, tiny_t5  # noqa: F401  (re-exported for the tests)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living process below `pid`, from /proc: torchrun starts its workers in sessions of their own,
+    so they are not in its process group, and killing that group alone leaves them running."""
+    from pathlib import Path
+
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended while we looked
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`'s process group and every process below it, all at once (as a crash of the machine
+    would end them), and reap `pid` if it is our child."""
+    import contextlib
+    import os
+    import signal
+
+    below = descendants(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 def run_to_the_end(command, *, work_done: str, env=None, timeout: float = 300, linger_s: float = 20):
     """Run `command` in its own process group and return (exit status, stdout, stderr). Fails when it runs
     past `timeout`, or lingers more than `linger_s` after printing `work_done` on either stream (its work is
-    over: what is left is the teardown); either way its whole process group is killed, torchrun's workers
-    with it."""
+    over: what is left is the teardown); either way it and every process below it are killed, torchrun's
+    workers with it."""
     import os
     import signal
     import subprocess
@@ -27,7 +62,7 @@ def run_to_the_end(command, *, work_done: str, env=None, timeout: float = 300, l
             elif done_at is not None and now - done_at > linger_s:
                 verdict = f"its work ended, yet it was still running {linger_s:.0f} s later (a hang in teardown?)"
             if verdict:
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_tree(process.pid)
                 process.wait()
                 break
             time.sleep(0.1)
