@@ -30,6 +30,7 @@ from support.checkpoints import (
     CHECKPOINTS,
     CheckpointError,
     Progress,
+    latest_checkpoint,
     load_checkpoint,
     load_checkpoint_adapter,
     rng_state,
@@ -37,6 +38,7 @@ from support.checkpoints import (
 )
 from support.cli import UsageError, run_cli, stop_requests
 from support.fast_modules import lm_head_on, use_fast_modules
+from support.lost_rank import LostRankError, naming_a_lost_rank
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
 from support.memory import MemoryPlanError, check_plan
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
@@ -51,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__)
     return run_cli(
         lambda: train(args),
-        failures=(DataError, ModelLoadError, AdapterError, CheckpointError, MemoryPlanError, TrainingAborted),
+        failures=(
+            DataError,
+            ModelLoadError,
+            AdapterError,
+            CheckpointError,
+            MemoryPlanError,
+            TrainingAborted,
+            LostRankError,
+        ),
         interrupted="the latest checkpoint (if any) is in the output directory; continue with --resume.",
         after_write_failure=" with --resume, which continues from the last checkpoint",
     )
@@ -94,7 +104,8 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             start_run(args.output_dir, config, tokenizer, replace=args.overwrite)
 
         start_time = time.perf_counter()
-        aborted = fit(run, progress)
+        with naming_a_lost_rank(lambda: latest_checkpoint(args.output_dir), args.dist_timeout):
+            aborted = fit(run, progress)
 
         with fsdp.full_adapter(model):  # under --fsdp every rank gathers; rank 0 writes
             if env.is_main:

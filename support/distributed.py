@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import lost_rank
 from .cli import UsageError
 
 T = TypeVar("T")
@@ -52,6 +53,7 @@ def setup_distributed(timeout_s: float = 300) -> Distributed:
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    lost_rank.start_heartbeat(dist.get_rank())
     return Distributed(dist.get_rank(), world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
@@ -79,6 +81,7 @@ def teardown_distributed(finished: bool) -> None:
     """
     if not dist.is_initialized():
         return
+    lost_rank.stop_heartbeat()
     in_flight = sys.exc_info()[1]
     if in_flight is not None:
         traceback.clear_frames(in_flight.__traceback__)

@@ -4,13 +4,14 @@ of processes resumes, a lost rank that ends the others, two "nodes" meeting at o
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from helpers import kill_tree, run_to_the_end
+from helpers import descendants, kill_tree, run_to_the_end
 from safetensors.torch import load_file
 
 import train
@@ -146,3 +147,45 @@ def test_a_changed_global_batch_is_refused_on_resume(tmp_path, capsys):
     assert train.main([*COMMON, "--max-steps", "10", "--save-every", "2", "--output-dir", str(out), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "processes x --grad-accum = 1 differs from the run in" in err
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    for pid in descendants(launcher_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"".join(environ):
+            return pid
+    return None
+
+
+def test_a_killed_rank_ends_the_other_with_a_sentence_naming_it_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    command = [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--max-steps", "40", "--save-every", "4", "--fsdp",
+               "--dist-timeout", "10", "--output-dir", str(out)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                               start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not list((out / "checkpoints").glob("step-*")) and time.time() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        victim = rank_pid(process.pid, 1)
+        assert victim is not None and process.poll() is None, "the run ended before rank 1 could be killed"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        _, stderr = process.communicate(timeout=10 + 30)  # --dist-timeout + 30 s
+    finally:
+        kill_tree(process.pid)
+    assert process.returncode != 0 and time.time() - killed_at < 40
+    sentences = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(sentences) == 1, stderr[-3000:]
+    assert sentences[0].startswith("error: rank 0: rank 1 stopped answering (")
+    assert "the last checkpoint is " + str(out / "checkpoints" / "step-") in sentences[0]
+    ours = stderr.split("failed (exitcode")[0]  # what follows is torchrun's own report, naming rank 1 too
+    assert "continue with --resume" in sentences[0] and "Traceback" not in ours
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # nothing half-written
+
+    code, stdout, stderr = run_to_the_end([*command, "--resume"], work_done=WORK_DONE, env=ENV)
+    assert code == 0 and "resumed from" in stdout, stderr[-3000:]
+    assert len(metrics(out)) == 40

@@ -301,7 +301,7 @@ def test_train_refusals_that_used_to_be_tracebacks(tmp_path, small_data, capsys,
 
     one_row = tmp_path / "one.jsonl"
     one_row.write_text(TRAIN_FILE.read_text().splitlines()[0] + "\n")
-    monkeypatch.setattr(train.dist, "setup_distributed", lambda: distributed.Distributed(0, 2, torch.device("cpu")))
+    monkeypatch.setattr(train.dist, "setup_distributed", lambda _: distributed.Distributed(0, 2, torch.device("cpu")))
     monkeypatch.setattr(train, "load_with_lora", lambda *a, **k: pytest.fail("model loaded"))
     code, _, err = run_train(capsys, "--data", one_row, "--val-data", "none", "--output-dir", tmp_path / "two")
     assert code == 1 and "fewer than the 2 processes to share them" in err
