@@ -189,3 +189,59 @@ def test_a_killed_rank_ends_the_other_with_a_sentence_naming_it_and_the_run_resu
     code, stdout, stderr = run_to_the_end([*command, "--resume"], work_done=WORK_DONE, env=ENV)
     assert code == 0 and "resumed from" in stdout, stderr[-3000:]
     assert len(metrics(out)) == 40
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_train_what_one_node_of_two_trains(tmp_path):
+    """Two torchrun launchers, as two machines would run them, meeting at one c10d rendezvous (here on
+    localhost): global ranks 0 and 1 on "nodes" 0 and 1, the same job as one node with 2 processes."""
+    argv = [str(ROOT / "train.py"), *COMMON, "--max-steps", "3", "--fsdp"]
+    code, _, stderr = run_to_the_end([*TWO_PROCESSES, *argv, "--output-dir", str(tmp_path / "one_node")],
+                                     work_done=WORK_DONE, env=ENV)  # fmt: skip
+    assert code == 0, stderr[-3000:]
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for node_rank in (0, 1):
+        launcher = [*TORCHRUN, "--nnodes", "2", "--node-rank", str(node_rank), "--nproc_per_node", "1",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "lora-t5-test"]  # fmt: skip
+        command = [*launcher, *argv, "--output-dir", str(tmp_path / "two_nodes")]
+        nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                      start_new_session=True))  # fmt: skip
+    try:
+        outputs = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            kill_tree(node.pid)
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert sum(out.count("trainable parameters") for out, _ in outputs) == 1  # global rank 0 alone logs
+    assert json.loads((tmp_path / "two_nodes" / "training_config.json").read_text())["world_size"] == 2
+    one_node, two_nodes = adapter_tensors(tmp_path / "one_node"), adapter_tensors(tmp_path / "two_nodes")
+    for key in one_node:
+        torch.testing.assert_close(two_nodes[key], one_node[key], rtol=0, atol=1e-6)
+
+
+def test_fsdp_refusals_are_one_sentence(tmp_path, capsys):
+    for extra, message in [
+        ([], "--fsdp shards the model across processes, and this is one: start it with torchrun"),
+    ]:
+        assert train.main([*COMMON, "--fsdp", "--output-dir", str(tmp_path / "run"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+
+
+def test_fsdp_refuses_an_nf4_base_and_compile_under_torchrun(tmp_path):
+    for extra, message in [
+        (["--base-dtype", "nf4"], "an NF4 base keeps its 4-bit weights as buffers"),
+        (["--compile"], "--fsdp and --compile cannot be combined yet"),
+    ]:
+        command = [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--fsdp", "--output-dir", str(tmp_path), *extra]
+        code, _, stderr = run_to_the_end(command, work_done="error: ", env=ENV, timeout=120)
+        assert code != 0 and stderr.count("error: ") == 1 and message in stderr, stderr[-2000:]
