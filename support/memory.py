@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from lora.nf4 import nf4_bytes
 
@@ -13,7 +15,9 @@ ADAM_BYTES_PER_TRAINABLE = 16  # fp32 parameter, gradient, and AdamW's two momen
 
 @dataclass
 class MemoryPlan:
-    frozen_bytes: int  # the base weights, in their storage dtype (exact)
+    frozen_bytes: (
+        int  # the base weights this process holds, in their storage dtype (exact; --fsdp: its shards + 2 blocks)
+    )
     adapter_bytes: int  # A, B (and DoRA's m) with their gradients and AdamW state (exact)
     activation_bytes: int  # what autograd keeps for the backward pass of the largest batch (estimate)
 
@@ -85,12 +89,22 @@ def plan_memory(
     checkpointing: bool,
 ) -> MemoryPlan:
     params = list(model.parameters())  # a tied tensor once
-    frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad) + nf4_bytes(model)
-    adapter = sum(p.numel() for p in params if p.requires_grad) * ADAM_BYTES_PER_TRAINABLE
+    local = [(p.to_local() if isinstance(p, DTensor) else p, p.requires_grad) for p in params]  # --fsdp: shards
+    frozen = sum(t.numel() * t.element_size() for t, trainable in local if not trainable) + nf4_bytes(model)
+    frozen += fsdp_gathered_bytes(model)
+    adapter = sum(t.numel() for t, trainable in local if trainable) * ADAM_BYTES_PER_TRAINABLE
     base_dtype = next(p.dtype for p in params if not p.requires_grad and p.is_floating_point())
     value_bytes = min(torch.finfo(compute_dtype).bits, torch.finfo(base_dtype).bits) // 8  # a bf16 base: bf16
     activations = activation_bytes(model.config, batch_size, source_len, target_len, value_bytes, checkpointing)
     return MemoryPlan(frozen, adapter, activations)
+
+
+def fsdp_gathered_bytes(model: torch.nn.Module) -> int:
+    """Under FSDP, the full weights of the blocks being computed: the largest block's, twice (the one
+    computing and the next one, gathered ahead). 0 for a model that is not sharded."""
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    sizes = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in blocks]
+    return 2 * max(sizes, default=0)
 
 
 def refusal(plan: MemoryPlan, free_bytes: int, args) -> str | None:

@@ -245,3 +245,64 @@ def test_fsdp_refuses_an_nf4_base_and_compile_under_torchrun(tmp_path):
         command = [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--fsdp", "--output-dir", str(tmp_path), *extra]
         code, _, stderr = run_to_the_end(command, work_done="error: ", env=ENV, timeout=120)
         assert code != 0 and stderr.count("error: ") == 1 and message in stderr, stderr[-2000:]
+
+
+HELD_PER_RANK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed as dist
+from lora import inject_lora
+from support.fsdp import held_bytes, shard_model
+from support.models import flan_t5_architecture
+
+dist.init_process_group("gloo")
+model = flan_t5_architecture("base", device="meta")  # shapes only: nothing is allocated
+inject_lora(model, ("q", "v"), r=16, alpha=32)
+frozen = lambda: sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+whole = frozen()
+shard_model(model, torch.device("cpu"), dist.get_world_size())
+local = sum(p.to_local().numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+print(f"rank {dist.get_rank()} holds {local} of {whole} frozen bytes; all parameters: {held_bytes(model)}")
+dist.destroy_process_group()
+"""
+
+
+def test_on_flan_t5_base_each_of_two_fsdp_ranks_holds_half_the_frozen_weights(tmp_path):
+    script = tmp_path / "held.py"
+    script.write_text(HELD_PER_RANK)
+    code, stdout, stderr = run_to_the_end([*TWO_PROCESSES, str(script), str(ROOT)], work_done="never", env=ENV,
+                                          timeout=120)  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    held = sorted(line.split() for line in stdout.splitlines() if " holds " in line)
+    assert [row[1] for row in held] == ["0", "1"]
+    for row in held:
+        local, whole = int(row[3]), int(row[5])
+        assert whole == 247_577_856 * 4  # flan-t5-base's 247.6M parameters in fp32: what DDP holds on each rank
+        assert abs(local - whole / 2) <= 0.001 * whole, (local, whole)  # half, up to each tensor's padding
+
+
+def test_the_slurm_script_runs_a_job_of_two_nodes(tmp_path):
+    """scripts/train.sbatch under stand-ins for Slurm's commands: scontrol names this machine as the head
+    node, srun starts the script's torchrun once per node (here twice, side by side), one GPU per node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nfor i in $(seq "$SLURM_JOB_NUM_NODES"); do "$@" & done\nstatus=0\n'
+        "for job in $(jobs -p); do wait $job || status=1; done\nexit $status\n"
+    )
+    (bin_dir / "torchrun").write_text(f'#!/bin/bash\nexec {sys.executable} -m torch.distributed.run "$@"\n')
+    for stand_in in bin_dir.iterdir():
+        stand_in.chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_SUBMIT_DIR": str(ROOT),
+           "RDZV_PORT": str(free_port())}  # fmt: skip
+    out = tmp_path / "run"
+    command = ["bash", str(ROOT / "scripts" / "train.sbatch"), *COMMON, "--max-steps", "2", "--fsdp", "--output-dir",
+               str(out)]  # fmt: skip
+    code, stdout, stderr = run_to_the_end(command, work_done=WORK_DONE, env=env, timeout=240)
+    assert code == 0, stderr[-3000:]
+    assert stdout.count("trainable parameters") == 1 and "2 steps on 2 x cpu" in stdout
+    assert json.loads((out / "training_config.json").read_text())["world_size"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
