@@ -3,6 +3,7 @@
     python train.py                                  # google/flan-t5-base, the original project's settings
     python train.py --model tiny --output-dir runs/tiny_lora   # offline smoke run on the tiny model
     torchrun --nproc_per_node 2 train.py ...         # data-parallel (NCCL on CUDA, gloo on the CPU)
+    torchrun --nproc_per_node 2 train.py --fsdp ...  # the base sharded across the processes (FSDP2)
 
 A plain PyTorch loop: no PEFT, no HF Trainer, no accelerate. Read it top to bottom: `train()` is the
 recipe, `fit()` the loop, `train_step()` one optimizer step. The machinery (options, checkpoints, the
@@ -145,7 +146,9 @@ def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
     use_fast_modules(model)  # the same dropout and GELU, computed faster (support/fast_modules.py)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)  # non-reentrant, or the LoRA weights would get no gradient
-    model.to(env.device).train()
+    if not args.fsdp:  # fully_shard moves each block's shards to the device, never the whole model at once
+        model.to(env.device)
+    model.train()
     torch.manual_seed(args.seed + env.rank)  # dropout differs by rank; LoRA's init came from the shared seed
     return model, tokenizer, base_path
 
