@@ -26,7 +26,7 @@ from data import TRAIN_FILE, encode_examples, load_examples  # noqa: E402
 from lora import inject_lora, set_base_dtype  # noqa: E402
 from lora.nf4 import quantize_base  # noqa: E402
 from support.memory import plan_memory  # noqa: E402
-from support.models import FLAN_T5_SIZES, build_tiny_tokenizer, flan_t5_architecture  # noqa: E402
+from support.models import FLAN_T5_SIZES, flan_t5_architecture, load_model_and_tokenizer  # noqa: E402
 
 OPTIONS = {  # train.py's options: (--base-dtype, --gradient-checkpointing)
     "fp32": ("fp32", False),
@@ -37,32 +37,37 @@ GPUS_GB = (16, 24, 40, 80)
 HEADROOM = 2**30  # the CUDA context and the allocator's slack
 
 
-def plan_bytes(size: str, base_dtype: str, checkpointing: bool, batch: int, source: int, target: int) -> int:
+def plans(size: str, batch: int, source: int, target: int) -> dict[str, int]:
+    """The plan's total for each of OPTIONS, from one model: fp32, then cast to bf16, then quantised."""
     model = flan_t5_architecture(size, device="meta")
     inject_lora(model, ("q", "v"), r=16, alpha=32)
-    if base_dtype == "nf4":
-        quantize_base(model, torch.bfloat16)
-    set_base_dtype(model, torch.float32 if base_dtype == "fp32" else torch.bfloat16)
-    return plan_memory(model, batch, source, target, torch.bfloat16, checkpointing).total_bytes
+    totals = {}
+    for name, (base_dtype, checkpointing) in OPTIONS.items():  # in the order fp32, bf16, nf4
+        if base_dtype == "nf4":
+            quantize_base(model, torch.bfloat16)
+        set_base_dtype(model, torch.float32 if base_dtype == "fp32" else torch.bfloat16)
+        totals[name] = plan_memory(model, batch, source, target, torch.bfloat16, checkpointing).total_bytes
+    return totals
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step (default: 8)")
     args = parser.parse_args(argv)
-    rows, _ = encode_examples(load_examples(TRAIN_FILE), build_tiny_tokenizer())
+    tokenizer = load_model_and_tokenizer("tiny")[1]  # the tiny model's, built once and cached
+    rows, _ = encode_examples(load_examples(TRAIN_FILE), tokenizer)
     source, target = max(len(r.input_ids) for r in rows), max(len(r.labels) for r in rows)
     print(f"batch {args.batch_size} x {source}/{target} tokens, LoRA r=16 on q and v, bf16 compute\n")
     header = ["size", *(f"plan, {name}" for name in OPTIONS), *(f"{gb} GB" for gb in GPUS_GB)]
     print("| " + " | ".join(header) + " |")
     print("| --- " * (1 + len(OPTIONS) + len(GPUS_GB)) + "|")
     for size in FLAN_T5_SIZES:
-        plans = {name: plan_bytes(size, *option, args.batch_size, source, target) for name, option in OPTIONS.items()}
+        totals = plans(size, args.batch_size, source, target)
         fits = []
         for gb in GPUS_GB:  # the first option that fits: the one that gives up least
-            fitting = [name for name, total in plans.items() if total + HEADROOM <= gb * 10**9]
+            fitting = [name for name, total in totals.items() if total + HEADROOM <= gb * 10**9]
             fits.append(fitting[0] if fitting else "no")
-        cells = [f"{total / 2**30:.1f} GiB" for total in plans.values()]
+        cells = [f"{total / 2**30:.1f} GiB" for total in totals.values()]
         print(f"| flan-t5-{size} | " + " | ".join(cells) + " | " + " | ".join(fits) + " |")
     return 0
 

@@ -103,7 +103,7 @@ def test_fsdp_on_two_processes_trains_as_one_process_accumulating_two_batches(th
 
 
 def fsdp_command(output_dir, *extra):
-    return [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--max-steps", "10", "--save-every", "2", "--fsdp",
+    return [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--max-steps", "6", "--save-every", "2", "--fsdp",
             "--output-dir", str(output_dir), *extra]  # fmt: skip
 
 
@@ -122,7 +122,7 @@ def test_a_killed_fsdp_job_resumes_exactly_on_two_processes_and_on_one_accumulat
     time.sleep(0.5)  # were any rank left alive, it would write on (checked below)
     checkpoints = sorted((killed / "checkpoints").glob("step-*"))
     assert checkpoints and not (killed / "adapter_model.safetensors").exists(), "the run was not interrupted"
-    assert int(checkpoints[-1].name.split("-")[1]) < 10, "killed after its last step: nothing left to resume"
+    assert int(checkpoints[-1].name.split("-")[1]) < 6, "killed after its last step: nothing left to resume"
     assert sorted((killed / "checkpoints").glob("step-*")) == checkpoints, "a rank outlived the kill"
     shutil.copytree(killed, elsewhere)
 
@@ -135,11 +135,11 @@ def test_a_killed_fsdp_job_resumes_exactly_on_two_processes_and_on_one_accumulat
 
     # The checkpoint of 2 FSDP ranks, on 1 process without FSDP: the same global batches, 2 micro-batches a step.
     # Without --grad-accum 2 the global batch would halve: refused.
-    alone = [*COMMON, "--max-steps", "10", "--save-every", "2", "--output-dir", str(elsewhere), "--resume"]
+    alone = [*COMMON, "--max-steps", "6", "--save-every", "2", "--output-dir", str(elsewhere), "--resume"]
     assert train.main(alone) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "processes x --grad-accum = 1 differs from the run in" in err
-    argv = [*COMMON, "--max-steps", "10", "--save-every", "2", "--grad-accum", "2", "--output-dir", str(elsewhere)]
+    argv = [*COMMON, "--max-steps", "6", "--save-every", "2", "--grad-accum", "2", "--output-dir", str(elsewhere)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: on some CPUs (AMX ones) a product's rounding depends on the threads
     try:
@@ -148,7 +148,7 @@ def test_a_killed_fsdp_job_resumes_exactly_on_two_processes_and_on_one_accumulat
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "the checkpoint was written by 2 process(es), this run has 1" in out
-    assert_same_training(elsewhere, straight, steps=10)
+    assert_same_training(elsewhere, straight, steps=6)
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
@@ -164,7 +164,7 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
 
 def test_a_killed_rank_ends_the_other_with_a_sentence_naming_it_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    command = [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--max-steps", "24", "--save-every", "4", "--fsdp",
+    command = [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--max-steps", "12", "--save-every", "4", "--fsdp",
                "--dist-timeout", "10", "--output-dir", str(out)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                                start_new_session=True)  # fmt: skip
@@ -190,7 +190,7 @@ def test_a_killed_rank_ends_the_other_with_a_sentence_naming_it_and_the_run_resu
 
     code, stdout, stderr = run_to_the_end([*command, "--resume"], work_done=WORK_DONE, env=ENV)
     assert code == 0 and "resumed from" in stdout, stderr[-3000:]
-    assert len(metrics(out)) == 24
+    assert len(metrics(out)) == 12
 
 
 def free_port() -> int:
