@@ -9,6 +9,7 @@ hold them as full tensors, gathered from every rank, so that a run resumes on an
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +22,10 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.M
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP2 warns that a block returning a view could lose its pre-backward hook to an in-place op on it;
+    # T5's stack never writes into a block's output in place (the FSDP gradients equal one process's,
+    # with and without checkpointing: tests/test_fsdp.py), so the warning, printed every step, is silenced.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world_size,))
     for block in [*model.encoder.block, *model.decoder.block]:
         fully_shard(block, mesh=mesh)

@@ -76,11 +76,12 @@ def assert_same_training(run, reference, steps):
 @pytest.fixture(scope="module")
 def three_steps(tmp_path_factory):
     """3 steps of the tiny model as 2 FSDP ranks and as 1 process with --grad-accum 2, each recording the
-    full gradients of its first step."""
+    full gradients of its first step; both with gradient checkpointing, which under FSDP recomputes each
+    block from weights gathered again in the backward."""
     root = tmp_path_factory.mktemp("three_steps")
     script = root / "record_gradients.py"
     script.write_text(RECORD_GRADIENTS)
-    argv = [*COMMON, "--max-steps", "3"]
+    argv = [*COMMON, "--max-steps", "3", "--gradient-checkpointing"]
     runs = {
         "fsdp": [*TWO_PROCESSES, str(script), str(ROOT), *argv, "--fsdp"],
         "one": [sys.executable, str(script), str(ROOT), *argv, "--grad-accum", "2"],
@@ -271,8 +272,8 @@ def test_the_slurm_script_runs_two_nodes_that_train_what_one_node_of_two_process
            "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_SUBMIT_DIR": str(ROOT),
            "RDZV_PORT": str(free_port())}  # fmt: skip
     out = tmp_path / "run"
-    command = ["bash", str(ROOT / "scripts" / "train.sbatch"), *COMMON, "--max-steps", "3", "--fsdp", "--output-dir",
-               str(out)]  # fmt: skip
+    command = ["bash", str(ROOT / "scripts" / "train.sbatch"), *COMMON, "--max-steps", "3", "--fsdp",
+               "--gradient-checkpointing", "--output-dir", str(out)]  # fmt: skip
     code, stdout, stderr = run_to_the_end(command, work_done=WORK_DONE, env=env, timeout=240)
     assert code == 0, stderr[-3000:]
     assert stdout.count("trainable parameters") == 1 and "3 steps on 2 x cpu" in stdout  # global rank 0 alone logs
