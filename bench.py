@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.distributed import bench_distributed
 from benchmarks.epoch import (
     bench_epoch,
     forward_matmul_flops,  # noqa: F401  (the tests' FLOP counter check)
@@ -49,6 +50,9 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ["train", "peft", "variants", "memory", "distributed", "epoch", "inference", "throughput", "profile"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["train", "peft", "variants", "memory", "epoch", "inference", "throughput", "profile"],
+        choices=SECTIONS,
         help="run only these sections",
     )
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
@@ -82,14 +86,18 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        sys.stdout.write(json.dumps(worker(json.loads(args.worker))) + "\n")  # one write: 2 ranks share stdout
+        sys.stdout.flush()
         return 0
     if args.quick:
         args.model, args.reps, args.warmup, args.epoch_sample, args.new_tokens = TINY, 2, 1, 2, 8
 
     rows = encoded_rows(args.tokenizer)
     batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
-    sections = set(args.only or ["train", "peft", "variants", "memory", "epoch", "inference", "throughput", "profile"])
+    sections = set(
+        args.only
+        or ["train", "peft", "variants", "memory", "distributed", "epoch", "inference", "throughput", "profile"]
+    )
     results = {
         "hardware": hardware(),
         "model": args.model,
@@ -161,6 +169,20 @@ def main(argv: list[str] | None = None) -> int:
                 ("vs (a)", "vs_a", ".2f"),
                 ("median step (s)", "median_step_s", ".2f"),
                 ("timed steps", "steps", ""),
+            ],
+        )
+    if "distributed" in sections:
+        report(
+            "distributed",
+            "Two processes: each rank's frozen weights and peak memory, DDP against FSDP2 (train.py --fsdp)",
+            bench_distributed(args, rows, batch_indices),
+            [
+                ("parallel", "parallel", ""),
+                ("rank", "rank", ""),
+                ("frozen weights held (MiB)", "frozen_held_mib", ",.1f"),
+                ("peak while building (MiB)", "load_peak_mib", ",.0f"),
+                ("peak while training (MiB)", "step_peak_mib", ",.0f"),
+                ("median step (s)", "median_step_s", ".2f"),
             ],
         )
     if "epoch" in sections:

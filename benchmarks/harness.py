@@ -187,6 +187,9 @@ def worker(spec: dict) -> dict:
             model, optimizer = prepare_training(model, spec["mode"])
         if spec.get("base_dtype") == "bf16":
             set_base_dtype(model, torch.bfloat16)  # A and B stay fp32, as train.py --base-dtype bf16
+        step_model = model  # what the steps call; `model` stays the T5 itself
+        if spec.get("parallel"):  # under torchrun: DDP, or FSDP2 as train.py --fsdp (optimizer after sharding)
+            step_model, optimizer = data_parallel(model, spec["parallel"], dev)
     if spec.get("checkpointing"):
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -202,16 +205,16 @@ def worker(spec: dict) -> dict:
     if spec.get("pad_to"):
         batches = [pad_batch(b, spec["pad_to"]) for b in batches]
     if spec.get("compile"):
-        model = torch.compile(model)
+        model = step_model = torch.compile(model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
         sync()
         start = time.perf_counter()
-        train_step(model, optimizer, batches[0], dtype)  # the first step: compilation, if compiled
+        train_step(step_model, optimizer, batches[0], dtype)  # the first step: compilation, if compiled
         sync()
         first_step_s = time.perf_counter() - start
-        times = time_steps(model, optimizer, batches, max(spec["warmup"] - 1, 0), dtype)
+        times = time_steps(step_model, optimizer, batches, max(spec["warmup"] - 1, 0), dtype)
     source_tokens = [int(b["attention_mask"].sum()) for b in batches]
     target_tokens = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     passes = 3 if spec["mode"] == "full" else 2  # see bench_throughput
@@ -226,7 +229,31 @@ def worker(spec: dict) -> dict:
         "load_peak_mib": 0.0 if dev.type == "cuda" else load_rss.peak_mib,
         "trainable": trainable,
         "total": total,
+        "rank": int(os.environ.get("RANK", "0")),
+        "frozen_held_mib": sum(t.numel() * t.element_size() for t in frozen_local(model)) / 2**20,
     }
+
+
+def data_parallel(model, parallel: str, dev: torch.device):
+    """The model in DDP or sharded by FSDP2 (support/fsdp.py), and an AdamW over what it trains."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from support.fsdp import shard_model
+
+    dist.init_process_group("gloo" if dev.type == "cpu" else "nccl")
+    if parallel == "fsdp":
+        shard_model(model, dev, dist.get_world_size())
+    else:
+        model = DistributedDataParallel(model)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def frozen_local(model):
+    """The frozen parameters as this process holds them: its shards under FSDP."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            yield param.to_local() if hasattr(param, "to_local") else param
 
 
 def random_rows(batch_size: int, source_len: int, target_len: int, vocab_size: int):
@@ -278,10 +305,15 @@ def run_worker(spec: dict) -> dict:
         if spec.get("return_freed_memory"):  # every large block mmapped, so freeing it returns it to the OS
             env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # (else glibc may keep the fp32 copies a bf16 base freed)
         command = [sys.executable, str(BENCH_SCRIPT), "--worker", key]
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if spec.get("parallel"):  # 2 processes of 1 thread each, every one reporting
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       *command[1:]]  # fmt: skip
+            env["OMP_NUM_THREADS"] = "1"
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
         if result.returncode != 0:
             raise RuntimeError(f"benchmark worker {spec['mode']} failed:\n{result.stderr[-2000:]}")
-        _worker_results[key] = json.loads(result.stdout.strip().splitlines()[-1])
+        reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        _worker_results[key] = {"ranks": reports} if spec.get("parallel") else reports[-1]
     return _worker_results[key]
 
 

@@ -23,6 +23,7 @@ def test_quick_benchmark_runs_every_section(tmp_path, capsys):
         "## Training step: ours vs PEFT's LoRA with T5's own loss",
         "## LoRA's variants",
         "## Bigger bases",
+        "## Two processes",
         "## One epoch",
         "## Inference",
         "## Training throughput",
@@ -43,6 +44,10 @@ def test_quick_benchmark_runs_every_section(tmp_path, capsys):
     configs = [row["config"] for row in report["memory"]]
     assert [c.split()[0] for c in configs] == ["(b)", "(d)", "(e)"]  # --quick: the code paths, not the figures
     assert all(row["step_peak_mib"] > 0 and row["load_peak_mib"] > 0 for row in report["memory"])
+    held = {(row["parallel"].split()[0], row["rank"]): row["frozen_held_mib"] for row in report["distributed"]}
+    assert sorted(held) == [("DDP", 0), ("DDP", 1), ("FSDP2", 0), ("FSDP2", 1)]
+    for rank in (0, 1):  # FSDP holds each rank's half of the frozen weights, up to the shards' padding
+        assert 0.49 * held["DDP", rank] < held["FSDP2", rank] < 0.51 * held["DDP", rank]
     assert [row["batches"] for row in report["epoch"]] == [185, 185, "-"]  # same rows, same batch count
     bucketed, padded, unpadded = (row["matmul_tflop"] for row in report["epoch"])
     assert unpadded < bucketed < padded
