@@ -18,6 +18,7 @@ from data import IGNORE_INDEX, TRAIN_FILE, collate, encode_examples, load_exampl
 from lora import LoRALinear, count_parameters, inject_lora, set_base_dtype
 from lora.nf4 import quantize_while_loading
 from support.fast_modules import use_fast_modules
+from support.fsdp import local
 from support.metrics import peak_memory_mib
 from support.models import (
     TINY,
@@ -230,7 +231,8 @@ def worker(spec: dict) -> dict:
         "trainable": trainable,
         "total": total,
         "rank": int(os.environ.get("RANK", "0")),
-        "frozen_held_mib": sum(t.numel() * t.element_size() for t in frozen_local(model)) / 2**20,
+        "frozen_held_mib": sum(local(p).numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+        / 2**20,
     }
 
 
@@ -247,13 +249,6 @@ def data_parallel(model, parallel: str, dev: torch.device):
     else:
         model = DistributedDataParallel(model)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-
-def frozen_local(model):
-    """The frozen parameters as this process holds them: its shards under FSDP."""
-    for param in model.parameters():
-        if not param.requires_grad:
-            yield param.to_local() if hasattr(param, "to_local") else param
 
 
 def random_rows(batch_size: int, source_len: int, target_len: int, vocab_size: int):

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from lora import load_adapter, save_adapter
+
+from .fsdp import local
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -69,8 +70,7 @@ def restore(optimizer: torch.optim.Optimizer, saved: list) -> None:
 
 def all_finite(params) -> bool:
     """Whether this rank's values of `params` (its shards, under FSDP) are all finite."""
-    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-    return bool(torch.stack([torch.isfinite(t).all() for t in local]).all())
+    return bool(torch.stack([torch.isfinite(local(p)).all() for p in params]).all())
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

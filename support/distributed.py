@@ -44,7 +44,7 @@ class Distributed:
 
 def setup_distributed(timeout_s: float = 300) -> Distributed:
     """Join torchrun's process group (NCCL on CUDA, gloo on the CPU), or run as a single process. A collective
-    that waits more than `timeout_s` for another rank fails (lost_rank_error says which rank)."""
+    that waits more than `timeout_s` for another rank fails (support/lost_rank.py says which rank)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:

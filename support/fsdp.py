@@ -33,10 +33,14 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.M
     return model
 
 
+def local(tensor):
+    """What this rank holds of a tensor: its shard of a DTensor; anything else as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def held_bytes(model: nn.Module) -> int:
     """Bytes of parameters this rank holds: its local shards under FSDP, the whole tensors otherwise."""
-    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
-    return sum(t.numel() * t.element_size() for t in local)
+    return sum(local(p).numel() * p.element_size() for p in model.parameters())
 
 
 def full(tensor):

@@ -95,11 +95,10 @@ def naming_a_lost_rank(last_checkpoint: Callable[[], Path | None], timeout_s: fl
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         rank = dist.get_rank()
         silent = silent_ranks(dist.distributed_c10d._get_default_store(), dist.get_world_size())
-        silent = [r for r in silent or [] if r != rank] if silent is not None else None
         if silent is None:
             who = "the job's store (hosted by torchrun on the first node) stopped answering, so its node is lost"
-        elif silent:
-            who = f"rank {', '.join(map(str, silent))} stopped answering"
+        elif others := [r for r in silent if r != rank]:  # this rank's own heartbeat may have ended with its store
+            who = f"rank {', '.join(map(str, others))} stopped answering"
         else:
             who = f"a collective waited past --dist-timeout ({timeout_s:.0f} s) for the other ranks"
         checkpoint = last_checkpoint()

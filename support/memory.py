@@ -6,18 +6,17 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 from lora.nf4 import nf4_bytes
+
+from .fsdp import local
 
 ADAM_BYTES_PER_TRAINABLE = 16  # fp32 parameter, gradient, and AdamW's two moments
 
 
 @dataclass
 class MemoryPlan:
-    frozen_bytes: (
-        int  # the base weights this process holds, in their storage dtype (exact; --fsdp: its shards + 2 blocks)
-    )
+    frozen_bytes: int  # the base weights this process holds, in their storage dtype (--fsdp: shards + 2 blocks)
     adapter_bytes: int  # A, B (and DoRA's m) with their gradients and AdamW state (exact)
     activation_bytes: int  # what autograd keeps for the backward pass of the largest batch (estimate)
 
@@ -89,10 +88,10 @@ def plan_memory(
     checkpointing: bool,
 ) -> MemoryPlan:
     params = list(model.parameters())  # a tied tensor once
-    local = [(p.to_local() if isinstance(p, DTensor) else p, p.requires_grad) for p in params]  # --fsdp: shards
-    frozen = sum(t.numel() * t.element_size() for t, trainable in local if not trainable) + nf4_bytes(model)
+    held = [(local(p), p.requires_grad) for p in params]  # --fsdp: this rank's shards
+    frozen = sum(t.numel() * t.element_size() for t, trainable in held if not trainable) + nf4_bytes(model)
     frozen += fsdp_gathered_bytes(model)
-    adapter = sum(t.numel() for t, trainable in local if trainable) * ADAM_BYTES_PER_TRAINABLE
+    adapter = sum(t.numel() for t, trainable in held if trainable) * ADAM_BYTES_PER_TRAINABLE
     base_dtype = next(p.dtype for p in params if not p.requires_grad and p.is_floating_point())
     value_bytes = min(torch.finfo(compute_dtype).bits, torch.finfo(base_dtype).bits) // 8  # a bf16 base: bf16
     activations = activation_bytes(model.config, batch_size, source_len, target_len, value_bytes, checkpointing)

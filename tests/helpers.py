@@ -24,8 +24,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL `pid`'s process group and every process below it, all at once (as a crash of the machine
-    would end them), and reap `pid` if it is our child."""
+    """SIGKILL `pid`'s process group and every process below it, all at once, as a crash of the machine
+    would end them (the caller reaps `pid`)."""
     import contextlib
     import os
     import signal
