@@ -290,7 +290,7 @@ def train_step(model, optimizer, scaler, micro_batches: list[dict], *, device, d
     if global_tokens == 0:  # cross-entropy would be 0/0: nothing to learn from this step
         return StepResult(0.0, 0.0, math.nan, skipped="the batch has no supervised token")
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    step_loss_sum = torch.zeros((), device=device)
+    step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sums as all_reduce_sum does
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
@@ -301,9 +301,9 @@ def train_step(model, optimizer, scaler, micro_batches: list[dict], *, device, d
             loss_sum = sequence_loss_sum(model, batch)
         # DDP averages gradients over ranks: scaling by world_size gives the global per-token mean.
         scaler.scale(loss_sum * world_size / global_tokens).backward()
-        step_loss_sum += loss_sum.detach()
+        step_loss_sum += loss_sum.detach().double()
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    grad_norm = dist.clip_grad_norm(params, max_grad_norm)  # the same on any number of processes
     (step_loss_sum,) = dist.all_reduce_sum([step_loss_sum.item()], device)
     skipped = None
     if math.isfinite(step_loss_sum / global_tokens) and math.isfinite(grad_norm):

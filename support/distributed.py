@@ -18,9 +18,10 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from . import lost_rank
+from . import fsdp, lost_rank
 from .cli import UsageError
 
 T = TypeVar("T")
@@ -107,6 +108,28 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients so that their global L2 norm is at most `max_norm`; returns the norm before.
+
+    The squares are summed in float64 over what this rank holds (its shards under FSDP, the whole gradients,
+    the same on every rank, otherwise), and the shards' sums over the ranks: the norm, and so the clipped
+    gradients, come out the same to float32's last bit on any number of processes. (torch's
+    clip_grad_norm_ takes a float32 norm of each shard, then of those: N FSDP ranks clip by another last
+    bit than one process does, and AdamW turns that into visible differences where gradients are near 0.)
+    """
+    grads = [fsdp.local(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    squares = sum(grad.double().square().sum() for grad in grads)  # one gradient's float64 copy at a time
+    if any(isinstance(p.grad, DTensor) for p in params):
+        dist.all_reduce(squares)
+    norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch's, 1e-6 against a zero norm
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+    return norm.item()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -74,3 +74,33 @@ def run_to_the_end(command, *, work_done: str, env=None, timeout: float = 300, l
         stdout, stderr = out.read(), err.read()
     assert verdict is None, f"{' '.join(map(str, command))}: {verdict}\n{stderr[-3000:]}"
     return process.returncode, stdout, stderr
+
+
+def sum_block_input_gradients_as_fsdp(model) -> None:
+    """Pass the inputs of each T5 block that need a gradient through an identity autograd node, as FSDP2's
+    pre-forward hook does (RegisterPostBackwardFunction). Values do not change; only where gradients are
+    summed does: the encoder's output, which every decoder block reads, gets each block's gradient summed
+    inside the block first, then the blocks' sums. With it, one process sums in FSDP's order."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *tensors):
+            return tuple(t.view_as(t) for t in tensors)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return grads
+
+    def pass_through_identity(module, args, kwargs):
+        flat, spec = tree_flatten((args, kwargs))
+        needing = [i for i, value in enumerate(flat) if torch.is_tensor(value) and value.requires_grad]
+        if not needing or not torch.is_grad_enabled():
+            return None
+        for i, value in zip(needing, Identity.apply(*(flat[i] for i in needing))):
+            flat[i] = value
+        return tree_unflatten(flat, spec)
+
+    for block in [*model.encoder.block, *model.decoder.block]:
+        block.register_forward_pre_hook(pass_through_identity, with_kwargs=True)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import descendants, kill_tree, run_to_the_end
+from helpers import descendants, kill_tree, run_to_the_end, sum_block_input_gradients_as_fsdp
 from safetensors.torch import load_file
 
 import train
+from support.train_args import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -25,25 +26,30 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # each ra
 COMMON = ["--model", "tiny", "--val-data", "none", "--log-every", "1", "--batch-size", "10", "--dropout", "0"]
 LR = 3e-3  # the tiny model's default
 
-# Records the full gradients the first optimizer step clips (gathered from the shards under --fsdp).
+# Records the full gradients the first optimizer step clips (gathered from the shards under --fsdp); with
+# SUM_AS_FSDP set, the single process sums gradients in FSDP's order (helpers.sum_block_input_gradients_as_fsdp).
 RECORD_GRADIENTS = """
 import os, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
 import pytest
 import torch
 import train
+from helpers import sum_block_input_gradients_as_fsdp
+from support import distributed
 from support.fsdp import full
 
-clip, calls = torch.nn.utils.clip_grad_norm_, []
-def recording_clip(params, max_norm, *args, **kwargs):
-    params = list(params)
+clip, calls = distributed.clip_grad_norm, []
+def recording_clip(params, max_norm):
     if not calls:
-        grads = [full(p.grad).detach().clone() for p in params]
+        grads = [full(p.grad).detach().clone() for p in params]  # a collective under FSDP: every rank gathers
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(grads, os.environ["GRADIENTS_FILE"])
     calls.append(1)
-    return clip(params, max_norm, *args, **kwargs)
-torch.nn.utils.clip_grad_norm_ = recording_clip
+    return clip(params, max_norm)
+distributed.clip_grad_norm = recording_clip
+if os.environ.get("SUM_AS_FSDP"):
+    train_with = train.train
+    train.train = lambda args: train_with(args, prepare_model=sum_block_input_gradients_as_fsdp)
 raise SystemExit(train.main(sys.argv[2:]))
 """
 
@@ -60,47 +66,63 @@ def logged(output_dir, name):
     return torch.tensor([row[name] for row in metrics(output_dir) if name in row], dtype=torch.float64)
 
 
-def assert_same_training(run, reference, steps):
-    """The adapters of two runs that differ only in rounding. AdamW divides each gradient by its own running
-    magnitude, so an entry whose gradient is near zero moves by up to ~lr whatever its last bits were: the
-    entries are compared at 1e-5, all but a few in ten thousand, and the rest at the bound of AdamW's step."""
+def assert_same_training(run, reference):
+    """Two runs that sum the same gradients in the same order: the adapters within 1e-5 (here: equal)."""
     ours, theirs = adapter_tensors(run), adapter_tensors(reference)
     assert ours.keys() == theirs.keys()
-    difference = torch.cat([(ours[k] - theirs[k]).abs().flatten() for k in ours])
-    assert (difference > 1e-5).float().mean() < 1e-3, f"{int((difference > 1e-5).sum())} entries differ by > 1e-5"
-    assert difference.max() < LR * steps
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
     for name in ("train_loss", "grad_norm"):  # AdamW and clipping hide a gradient's scale; its norm does not
         torch.testing.assert_close(logged(run, name), logged(reference, name), rtol=1e-6, atol=0)
 
 
+def assert_same_training_but_rounding(run, reference, steps):
+    """Two runs whose gradients differ in their last bits. AdamW divides each gradient by its own running
+    magnitude, so an entry whose gradient is near zero moves by up to ~lr whatever its last bits were: the
+    entries are compared at 1e-5, all but a few in ten thousand, and the rest at the bound of AdamW's step."""
+    ours, theirs = adapter_tensors(run), adapter_tensors(reference)
+    difference = torch.cat([(ours[k] - theirs[k]).abs().flatten() for k in ours])
+    assert (difference > 1e-5).float().mean() < 1e-3, f"{int((difference > 1e-5).sum())} entries differ by > 1e-5"
+    assert difference.max() < LR * steps
+    torch.testing.assert_close(logged(run, "train_loss"), logged(reference, "train_loss"), rtol=1e-6, atol=0)
+
+
 @pytest.fixture(scope="module")
 def three_steps(tmp_path_factory):
-    """3 steps of the tiny model as 2 FSDP ranks and as 1 process with --grad-accum 2, each recording the
-    full gradients of its first step; both with gradient checkpointing, which under FSDP recomputes each
-    block from weights gathered again in the backward."""
+    """3 steps of the tiny model as 2 FSDP ranks, and as 1 process with --grad-accum 2 that sums gradients in
+    FSDP's order and in its own; each records the full gradients of its first step. All with gradient
+    checkpointing, which under FSDP recomputes each block from weights gathered again in the backward."""
     root = tmp_path_factory.mktemp("three_steps")
     script = root / "record_gradients.py"
     script.write_text(RECORD_GRADIENTS)
     argv = [*COMMON, "--max-steps", "3", "--gradient-checkpointing"]
+    one_process = [sys.executable, str(script), str(ROOT), *argv, "--grad-accum", "2"]
     runs = {
-        "fsdp": [*TWO_PROCESSES, str(script), str(ROOT), *argv, "--fsdp"],
-        "one": [sys.executable, str(script), str(ROOT), *argv, "--grad-accum", "2"],
+        "fsdp": ([*TWO_PROCESSES, str(script), str(ROOT), *argv, "--fsdp"], {}),
+        "one_in_fsdp_order": (one_process, {"SUM_AS_FSDP": "1"}),
+        "one": (one_process, {}),
     }
-    for name, command in runs.items():
-        env = {**ENV, "GRADIENTS_FILE": str(root / f"{name}.pt")}
+    for name, (command, extra_env) in runs.items():
+        env = {**ENV, **extra_env, "GRADIENTS_FILE": str(root / f"{name}.pt")}
         code, _, stderr = run_to_the_end([*command, "--output-dir", str(root / name)], work_done=WORK_DONE, env=env)
         assert code == 0, stderr[-3000:]
     return root
 
 
 def test_fsdp_on_two_processes_trains_as_one_process_accumulating_two_batches(three_steps):
-    """(DDP against the single process: tests/test_train.py, equal to the last bit.)"""
-    fsdp, one = (torch.load(three_steps / f"{name}.pt", weights_only=True) for name in ("fsdp", "one"))
+    """FSDP2 passes each block's inputs through an autograd node of its own, so the gradient of the encoder's
+    output, which every decoder block reads, is summed block by block: summed in that order, one process
+    trains FSDP's adapter; in its own order, the same up to rounding. (DDP against the single process:
+    tests/test_train.py, equal to the last bit.)"""
+    fsdp, in_fsdp_order, one = (torch.load(three_steps / f"{name}.pt", weights_only=True)
+                                for name in ("fsdp", "one_in_fsdp_order", "one"))  # fmt: skip
     assert len(fsdp) == 72 and all(ours.shape == reference.shape for ours, reference in zip(fsdp, one))
     largest = max(g.abs().max() for g in one)
-    for ours, reference in zip(fsdp, one):  # the first step's gradients, full: what the sharding must not change
-        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6 * largest)
-    assert_same_training(three_steps / "fsdp", three_steps / "one", steps=3)
+    for reference in (in_fsdp_order, one):  # the first step's full gradients: what the sharding must not change
+        for ours, theirs in zip(fsdp, reference):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * largest)
+    assert_same_training(three_steps / "fsdp", three_steps / "one_in_fsdp_order")
+    assert_same_training_but_rounding(three_steps / "fsdp", three_steps / "one", steps=3)
 
 
 def fsdp_command(output_dir, *extra):
@@ -144,12 +166,12 @@ def test_a_killed_fsdp_job_resumes_exactly_on_two_processes_and_on_one_accumulat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: on some CPUs (AMX ones) a product's rounding depends on the threads
     try:
-        assert train.main([*argv, "--resume"]) == 0
+        train.train(parse_args([*argv, "--resume"]), prepare_model=sum_block_input_gradients_as_fsdp)
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "the checkpoint was written by 2 process(es), this run has 1" in out
-    assert_same_training(elsewhere, straight, steps=6)
+    assert_same_training(elsewhere, straight)
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
