@@ -16,6 +16,7 @@ from helpers import descendants, kill_tree, run_to_the_end, sum_block_input_grad
 from safetensors.torch import load_file
 
 import train
+from support import distributed
 from support.train_args import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +41,16 @@ from support.fsdp import full
 
 clip, calls = distributed.clip_grad_norm, []
 def recording_clip(params, max_norm):
-    if not calls:
-        grads = [full(p.grad).detach().clone() for p in params]  # a collective under FSDP: every rank gathers
-        if int(os.environ.get("RANK", "0")) == 0:
-            torch.save(grads, os.environ["GRADIENTS_FILE"])
+    if calls:
+        return clip(params, max_norm)
     calls.append(1)
-    return clip(params, max_norm)
+    gather = lambda: [full(p.grad).detach().clone() for p in params]  # under FSDP a collective: every rank calls
+    grads = gather()
+    norm = clip(params, max_norm)
+    clipped = gather()
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save({"grads": grads, "norm": norm, "clipped": clipped}, os.environ["GRADIENTS_FILE"])
+    return norm
 distributed.clip_grad_norm = recording_clip
 if os.environ.get("SUM_AS_FSDP"):
     train_with = train.train
@@ -114,7 +119,7 @@ def test_fsdp_on_two_processes_trains_as_one_process_accumulating_two_batches(th
     output, which every decoder block reads, is summed block by block: summed in that order, one process
     trains FSDP's adapter; in its own order, the same up to rounding. (DDP against the single process:
     tests/test_train.py, equal to the last bit.)"""
-    fsdp, in_fsdp_order, one = (torch.load(three_steps / f"{name}.pt", weights_only=True)
+    fsdp, in_fsdp_order, one = (torch.load(three_steps / f"{name}.pt", weights_only=True)["grads"]
                                 for name in ("fsdp", "one_in_fsdp_order", "one"))  # fmt: skip
     assert len(fsdp) == 72 and all(ours.shape == reference.shape for ours, reference in zip(fsdp, one))
     largest = max(g.abs().max() for g in one)
@@ -123,6 +128,19 @@ def test_fsdp_on_two_processes_trains_as_one_process_accumulating_two_batches(th
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * largest)
     assert_same_training(three_steps / "fsdp", three_steps / "one_in_fsdp_order")
     assert_same_training_but_rounding(three_steps / "fsdp", three_steps / "one", steps=3)
+
+
+def test_fsdp_clips_its_gradient_shards_as_one_process_clips_the_whole_gradients(three_steps):
+    """The first step's clipping on 2 FSDP ranks, each holding half of each gradient, against the same
+    gradients whole in one process: the same scale, to the last bit (the norm is 2.54, clipped to 1)."""
+    recorded = torch.load(three_steps / "fsdp.pt", weights_only=True)
+    params = [torch.nn.Parameter(torch.zeros_like(grad)) for grad in recorded["grads"]]
+    for param, grad in zip(params, recorded["grads"]):
+        param.grad = grad.clone()
+    norm = distributed.clip_grad_norm(params, max_norm=1.0)
+    assert norm > 1.0 and norm == pytest.approx(recorded["norm"], rel=1e-12)
+    for param, clipped in zip(params, recorded["clipped"]):
+        assert torch.equal(param.grad, clipped)
 
 
 def fsdp_command(output_dir, *extra):
