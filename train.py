@@ -43,7 +43,13 @@ from support.lost_rank import LostRankError, naming_a_lost_rank
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
 from support.memory import MemoryPlanError, check_plan
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
-from support.models import ModelLoadError, compile_t5, enable_activation_checkpointing, load_with_lora
+from support.models import (
+    ModelLoadError,
+    compile_t5,
+    enable_activation_checkpointing,
+    load_base_shards,
+    load_with_lora,
+)
 from support.precision import autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.train_args import parse_args, read_data, run_config, validate_args
@@ -89,6 +95,8 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             load_checkpoint_adapter(resume_from, model)
         if args.fsdp:  # after LoRA and before the optimizer, which must see the sharded A and B
             fsdp.shard_model(model, env.device, env.world_size)
+            if reads_base_in_shards(args):
+                load_base_shards(model, base_path, env.device)
         run = setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows)
 
         progress = Progress()
@@ -142,7 +150,8 @@ def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
         except ValueError as err:  # e.g. --target-modules wi on a gated T5, whose layers are wi_0 and wi_1
             raise UsageError(f"--target-modules: {err}") from None
 
-    model, tokenizer, base_path = load_with_lora(args.model, args.base_dtype, env.device, inject)  # NF4: QLoRA
+    on_meta = reads_base_in_shards(args)
+    model, tokenizer, base_path = load_with_lora(args.model, args.base_dtype, env.device, inject, on_meta)
     use_fast_modules(model)  # the same dropout and GELU, computed faster (support/fast_modules.py)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)  # non-reentrant, or the LoRA weights would get no gradient
@@ -151,6 +160,13 @@ def build_lora_model(args: argparse.Namespace, env: dist.Distributed):
     model.train()
     torch.manual_seed(args.seed + env.rank)  # dropout differs by rank; LoRA's init came from the shared seed
     return model, tokenizer, base_path
+
+
+def reads_base_in_shards(args: argparse.Namespace) -> bool:
+    """Under --fsdp the base is built on the meta device, sharded, and each rank reads its shards of the
+    checkpoint, so no rank ever holds the whole base; DoRA and PiSSA initialise from W0, so theirs is
+    loaded whole, then sharded."""
+    return args.fsdp and not args.use_dora and args.init == "lora"
 
 
 @dataclass

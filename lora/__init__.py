@@ -7,6 +7,7 @@ from .adapter_io import AdapterError, load_adapter, save_adapter
 from .dora import DoRALinear
 from .layer import LoRALinear, check_lora_hyperparameters
 from .model import (
+    allocate_adapters,
     count_parameters,
     inject_lora,
     lora_disabled,
@@ -34,6 +35,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdapterError",
+    "allocate_adapters",
     "amplification",
     "energy_rank",
     "entropy_effective_rank",

@@ -129,6 +129,16 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
                 layer.merge()
 
 
+def allocate_adapters(model: nn.Module) -> None:
+    """A and B of LoRA injected into a model on the meta device: allocated in fp32 on the CPU and initialised
+    as LoRA does (B = 0), in the order inject_lora initialises them, so a seed gives the values it gives on
+    a model with real weights. Plain LoRA only: DoRA and PiSSA initialise from W0."""
+    for layer in lora_layers(model).values():
+        for name, param in layer.adapter_params().items():
+            setattr(layer, name, nn.Parameter(torch.empty_like(param, device="cpu", dtype=torch.float32)))
+        layer.reset_lora_parameters()
+
+
 @torch.no_grad()
 def set_base_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     """Store every frozen parameter (the base model) in `dtype`; the trainable ones (A, B) keep theirs."""

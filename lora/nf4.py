@@ -294,7 +294,7 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
     Then A and B are allocated in fp32 and initialised as LoRA does (B = 0), in the order inject_lora
     initialises them. Names the model lacks are ignored (a checkpoint's copies of tied weights); a frozen
     tensor the pairs never gave is refused."""
-    from .model import lora_layers
+    from .model import allocate_adapters, lora_layers
 
     modules = dict(model.named_modules())
     lora = lora_layers(model)
@@ -323,7 +323,4 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
     missing = [name for name, param in model.named_parameters() if param.is_meta and not param.requires_grad]
     if missing:
         raise ValueError(f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more).")
-    for layer in lora.values():
-        for name, param in layer.adapter_params().items():
-            setattr(layer, name, nn.Parameter(torch.empty_like(param, device="cpu", dtype=torch.float32)))
-        layer.reset_lora_parameters()
+    allocate_adapters(model)

@@ -33,6 +33,35 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.M
     return model
 
 
+@torch.no_grad()
+def materialize(model: nn.Module, named_tensors, device: torch.device) -> None:
+    """Allocate this rank's shards of a model shard_model sharded on the meta device, and fill them: each
+    frozen parameter from the (name, full tensor) pairs, cut to this rank's part as it comes (so a rank never
+    holds more of the base than its shards and one tensor), the trainable ones (real before sharding: A and
+    B) with the values they had. A name the model lacks (a tied weight's other name) is passed over; a
+    frozen parameter the pairs never give is refused."""
+    params = dict(model.named_parameters())  # a tied weight once, under its first name
+    kept = {name: local(param).clone() for name, param in params.items() if not param.is_meta}
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    for name, values in kept.items():
+        local(params[name]).copy_(values)
+    filled = set(kept)
+    for name, tensor in named_tensors:
+        param = params.get(name)
+        if param is None or name in filled:
+            continue
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"{name} is {tuple(tensor.shape)} in the checkpoint, {tuple(param.shape)} in the model")
+        whole = tensor.to(param.dtype)  # src_data_rank=None: each rank cuts its own part, nothing is sent
+        part = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        local(param).copy_(part)
+        filled.add(name)
+    missing = [name for name in params if name not in filled]
+    if missing:
+        raise ValueError(f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
+
+
 def local(tensor):
     """What this rank holds of a tensor: its shard of a DTensor; anything else as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -220,7 +220,7 @@ def same_base_model(name: str, recorded: str) -> bool:
     return resolved.is_dir() and Path(recorded).expanduser().is_dir() and resolved.resolve() == Path(recorded).resolve()
 
 
-def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_inject=None):
+def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_inject=None, on_meta: bool = False):
     """Load a T5 model and its tokenizer from `tiny`, a local directory or a hub name.
 
     Returns (model, tokenizer, path) where path is what an adapter should record as its base model.
@@ -231,6 +231,8 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
     there, and the checkpoint's safetensors files are read tensor by tensor, each frozen linear layer's
     weight quantised to NF4 as it comes and the rest stored in `dtype` (lora/nf4.py,
     quantize_while_loading): neither the fp32 nor a bf16 copy of the model is ever in memory.
+    With `on_meta`: the model is built on the meta device and its weights are not read (train.py --fsdp
+    then reads each rank's shards of them: load_base_shards).
     """
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -258,6 +260,9 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
         # safetensors only: a pytorch_model.bin is a pickle, and nothing is unpickled from a file a user hands us
         if qlora_inject is not None:
             model = _load_quantized(path, local_only, dtype, qlora_inject)
+        elif on_meta:
+            _checkpoint_files(path, local_only)  # there (or downloaded) before any rank reads its shards
+            model = _build_on_meta(path)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(
                 path, dtype=dtype, local_files_only=local_only, use_safetensors=True
@@ -294,54 +299,86 @@ def _refuse_a_quantized_checkpoint(name: str, config) -> None:
         )
 
 
-def load_with_lora(name: str, base_dtype: str, device: torch.device, inject):
+def load_with_lora(name: str, base_dtype: str, device: torch.device, inject, on_meta: bool = False):
     """(model, tokenizer, path) of load_model_and_tokenizer with LoRA injected by `inject(model)` (A and B in
     fp32) and the frozen weights stored as --base-dtype asks: fp32, bf16 or fp16, each tensor cast as it
-    loads, or NF4 (QLoRA) quantised as it loads, computing in support.precision.nf4_dtype's dtype."""
-    from lora import set_base_dtype
+    loads, or NF4 (QLoRA) quantised as it loads, computing in support.precision.nf4_dtype's dtype.
+    With `on_meta` (plain LoRA only): the frozen weights stay on the meta device, in that dtype, unread;
+    A and B are real, initialised as on a loaded model."""
+    from lora import allocate_adapters, set_base_dtype
 
     from .precision import nf4_dtype, resolve_dtype
 
     if base_dtype == "nf4":
         return load_model_and_tokenizer(name, nf4_dtype(device), qlora_inject=inject)
     dtype = resolve_dtype(base_dtype, device, "--base-dtype")
-    model, tokenizer, path = load_model_and_tokenizer(name, dtype)  # in that dtype as it loads: no fp32 copy
+    model, tokenizer, path = load_model_and_tokenizer(name, dtype, on_meta=on_meta)  # in that dtype: no fp32 copy
     inject(model)
     set_base_dtype(model, dtype)  # what the load kept in fp32 too (transformers keeps T5's wo there)
+    if on_meta:
+        allocate_adapters(model)
     return model, tokenizer, path
 
 
-def _load_quantized(path: str, local_only: bool, dtype: torch.dtype, inject):
-    from huggingface_hub import snapshot_download
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+def load_base_shards(model, name: str, device: torch.device) -> None:
+    """After support.fsdp.shard_model on a model load_with_lora built on the meta device: this rank's shards
+    of the frozen weights, read tensor by tensor from the checkpoint of `name` (each full tensor only while
+    its shard is cut from it), and A and B as they were."""
+    from .fsdp import materialize
 
-    from lora.nf4 import quantize_while_loading
+    try:
+        materialize(model, _checkpoint_tensors(_checkpoint_files(name, local_only=True)), device)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load model {name!r} ({str(err).strip()[:200]}).") from None
+
+
+def _checkpoint_files(path: str, local_only: bool) -> list[Path]:
+    """The checkpoint's .safetensors files: a directory's, or a hub name's cached (or downloaded) snapshot's."""
+    from huggingface_hub import snapshot_download
 
     directory = Path(path).expanduser()
-    if not directory.is_dir():  # a hub name: its cached (or downloaded) snapshot's safetensors files
+    if not directory.is_dir():
         patterns = ["*.json", "*.safetensors"]
         directory = Path(snapshot_download(path, allow_patterns=patterns, local_files_only=local_only))
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise OSError(f"no .safetensors weights in {directory}")
-    config = AutoConfig.from_pretrained(directory)
-    with torch.device("meta"):
-        model = AutoModelForSeq2SeqLM.from_config(config)
-    inject(model)
+    return files
 
-    def tensors():  # the file is opened for each tensor: its mapped pages are let go before the next one
-        for file in files:
+
+def _checkpoint_tensors(files: list[Path]):
+    """(name, tensor) for every tensor of the files, one at a time: each file is opened for each tensor, so
+    its mapped pages are let go before the next one."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            keys = list(weights.keys())  # noqa: SIM118 (safe_open has keys(), not iteration)
+        for key in keys:
             with safe_open(str(file), framework="pt") as weights:
-                keys = list(weights.keys())  # noqa: SIM118 (safe_open has keys(), not iteration)
-            for key in keys:
-                with safe_open(str(file), framework="pt") as weights:
-                    tensor = weights.get_tensor(key)
-                yield key, tensor
+                tensor = weights.get_tensor(key)
+            yield key, tensor
 
-    quantize_while_loading(model, tensors(), dtype)
-    if (directory / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
+
+def _build_on_meta(path: str):
+    """The model of `path`'s config on the meta device: shapes, dtypes and tied weights; no memory."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    with torch.device("meta"):
+        return AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+
+
+def _load_quantized(path: str, local_only: bool, dtype: torch.dtype, inject):
+    from transformers import GenerationConfig
+
+    from lora.nf4 import quantize_while_loading
+
+    files = _checkpoint_files(path, local_only)
+    model = _build_on_meta(path)
+    inject(model)
+    quantize_while_loading(model, _checkpoint_tensors(files), dtype)
+    if (files[0].parent / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(files[0].parent)
     return model.eval()
 
 
