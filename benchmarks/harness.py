@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from data import IGNORE_INDEX, TRAIN_FILE, collate, encode_examples, load_examples
-from lora import LoRALinear, count_parameters, inject_lora, set_base_dtype
+from lora import LoRALinear, allocate_adapters, count_parameters, inject_lora, set_base_dtype
 from lora.nf4 import quantize_while_loading
 from support.fast_modules import use_fast_modules
-from support.fsdp import local
+from support.fsdp import local, materialize, shard_model
 from support.metrics import peak_memory_mib
 from support.models import (
     TINY,
@@ -78,6 +78,23 @@ def build_nf4_lora_model(name: str, dtype: torch.dtype):
     quantize_while_loading(model, drawn, dtype)
     use_fast_modules(model)
     return model
+
+
+def build_fsdp_lora_model(name: str, dev: torch.device):
+    """train.py --fsdp's model with random weights: LoRA (r=16 on q, v) injected on the meta device, sharded,
+    then this rank's shards of each frozen weight cut from it drawn whole, one at a time (support/fsdp.py,
+    materialize), as from a checkpoint; (model, AdamW over the sharded A and B). Joins the process group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo" if dev.type == "cpu" else "nccl")
+    model = model_shapes(name)
+    allocate_adapters(model)
+    use_fast_modules(model)
+    shard_model(model, dev, dist.get_world_size())
+    generator = torch.Generator().manual_seed(0)
+    frozen = [(key, param.shape) for key, param in model.named_parameters() if not param.requires_grad]
+    materialize(model, ((key, torch.randn(shape, generator=generator) * 0.05) for key, shape in frozen), dev)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
 def rss_mib() -> float:
@@ -183,14 +200,17 @@ def worker(spec: dict) -> dict:
         if spec.get("base_dtype") == "nf4":  # QLoRA, as train.py --base-dtype nf4 builds it
             model = build_nf4_lora_model(spec["model"], nf4_dtype(dev)).to(dev).train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        elif spec.get("parallel") == "fsdp":  # no rank builds the whole base
+            model, optimizer = build_fsdp_lora_model(spec["model"], dev)
+            model.train()
         else:
             model = build_model(spec["model"]).to(dev).train()
             model, optimizer = prepare_training(model, spec["mode"])
         if spec.get("base_dtype") == "bf16":
             set_base_dtype(model, torch.bfloat16)  # A and B stay fp32, as train.py --base-dtype bf16
         step_model = model  # what the steps call; `model` stays the T5 itself
-        if spec.get("parallel"):  # under torchrun: DDP, or FSDP2 as train.py --fsdp (optimizer after sharding)
-            step_model, optimizer = data_parallel(model, spec["parallel"], dev)
+        if spec.get("parallel") == "ddp":  # under torchrun
+            step_model, optimizer = data_parallel(model, dev)
     if spec.get("checkpointing"):
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -236,18 +256,13 @@ def worker(spec: dict) -> dict:
     }
 
 
-def data_parallel(model, parallel: str, dev: torch.device):
-    """The model in DDP or sharded by FSDP2 (support/fsdp.py), and an AdamW over what it trains."""
+def data_parallel(model, dev: torch.device):
+    """The model in DDP, and an AdamW over what it trains. Joins the process group."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from support.fsdp import shard_model
-
     dist.init_process_group("gloo" if dev.type == "cpu" else "nccl")
-    if parallel == "fsdp":
-        shard_model(model, dev, dist.get_world_size())
-    else:
-        model = DistributedDataParallel(model)
+    model = DistributedDataParallel(model)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 

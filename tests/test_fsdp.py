@@ -143,6 +143,25 @@ def test_fsdp_clips_its_gradient_shards_as_one_process_clips_the_whole_gradients
         assert torch.equal(param.grad, clipped)
 
 
+def test_dora_under_fsdp_trains_as_one_process(tmp_path):
+    """DoRA's magnitude is initialised from W0 (torchtune's distributed DoRA once left it on the meta
+    device, #2129): under --fsdp its base is loaded whole on every rank, then sharded, and 2 ranks train
+    what one process summing in FSDP's order trains."""
+    script = tmp_path / "record_gradients.py"
+    script.write_text(RECORD_GRADIENTS)
+    argv = [str(script), str(ROOT), *COMMON, "--max-steps", "2", "--use-dora"]
+    runs = {
+        "fsdp": ([*TWO_PROCESSES, *argv, "--fsdp"], {}),
+        "one": ([sys.executable, *argv, "--grad-accum", "2"], {"SUM_AS_FSDP": "1"}),
+    }
+    for name, (command, extra_env) in runs.items():
+        env = {**ENV, **extra_env, "GRADIENTS_FILE": str(tmp_path / f"{name}.pt")}
+        code, _, stderr = run_to_the_end([*command, "--output-dir", str(tmp_path / name)], work_done=WORK_DONE, env=env)
+        assert code == 0, stderr[-3000:]
+    assert any("lora_magnitude" in key for key in adapter_tensors(tmp_path / "fsdp"))
+    assert_same_training(tmp_path / "fsdp", tmp_path / "one")
+
+
 def fsdp_command(output_dir, *extra):
     return [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--max-steps", "6", "--save-every", "2", "--fsdp",
             "--output-dir", str(output_dir), *extra]  # fmt: skip
