@@ -177,7 +177,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         "--fsdp",
         action="store_true",
         help="shard the frozen base, A and B across the processes (FSDP2, fully_shard per T5 block) instead of "
-        "copying the whole model to each (DDP, the default): for a base too big for one GPU",
+        "copying the whole model to each (DDP, the default): for a base too big for one GPU. Each process reads "
+        "only its shards of the checkpoint (with DoRA or PiSSA, which start from W0, it loads the base whole first)",
     )
     multi.add_argument(
         "--dist-timeout",
