@@ -322,5 +322,6 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
             setattr(modules[target_path], target_name, model.get_parameter(source))
     missing = [name for name, param in model.named_parameters() if param.is_meta and not param.requires_grad]
     if missing:
-        raise ValueError(f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more).")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(f"the checkpoint has no tensor for {missing[0]}{more}")
     allocate_adapters(model)

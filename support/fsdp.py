@@ -59,7 +59,8 @@ def materialize(model: nn.Module, named_tensors, device: torch.device) -> None:
         filled.add(name)
     missing = [name for name in params if name not in filled]
     if missing:
-        raise ValueError(f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(f"the checkpoint has no tensor for {missing[0]}{more}")
 
 
 def local(tensor):

@@ -264,9 +264,13 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
             _checkpoint_files(path, local_only)  # there (or downloaded) before any rank reads its shards
             model = _build_on_meta(path)
         else:
-            model = AutoModelForSeq2SeqLM.from_pretrained(
-                path, dtype=dtype, local_files_only=local_only, use_safetensors=True
+            model, loading = AutoModelForSeq2SeqLM.from_pretrained(
+                path, dtype=dtype, local_files_only=local_only, use_safetensors=True, output_loading_info=True
             )
+            if loading["missing_keys"]:  # transformers would fill them with random values, and only warn
+                missing = sorted(loading["missing_keys"])
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise ValueError(f"the checkpoint has no tensor for {missing[0]}{more}")
     except UsageError:  # from qlora_inject: the LoRA settings, not the model
         raise
     except (OSError, ValueError, ImportError) as err:
@@ -275,11 +279,7 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
                 f"model directory {name!r} holds no .safetensors weights (a pytorch_model.bin is a pickle, which "
                 "this project never loads); save the model with save_pretrained (safetensors by default)."
             ) from None
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(
-            f"could not load model {name!r} ({reason[:200]}); pass a local directory saved with save_pretrained, "
-            "or --model tiny for the offline test model."
-        ) from None
+        raise _could_not_load(name, err) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -329,7 +329,15 @@ def load_base_shards(model, name: str, device: torch.device) -> None:
     try:
         materialize(model, _checkpoint_tensors(_checkpoint_files(name, local_only=True)), device)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not load model {name!r} ({str(err).strip()[:200]}).") from None
+        raise _could_not_load(name, err) from None
+
+
+def _could_not_load(name: str, err: Exception) -> ModelLoadError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(
+        f"could not load model {name!r} ({reason[:200]}); pass a local directory saved with save_pretrained, "
+        "or --model tiny for the offline test model."
+    )
 
 
 def _checkpoint_files(path: str, local_only: bool) -> list[Path]:

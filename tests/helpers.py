@@ -104,3 +104,17 @@ def sum_block_input_gradients_as_fsdp(model) -> None:
 
     for block in [*model.encoder.block, *model.decoder.block]:
         block.register_forward_pre_hook(pass_through_identity, with_kwargs=True)
+
+
+def checkpoint_without(directory, key: str, model_directory):
+    """A copy of a saved model's directory with the tensor `key` left out of its weights."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(shutil.copytree(model_directory, directory))
+    tensors = load_file(directory / "model.safetensors")
+    del tensors[key]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory

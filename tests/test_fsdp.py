@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import descendants, kill_tree, run_to_the_end, sum_block_input_gradients_as_fsdp
+from helpers import checkpoint_without, descendants, kill_tree, run_to_the_end, sum_block_input_gradients_as_fsdp
 from safetensors.torch import load_file
 
 import train
@@ -275,6 +275,19 @@ def test_fsdp_refusals_are_one_sentence(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+MISSING = "decoder.block.0.layer.2.DenseReluDense.wo.weight"
+
+
+def test_under_fsdp_a_checkpoint_missing_a_tensor_is_refused(tmp_path, tiny_model_path):
+    broken = checkpoint_without(tmp_path / "broken", MISSING, tiny_model_path)
+    command = [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--model", str(broken), "--max-steps", "1", "--fsdp",
+               "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    code, _, stderr = run_to_the_end(command, work_done="never", env=ENV, timeout=120)
+    sentences = {line for line in stderr.splitlines() if line.startswith("error: ")}  # each rank says it
+    assert code != 0 and len(sentences) == 1, stderr[-3000:]
+    assert f"(the checkpoint has no tensor for {MISSING});" in sentences.pop()
 
 
 HELD_PER_RANK = """
