@@ -111,24 +111,20 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Scale the gradients so that their global L2 norm is at most `max_norm`; returns the norm before.
+    """torch.nn.utils.clip_grad_norm_, and under FSDP the same to the last bit: returns the norm before.
 
-    The squares are summed in float64 over what this rank holds (its shards under FSDP, the whole gradients,
-    the same on every rank, otherwise), and the shards' sums over the ranks: the norm, and so the clipped
-    gradients, come out the same to float32's last bit on any number of processes. (torch's
-    clip_grad_norm_ takes a float32 norm of each shard, then of those: N FSDP ranks clip by another last
-    bit than one process does, and AdamW turns that into visible differences where gradients are near 0.)
+    torch's own, given FSDP's gradient shards, takes a norm of each shard, then of those, and so clips
+    N ranks by another last bit than one process (AdamW turns that into visible differences where
+    gradients are near 0). Here each rank gathers the whole gradients (A and B's: small), takes their
+    norm as torch does, and scales its own shards by the factor torch would use.
     """
-    grads = [fsdp.local(p.grad) for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    squares = sum(grad.double().square().sum() for grad in grads)  # one gradient's float64 copy at a time
-    if any(isinstance(p.grad, DTensor) for p in params):
-        dist.all_reduce(squares)
-    norm = squares.sqrt()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch's, 1e-6 against a zero norm
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(grad, DTensor) for grad in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    norm = torch.nn.utils.get_total_norm([fsdp.full(grad) for grad in grads])  # a collective: every rank
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
     for grad in grads:
-        grad.mul_(scale.to(grad.dtype))
+        fsdp.local(grad).mul_(scale)
     return norm.item()
 
 
