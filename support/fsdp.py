@@ -4,7 +4,8 @@
 DTensors holding 1/world_size of each tensor; a block's full weights exist only while it computes. LoRA is
 injected before sharding, so a block's frozen W0 and its trainable A and B shard together, and the
 optimizer is built after, over the sharded A and B. The base is sharded while still on the meta device,
-and `materialize` then fills each rank's shards from the checkpoint, so no rank holds the whole base. The
+and `materialize` then fills each rank's shards from the checkpoint, so no rank holds the whole base (with plain
+LoRA: DoRA and PiSSA initialise from W0, which train.py then loads whole before sharding). The
 adapter and its AdamW state are small: checkpoints hold them as full tensors, gathered from every rank, so
 that a run resumes on any number of processes.
 """
