@@ -77,7 +77,7 @@ def assert_same_training(run, reference):
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
-    for name in ("train_loss", "grad_norm"):  # AdamW and clipping hide a gradient's scale; its norm does not
+    for name in ("train_loss", "grad_norm", "val_loss"):  # AdamW and clipping hide a gradient's scale; its norm not
         torch.testing.assert_close(logged(run, name), logged(reference, name), rtol=1e-6, atol=0)
 
 
@@ -100,7 +100,9 @@ def three_steps(tmp_path_factory):
     root = tmp_path_factory.mktemp("three_steps")
     script = root / "record_gradients.py"
     script.write_text(RECORD_GRADIENTS)
-    argv = [*COMMON, "--max-steps", "3", "--gradient-checkpointing"]
+    # Validation too: the bundled split's 15 batches fall 8 and 7 to the ranks, and under FSDP every forward
+    # is a collective (a rank with fewer batches runs empty ones).
+    argv = [*COMMON, "--max-steps", "3", "--gradient-checkpointing", "--val-data", "auto", "--eval-every", "3"]
     one_process = [sys.executable, str(script), str(ROOT), *argv, "--grad-accum", "2"]
     runs = {
         "fsdp": ([*TWO_PROCESSES, str(script), str(ROOT), *argv, "--fsdp"], {}),
@@ -128,6 +130,7 @@ def test_fsdp_on_two_processes_trains_as_one_process_accumulating_two_batches(th
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * largest)
     assert_same_training(three_steps / "fsdp", three_steps / "one_in_fsdp_order")
     assert_same_training_but_rounding(three_steps / "fsdp", three_steps / "one", steps=3)
+    assert len(logged(three_steps / "fsdp", "val_loss")) == 1 and (three_steps / "fsdp" / "best").is_dir()
 
 
 def test_fsdp_clips_its_gradient_shards_as_one_process_clips_the_whole_gradients(three_steps):
