@@ -176,9 +176,11 @@ class LengthBucketSampler:
     Each epoch: shuffle all rows, cut them into buckets of `batch_size * bucket_batches` rows, sort each
     bucket by `lengths` (any sortable key per row, e.g. `bucket_key`), cut it into batches and shuffle the
     batches. Every row comes exactly once per
-    epoch, and the order depends only on (seed, epoch). With world_size > 1, rank r takes batches
-    r, r + world_size, ...; the largest batches are split in two until every rank has the same count,
-    so DDP ranks step together and still no row is dropped or repeated.
+    epoch, and the order depends only on (seed, epoch), never on the number of processes: rank r of
+    world_size takes batches r, r + world_size, ..., and where the count does not divide, the ranks short
+    of one in the last round get an empty batch (no rows), so that all step together. A step over the
+    same global batch (processes x --grad-accum) thus covers the same rows on any number of processes,
+    and a run resumes exactly on another.
     """
 
     def __init__(
@@ -212,18 +214,20 @@ class LengthBucketSampler:
         for start in range(0, len(order), self.bucket_size):
             bucket = sorted(order[start : start + self.bucket_size], key=lambda i: self.lengths[i])
             batches += [bucket[i : i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        while len(batches) % self.world_size:
-            largest = max(range(len(batches)), key=lambda i: len(batches[i]))
-            batch = batches[largest]
-            batches[largest : largest + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
-        return batches
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def _own_batches(self) -> list[list[int]]:
+        """This rank's batches of the epoch, an empty one last where it is short of one."""
+        batches = self.all_batches(self.epoch)
+        rounds = math.ceil(len(batches) / self.world_size)
+        own = batches[self.rank :: self.world_size]
+        return own + [[]] * (rounds - len(own))
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.all_batches(self.epoch)[self.rank :: self.world_size][self.start_batch :]
+        yield from self._own_batches()[self.start_batch :]
 
     def __len__(self) -> int:
-        return len(self.all_batches(self.epoch)) // self.world_size - self.start_batch
+        return len(self._own_batches()) - self.start_batch
 
 
 @dataclass
@@ -237,7 +241,15 @@ class TrainingData:
     truncated: tuple[int, int]  # training and validation rows cut to the max lengths
 
     def batch(self, indices: Sequence[int]) -> dict:
-        return collate([self.train_set[i] for i in indices], *self.pad)
+        """The collated rows; no indices (a rank short of a batch) give empty_batch()."""
+        return collate([self.train_set[i] for i in indices], *self.pad) if indices else empty_batch()
+
+
+def empty_batch() -> dict:
+    """One row of one pad token, unattended and unsupervised: a forward and backward that read and teach
+    nothing, for a rank that has no batch while the others have one (DDP and FSDP step together)."""
+    batch = {key: torch.zeros((1, 1), dtype=torch.long) for key in ("input_ids", "attention_mask", "decoder_input_ids")}
+    return {**batch, "labels": torch.full((1, 1), IGNORE_INDEX)}
 
 
 def training_data(

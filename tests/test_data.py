@@ -250,6 +250,25 @@ def test_sampler_shards_by_rank_without_loss_or_repeat(world_size):
     assert sorted(i for shard in shards for batch in shard for i in batch) == list(range(101))
 
 
+def test_a_step_covers_the_same_rows_on_any_number_of_processes():
+    """Steps of one global batch (processes x grad_accum = 12 batches of 8) over 101 rows (13 batches, which
+    2, 3 and 4 do not divide): each step reads the same rows on 1, 2, 3 and 4 processes, so a run resumes
+    exactly on another number of them; the ranks short of a batch get an empty one."""
+    lengths = [(i * 13) % 40 + 2 for i in range(101)]
+
+    def steps(world_size):
+        accum = 12 // world_size
+        shards = [list(LengthBucketSampler(lengths, 8, seed=2, rank=r, world_size=world_size))
+                  for r in range(world_size)]  # fmt: skip
+        rows = [[i for shard in shards for batch in shard[k : k + accum] for i in batch]
+                for k in range(0, len(shards[0]), accum)]  # fmt: skip
+        return [sorted(step) for step in rows]
+
+    assert len(steps(1)) == 2
+    for world_size in (2, 3, 4):
+        assert steps(world_size) == steps(1), world_size
+
+
 def test_bucketing_cuts_padding(splits, tiny_tokenizer):
     encoded, _ = encode_examples(splits["train"], tiny_tokenizer)
 

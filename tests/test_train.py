@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import support.fast_modules
 import train
-from data import EncodedExample, collate
+from data import TRAIN_FILE, EncodedExample, collate
 from lora import inject_lora, load_adapter
 from support.lr_schedule import lr_factor
 
@@ -454,9 +454,13 @@ WORK_DONE = "; adapter in "  # rank 0's summary line: what is left after it is t
 @pytest.mark.parametrize("options", [[], ["--base-dtype", "nf4"]], ids=["ddp", "ddp-nf4-base"])
 def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path, capsys, options):
     """2 gloo processes at batch 10 see, step by step, the same 20 rows as 1 process accumulating 2 batches
-    of 10 (the epoch has an even number of batches, so none is split). Dropout is 0, so the adapters match:
-    on a dense base and on an NF4 one (QLoRA under DDP). FSDP: tests/test_fsdp.py."""
-    common = [*FAST, "--batch-size", "10", "--max-steps", "3", "--dropout", "0", "--log-every", "1", *options]
+    of 10, over a whole epoch of 45 rows: 5 batches, so in the last step rank 1 has none and runs an empty
+    one. Dropout is 0, so the adapters match: on a dense base and on an NF4 one (QLoRA under DDP). FSDP:
+    tests/test_fsdp.py."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(Path(TRAIN_FILE).read_text().splitlines(keepends=True)[:45]))
+    common = [*FAST, "--data", str(data), "--val-data", "none", "--batch-size", "10", "--max-steps", "3",
+              "--dropout", "0", "--log-every", "1", *options]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [*TORCHRUN, str(ROOT / "train.py"), *common, "--output-dir", str(tmp_path / "ddp")]
     code, stdout, stderr = run_to_the_end(command, work_done=WORK_DONE, env=env)
