@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import IGNORE_INDEX, DataError, TrainingData, empty_batch, training_data, warn_if_unreadable
+from data import IGNORE_INDEX, DataError, TrainingData, training_data, warn_if_unreadable
 from lora import AdapterError, inject_lora, lora_param_groups, save_adapter
 from support import checkpoints, fsdp
 from support import distributed as dist
@@ -360,10 +360,7 @@ def validation_loss(model, batches: list[dict], device: torch.device, dtype: tor
     was_training = model.training
     model.eval()
     loss_sum, tokens = 0.0, 0
-    # Under FSDP every forward gathers each block's weights from all ranks, so all must run as many: a rank
-    # with fewer batches (the split is by batch) runs empty ones, which have no supervised token.
-    rounds = dist.most_on_any_rank(len(batches), device)
-    for batch in batches + [empty_batch()] * (rounds - len(batches)):
+    for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, dtype):
             loss_sum += sequence_loss_sum(model, batch).item()

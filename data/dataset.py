@@ -155,9 +155,13 @@ def hold_out(rows: Sequence, share: float, seed: int) -> tuple[list, list]:
 def sequential_batches(
     rows: Sequence[EncodedExample], batch_size: int, pad_token_id: int, pad_to_multiple_of=None, rank=0, world_size=1
 ) -> list[dict]:
-    """Collated batches in file order (for validation); rank r takes batches r, r + world_size, ..."""
+    """Collated batches in file order (for validation); rank r takes batches r, r + world_size, ..., and a
+    rank short of one in the last round an empty_batch(), so that all run as many (under FSDP every forward
+    is a collective)."""
     starts = range(rank * batch_size, len(rows), world_size * batch_size)
-    return [collate(rows[i : i + batch_size], pad_token_id, pad_to_multiple_of) for i in starts]
+    batches = [collate(rows[i : i + batch_size], pad_token_id, pad_to_multiple_of) for i in starts]
+    rounds = math.ceil(math.ceil(len(rows) / batch_size) / world_size)
+    return batches + [empty_batch() for _ in range(rounds - len(batches))]
 
 
 def bucket_key(example: EncodedExample) -> int:

@@ -128,15 +128,6 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     return norm.item()
 
 
-def most_on_any_rank(value: int, device: torch.device) -> int:
-    """The largest `value` of all processes."""
-    if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` is set on any process (so that all of them stop at the same step)."""
     return all_reduce_sum([float(flag)], device)[0] > 0

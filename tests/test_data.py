@@ -20,6 +20,7 @@ from data import (
     collate,
     encode_examples,
     load_examples,
+    sequential_batches,
 )
 from data.generate import INTENTS
 
@@ -267,6 +268,17 @@ def test_a_step_covers_the_same_rows_on_any_number_of_processes():
     assert len(steps(1)) == 2
     for world_size in (2, 3, 4):
         assert steps(world_size) == steps(1), world_size
+
+
+def test_validation_batches_are_as_many_on_every_rank(splits, tiny_tokenizer):
+    """15 batches of the bundled validation split on 2 ranks: 8 each, rank 1's last one empty (under FSDP
+    every forward is a collective, so a rank with fewer batches would leave the other waiting)."""
+    encoded, _ = encode_examples(splits["validation"], tiny_tokenizer)
+    shards = [sequential_batches(encoded, 10, 0, None, rank, 2) for rank in (0, 1)]
+    assert [len(shard) for shard in shards] == [8, 8] and len(encoded) == 142
+    assert int((shards[1][-1]["labels"] != IGNORE_INDEX).sum()) == 0 and shards[1][-1]["attention_mask"].sum() == 0
+    rows = sum(batch["labels"].shape[0] for shard in shards for batch in shard[:-1]) + shards[0][-1]["labels"].shape[0]
+    assert rows == 142  # every row once
 
 
 def test_bucketing_cuts_padding(splits, tiny_tokenizer):
