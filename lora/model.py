@@ -129,6 +129,12 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
                 layer.merge()
 
 
+def missing_tensors_error(names: list[str]) -> ValueError:
+    """What a load that did not find every frozen tensor raises: the first name, and how many more."""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return ValueError(f"the checkpoint has no tensor for {names[0]}{more}")
+
+
 def allocate_adapters(model: nn.Module) -> None:
     """A and B of LoRA injected into a model on the meta device: allocated in fp32 on the CPU and initialised
     as LoRA does (B = 0), in the order inject_lora initialises them, so a seed gives the values it gives on

@@ -294,7 +294,7 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
     Then A and B are allocated in fp32 and initialised as LoRA does (B = 0), in the order inject_lora
     initialises them. Names the model lacks are ignored (a checkpoint's copies of tied weights); a frozen
     tensor the pairs never gave is refused."""
-    from .model import allocate_adapters, lora_layers
+    from .model import allocate_adapters, lora_layers, missing_tensors_error
 
     modules = dict(model.named_modules())
     lora = lora_layers(model)
@@ -322,6 +322,5 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
             setattr(modules[target_path], target_name, model.get_parameter(source))
     missing = [name for name, param in model.named_parameters() if param.is_meta and not param.requires_grad]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ValueError(f"the checkpoint has no tensor for {missing[0]}{more}")
+        raise missing_tensors_error(missing)
     allocate_adapters(model)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lora.model import missing_tensors_error
+
 
 def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
     """fully_shard every encoder and decoder block, then the root (embeddings, final norms, lm_head)."""
@@ -43,10 +45,9 @@ def materialize(model: nn.Module, named_tensors, device: torch.device) -> None:
     holds more of the base than its shards and one tensor), the trainable ones (real before sharding: A and
     B) with the values they had. A name the model lacks (a tied weight's other name) is passed over; a
     frozen parameter the pairs never give is refused."""
-    params = dict(model.named_parameters())  # a tied weight once, under its first name
-    kept = {name: local(param).clone() for name, param in params.items() if not param.is_meta}
+    kept = {name: local(param).clone() for name, param in model.named_parameters() if not param.is_meta}
     model.to_empty(device=device)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters())  # a tied weight once, under its first name
     for name, values in kept.items():
         local(params[name]).copy_(values)
     filled = set(kept)
@@ -62,8 +63,7 @@ def materialize(model: nn.Module, named_tensors, device: torch.device) -> None:
         filled.add(name)
     missing = [name for name in params if name not in filled]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ValueError(f"the checkpoint has no tensor for {missing[0]}{more}")
+        raise missing_tensors_error(missing)
 
 
 def local(tensor):

@@ -237,6 +237,8 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from lora.model import missing_tensors_error
+
     path = resolve_model_path(name)
     local_only = Path(path).expanduser().is_dir() or _in_hub_cache(path)
     if not local_only:
@@ -268,9 +270,7 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
                 path, dtype=dtype, local_files_only=local_only, use_safetensors=True, output_loading_info=True
             )
             if loading["missing_keys"]:  # transformers would fill them with random values, and only warn
-                missing = sorted(loading["missing_keys"])
-                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-                raise ValueError(f"the checkpoint has no tensor for {missing[0]}{more}")
+                raise missing_tensors_error(sorted(loading["missing_keys"]))
     except UsageError:  # from qlora_inject: the LoRA settings, not the model
         raise
     except (OSError, ValueError, ImportError) as err:

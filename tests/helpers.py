@@ -106,6 +106,9 @@ def sum_block_input_gradients_as_fsdp(model) -> None:
         block.register_forward_pre_hook(pass_through_identity, with_kwargs=True)
 
 
+MISSING_TENSOR = "decoder.block.0.layer.2.DenseReluDense.wo.weight"  # a tensor of the tiny model
+
+
 def checkpoint_without(directory, key: str, model_directory):
     """A copy of a saved model's directory with the tensor `key` left out of its weights."""
     import shutil

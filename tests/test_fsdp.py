@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import checkpoint_without, descendants, kill_tree, run_to_the_end, sum_block_input_gradients_as_fsdp
+from helpers import (
+    MISSING_TENSOR,
+    checkpoint_without,
+    descendants,
+    kill_tree,
+    run_to_the_end,
+    sum_block_input_gradients_as_fsdp,
+)
 from safetensors.torch import load_file
 
 import train
@@ -92,6 +99,15 @@ def assert_same_training_but_rounding(run, reference, steps):
     torch.testing.assert_close(logged(run, "train_loss"), logged(reference, "train_loss"), rtol=1e-6, atol=0)
 
 
+def run_recording(runs: dict, root: Path) -> None:
+    """Each {name: (command, extra environment)} to the end, its output in root/name and its first step's
+    gradients in root/name.pt."""
+    for name, (command, extra_env) in runs.items():
+        env = {**ENV, **extra_env, "GRADIENTS_FILE": str(root / f"{name}.pt")}
+        code, _, stderr = run_to_the_end([*command, "--output-dir", str(root / name)], work_done=WORK_DONE, env=env)
+        assert code == 0, stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def three_steps(tmp_path_factory):
     """3 steps of the tiny model as 2 FSDP ranks, and as 1 process with --grad-accum 2 that sums gradients in
@@ -109,10 +125,7 @@ def three_steps(tmp_path_factory):
         "one_in_fsdp_order": (one_process, {"SUM_AS_FSDP": "1"}),
         "one": (one_process, {}),
     }
-    for name, (command, extra_env) in runs.items():
-        env = {**ENV, **extra_env, "GRADIENTS_FILE": str(root / f"{name}.pt")}
-        code, _, stderr = run_to_the_end([*command, "--output-dir", str(root / name)], work_done=WORK_DONE, env=env)
-        assert code == 0, stderr[-3000:]
+    run_recording(runs, root)
     return root
 
 
@@ -157,10 +170,7 @@ def test_dora_under_fsdp_trains_as_one_process(tmp_path):
         "fsdp": ([*TWO_PROCESSES, *argv, "--fsdp"], {}),
         "one": ([sys.executable, *argv, "--grad-accum", "2"], {"SUM_AS_FSDP": "1"}),
     }
-    for name, (command, extra_env) in runs.items():
-        env = {**ENV, **extra_env, "GRADIENTS_FILE": str(tmp_path / f"{name}.pt")}
-        code, _, stderr = run_to_the_end([*command, "--output-dir", str(tmp_path / name)], work_done=WORK_DONE, env=env)
-        assert code == 0, stderr[-3000:]
+    run_recording(runs, tmp_path)
     assert any("lora_magnitude" in key for key in adapter_tensors(tmp_path / "fsdp"))
     assert_same_training(tmp_path / "fsdp", tmp_path / "one")
 
@@ -280,17 +290,14 @@ def test_fsdp_refusals_are_one_sentence(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-MISSING = "decoder.block.0.layer.2.DenseReluDense.wo.weight"
-
-
 def test_under_fsdp_a_checkpoint_missing_a_tensor_is_refused(tmp_path, tiny_model_path):
-    broken = checkpoint_without(tmp_path / "broken", MISSING, tiny_model_path)
+    broken = checkpoint_without(tmp_path / "broken", MISSING_TENSOR, tiny_model_path)
     command = [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--model", str(broken), "--max-steps", "1", "--fsdp",
                "--output-dir", str(tmp_path / "run")]  # fmt: skip
     code, _, stderr = run_to_the_end(command, work_done="never", env=ENV, timeout=120)
     sentences = {line for line in stderr.splitlines() if line.startswith("error: ")}  # each rank says it
     assert code != 0 and len(sentences) == 1, stderr[-3000:]
-    assert f"(the checkpoint has no tensor for {MISSING});" in sentences.pop()
+    assert f"(the checkpoint has no tensor for {MISSING_TENSOR});" in sentences.pop()
 
 
 HELD_PER_RANK = """

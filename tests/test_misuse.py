@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import logits, randomize_adapter, tiny_t5
-from helpers import checkpoint_without
+from helpers import MISSING_TENSOR, checkpoint_without
 from safetensors.torch import load_file, save_file
 
 import bench
@@ -291,21 +291,18 @@ def test_new_lora_layers_take_the_mode_of_the_model_they_join(tmp_path, t5_batch
 # --- one sentence, never a traceback ----------------------------------------------------------------------
 
 
-MISSING = "decoder.block.0.layer.2.DenseReluDense.wo.weight"
-
-
 @pytest.mark.parametrize("base_dtype", ["fp32", "nf4"])
 def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_values(
     tmp_path, capsys, tiny_model_path, base_dtype
 ):
     """transformers fills a tensor the checkpoint lacks with random values and only warns; a base with a random
     layer would train and answer as if whole. (Under --fsdp: tests/test_fsdp.py.)"""
-    broken = checkpoint_without(tmp_path / "broken", MISSING, tiny_model_path)
+    broken = checkpoint_without(tmp_path / "broken", MISSING_TENSOR, tiny_model_path)
     code = train.main(["--model", str(broken), "--base-dtype", base_dtype, "--max-steps", "1", "--val-data", "none",
                        "--output-dir", str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0, err
-    assert f"could not load model '{broken}' (the checkpoint has no tensor for {MISSING});" in err
+    assert f"could not load model '{broken}' (the checkpoint has no tensor for {MISSING_TENSOR});" in err
 
 
 def test_train_refusals_that_used_to_be_tracebacks(tmp_path, small_data, capsys, monkeypatch):
