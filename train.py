@@ -103,7 +103,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         if resume_from is not None:
             shard_state = (lambda state: fsdp.shard_optimizer_state(run.optimizer, state)) if args.fsdp else None
             progress, note = load_checkpoint(resume_from, run.optimizer, run.scheduler, run.scaler, env.device,
-                                             env.rank, env.world_size, shard_state)  # fmt: skip
+                                             env.rank, env.world_size, run.data.plan, shard_state)  # fmt: skip
             env.log(f"resumed from {resume_from} at step {progress.step}" + (f" ({note})" if note else ""))
         run.train_model = model if args.fsdp else dist.data_parallel(model)
         if args.compile:
@@ -112,7 +112,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             config["longest_target_tokens"] = max(len(example.labels) for example in run.data.train_set)
             start_run(args.output_dir, config, tokenizer, replace=args.overwrite)
 
-        start_time = time.perf_counter()
+        start_time, first_step = time.perf_counter(), progress.step
         with naming_a_lost_rank(lambda: latest_checkpoint(args.output_dir), args.dist_timeout):
             aborted = fit(run, progress)
 
@@ -120,7 +120,8 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             if env.is_main:
                 save_adapter(model, args.output_dir, base_path, pissa_as_lora=True)  # PiSSA: for the original base
                 write_metrics_and_plot(args.output_dir, progress.history)
-        summary = run_summary(model, progress, time.perf_counter() - start_time, run.validating, env.device)
+        steps_run, time_s = progress.step - first_step, time.perf_counter() - start_time
+        summary = run_summary(model, progress, steps_run, time_s, run.validating, env.device)
         env.log("\n" + summary_line(summary, args.output_dir))
         summary.update(output_dir=str(args.output_dir), aborted=aborted)
         if aborted:
@@ -191,13 +192,13 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     """Tokenise, batch, and make the optimizer, schedule and gradient scaler."""
     # Lengths padded up to a multiple: 8 suits tensor cores; 16 bounds the shapes a compiled model meets.
     pad_multiple = 16 if args.compile else 8 if env.device.type == "cuda" else None
-    lengths, share = (args.max_source_len, args.max_target_len), (env.rank, env.world_size)
+    lengths, share = (args.max_source_len, args.max_target_len), (args.grad_accum, env.rank, env.world_size)
     data = training_data(train_rows, val_rows, tokenizer, lengths, args.batch_size, pad_multiple, args.seed, *share)
     if any(data.truncated):
         env.log("note: {} training and {} validation rows were cut to the max lengths".format(*data.truncated))
     if env.is_main:
         warn_if_unreadable(data.train_set, tokenizer.unk_token_id, args.data)  # a script the tokenizer cannot read
-    total_steps = args.max_steps or args.epochs * math.ceil(len(data.sampler) / args.grad_accum)
+    total_steps = args.max_steps or args.epochs * data.plan.steps_per_epoch
     warmup_steps = int(args.warmup_ratio * total_steps)
     groups = lora_param_groups(model, args.lr, args.loraplus_lr_ratio)  # A and B, or LoRA+'s faster B
     optimizer = torch.optim.AdamW(groups, args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda")
@@ -212,9 +213,10 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
 
 
 def fit(run: Run, progress: Progress) -> str | None:
-    """The loop: a train_step per --grad-accum micro-batches; logs, validation, checkpoints; why it stopped early."""
-    args, env = run.args, run.env
-    sampler, batches_per_epoch = run.data.sampler, len(run.data.sampler)
+    """The loop: a train_step per step of the plan; logs, validation, checkpoints; why it stopped early.
+    Which batches a step trains on, and whether it ends an epoch, come from its number alone (data.StepPlan),
+    so a resumed run goes on exactly as the run that was never stopped."""
+    args, env, plan = run.args, run.env, run.data.plan
     meter = IntervalMeter()
     compiling = args.compile
     bar = tqdm(
@@ -223,55 +225,44 @@ def fit(run: Run, progress: Progress) -> str | None:
     )  # fmt: skip
     with stop_requests() as stop, bar:
         while progress.step < run.total_steps:
-            sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-            epoch_batches = iter(list(sampler))
-            while progress.step < run.total_steps:
-                group = [run.data.batch(indices) for _, indices in zip(range(args.grad_accum), epoch_batches)]
-                if not group:  # resumed exactly at an epoch's end
-                    progress.next_epoch()
-                    break
-                progress.batch_in_epoch += len(group)
-                step_start = time.perf_counter()
-                result = train_step(
-                    run.train_model, run.optimizer, run.scaler, group,
-                    device=env.device, dtype=run.dtype, max_grad_norm=args.max_grad_norm,
-                )  # fmt: skip
-                if compiling:  # its first step compiles the model: timed apart from the others
-                    env.log(f"--compile: the first step took {time.perf_counter() - step_start:.1f} s (compilation)")
-                    compiling = False
-                step_schedule(run.scheduler)
-                progress.step += 1
-                bar.update(1)
-                progress.count_step(skipped=result.skipped is not None, empty=not result.supervised_tokens)
-                meter.add_step(result, group, env.world_size)
-                if result.skipped:
-                    env.log(f"step {progress.step}: skipped, {result.skipped}")
-                if progress.consecutive_skips >= args.max_skipped_steps:
-                    return (
-                        f"stopped: {progress.consecutive_skips} consecutive steps had a non-finite loss or "
-                        "gradient; the last good adapter is kept. Lower --lr, or use --precision bf16 or fp32."
-                    )
-                if progress.step % args.log_every == 0 or progress.step == run.total_steps:
-                    epoch = round(progress.epoch + progress.batch_in_epoch / batches_per_epoch, 3)
-                    row = meter.row(progress.step, epoch, run.scheduler.get_last_lr()[0], result, progress)
-                    if row is not None:  # None when every step of the interval was skipped
-                        bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                    meter = IntervalMeter()
-                end_of_epoch = end_of_step(run, progress, bar, stop)
-                if end_of_epoch:
-                    break
+            group = [run.data.batch(indices) for indices in plan.micro_batches(progress.step)]
+            step_start = time.perf_counter()
+            result = train_step(
+                run.train_model, run.optimizer, run.scaler, group,
+                device=env.device, dtype=run.dtype, max_grad_norm=args.max_grad_norm,
+            )  # fmt: skip
+            if compiling:  # its first step compiles the model: timed apart from the others
+                env.log(f"--compile: the first step took {time.perf_counter() - step_start:.1f} s (compilation)")
+                compiling = False
+            step_schedule(run.scheduler)
+            progress.step += 1
+            bar.update(1)
+            progress.count_step(result.loss_sum, result.supervised_tokens, skipped=result.skipped is not None)
+            meter.add_step(group, env.world_size)
+            if result.skipped:
+                env.log(f"step {progress.step}: skipped, {result.skipped}")
+            if progress.consecutive_skips >= args.max_skipped_steps:
+                return (
+                    f"stopped: {progress.consecutive_skips} consecutive steps had a non-finite loss or "
+                    "gradient; the last good adapter is kept. Lower --lr, or use --precision bf16 or fp32."
+                )
+            if progress.step % args.log_every == 0 or progress.step == run.total_steps:
+                epoch = round(plan.epochs_done(progress.step), 3)
+                row = meter.row(progress.step, epoch, run.scheduler.get_last_lr()[0], result, progress)
+                if row is not None:  # None when every step of the interval was skipped
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                meter = IntervalMeter()
+            end_of_step(run, progress, bar, stop)
         return None
 
 
-def end_of_step(run: Run, progress: Progress, bar, stop: list[str]) -> bool:
-    """Validation, a checkpoint and a stop request, each when due after a step; whether the epoch ended."""
+def end_of_step(run: Run, progress: Progress, bar, stop: list[str]) -> None:
+    """Validation and a checkpoint, each when due after a step, and a stop request."""
     args, total = run.args, run.total_steps
-    end_of_epoch = progress.batch_in_epoch >= len(run.data.sampler)
+    end_of_epoch = run.data.plan.ends_epoch(progress.step)
     eval_now = progress.step % args.eval_every == 0 if args.eval_every else end_of_epoch or progress.step == total
     if run.validating and eval_now:
-        validate(run, progress, end_of_epoch, bar)
-    if end_of_epoch:
-        progress.next_epoch()
+        validate(run, progress, bar)
     save_now = progress.step % args.save_every == 0 if args.save_every else end_of_epoch
     stopping = dist.any_rank(bool(stop), run.env.device)  # Ctrl-C or SIGTERM: finish the step, save, stop
     if save_now or stopping:
@@ -281,7 +272,6 @@ def end_of_step(run: Run, progress: Progress, bar, stop: list[str]) -> bool:
             f"{(stop or ['a signal'])[0]} at step {progress.step}: checkpoint saved in "
             f"{args.output_dir / CHECKPOINTS}; continue with --resume."
         )
-    return end_of_epoch
 
 
 @dataclass
@@ -370,10 +360,11 @@ def validation_loss(model, batches: list[dict], device: torch.device, dtype: tor
     return loss_sum / max(tokens, 1)
 
 
-def validate(run: Run, progress: Progress, end_of_epoch: bool, bar) -> None:
+def validate(run: Run, progress: Progress, bar) -> None:
     """Validation loss; a new best is saved to best/."""
     val_loss = validation_loss(run.model, run.data.val_batches, run.env.device, run.dtype)
-    progress.history.append({"step": progress.step, "epoch": progress.epoch + end_of_epoch, "val_loss": val_loss})
+    epoch = round(run.data.plan.epochs_done(progress.step), 3)
+    progress.history.append({"step": progress.step, "epoch": epoch, "val_loss": val_loss})
     if run.env.is_main:
         bar.write(f"step {progress.step}: val_loss {val_loss:.4f}")
     if val_loss < progress.best_val_loss:  # the same on every rank

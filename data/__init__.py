@@ -1,5 +1,6 @@
 """The banking dataset: its rows, the one prompt format, tokenisation, padding and length-bucketed batches."""
 
+from .batches import LengthBucketSampler, StepPlan
 from .dataset import (
     IGNORE_INDEX,
     MAX_SOURCE_LEN,
@@ -9,7 +10,6 @@ from .dataset import (
     VALIDATION_FILE,
     DataError,
     EncodedExample,
-    LengthBucketSampler,
     TrainingData,
     bucket_key,
     build_prompt,
@@ -33,6 +33,7 @@ __all__ = [
     "DataError",
     "EncodedExample",
     "LengthBucketSampler",
+    "StepPlan",
     "TrainingData",
     "bucket_key",
     "build_prompt",

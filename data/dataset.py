@@ -1,4 +1,4 @@
-"""Loading, the prompt format, tokenisation, collation and length-bucketed batches."""
+"""Loading, the prompt format, tokenisation and collation; which rows each step trains on is in batches.py."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import json
 import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from support.files import check_text, loads_json
+
+from .batches import LengthBucketSampler, StepPlan
 
 DATA_DIR = Path(__file__).resolve().parent
 TRAIN_FILE = DATA_DIR / "banking_train.jsonl"
@@ -174,72 +176,12 @@ def bucket_key(example: EncodedExample) -> int:
     return len(example.input_ids) + len(example.labels)
 
 
-class LengthBucketSampler:
-    """Batches of rows of similar length, for DataLoader(batch_sampler=...).
-
-    Each epoch: shuffle all rows, cut them into buckets of `batch_size * bucket_batches` rows, sort each
-    bucket by `lengths` (any sortable key per row, e.g. `bucket_key`), cut it into batches and shuffle the
-    batches. Every row comes exactly once per
-    epoch, and the order depends only on (seed, epoch), never on the number of processes: rank r of
-    world_size takes batches r, r + world_size, ..., and where the count does not divide, the ranks short
-    of one in the last round get an empty batch (no rows), so that all step together. A step over the
-    same global batch (processes x --grad-accum) thus covers the same rows on any number of processes,
-    and a run resumes exactly on another.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        bucket_batches: int = 32,
-    ) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        if len(lengths) < world_size:
-            raise ValueError(f"{len(lengths)} rows cannot be shared by {world_size} processes.")
-        self.lengths = list(lengths)
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.bucket_size = batch_size * bucket_batches
-        self.epoch = 0
-        self.start_batch = 0  # batches of this epoch already consumed (for exact resume)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def all_batches(self, epoch: int) -> list[list[int]]:
-        """Every rank's batches for `epoch`, in order."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        batches = []
-        for start in range(0, len(order), self.bucket_size):
-            bucket = sorted(order[start : start + self.bucket_size], key=lambda i: self.lengths[i])
-            batches += [bucket[i : i + self.batch_size] for i in range(0, len(bucket), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-    def _own_batches(self) -> list[list[int]]:
-        """This rank's batches of the epoch, an empty one last where it is short of one."""
-        batches = self.all_batches(self.epoch)
-        rounds = math.ceil(len(batches) / self.world_size)
-        own = batches[self.rank :: self.world_size]
-        return own + [[]] * (rounds - len(own))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._own_batches()[self.start_batch :]
-
-    def __len__(self) -> int:
-        return len(self._own_batches()) - self.start_batch
-
-
 @dataclass
 class TrainingData:
     """A run's tokenised rows and batches: training rows batched by length, validation rows in order."""
 
     train_set: list[EncodedExample]
-    sampler: LengthBucketSampler  # this process's training batches, as indices into train_set
+    plan: StepPlan  # this process's training batches of each step, as indices into train_set
     val_batches: list[dict]  # this process's share, collated
     pad: tuple[int, int | None]  # collate's pad token and the multiple lengths are padded up to
     truncated: tuple[int, int]  # training and validation rows cut to the max lengths
@@ -257,17 +199,26 @@ def empty_batch() -> dict:
 
 
 def training_data(
-    train_rows, val_rows, tokenizer, max_lengths: tuple[int, int], batch_size: int, pad_multiple, seed, rank, world_size
+    train_rows,
+    val_rows,
+    tokenizer,
+    max_lengths: tuple[int, int],
+    batch_size: int,
+    pad_multiple,
+    seed: int,
+    grad_accum: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TrainingData:
     """Tokenise both splits (prompts and answers cut to `max_lengths`); process `rank` of `world_size`
-    takes its share of each."""
+    takes its share of each, `grad_accum` training batches a step."""
     train_set, train_cut = encode_examples(train_rows, tokenizer, *max_lengths)
     val_set, val_cut = encode_examples(val_rows, tokenizer, *max_lengths)
-    keys = [bucket_key(e) for e in train_set]
-    sampler = LengthBucketSampler(keys, batch_size, seed=seed, rank=rank, world_size=world_size)
+    sampler = LengthBucketSampler([bucket_key(e) for e in train_set], batch_size, seed=seed)
     pad = (tokenizer.pad_token_id, pad_multiple)
     val_batches = sequential_batches(val_set, batch_size, *pad, rank, world_size)
-    return TrainingData(train_set, sampler, val_batches, pad, (train_cut, val_cut))
+    plan = StepPlan(sampler, grad_accum, rank, world_size)
+    return TrainingData(train_set, plan, val_batches, pad, (train_cut, val_cut))
 
 
 UNKNOWN_WARNING = 0.2  # the bundled data has none; a share like this means text the tokenizer cannot read

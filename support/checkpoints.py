@@ -1,5 +1,6 @@
 """Checkpoints for exact resume: the adapter as safetensors; the optimizer, scheduler, scaler, RNG states
-and position in the epoch as plain tensors and values that torch.load(weights_only=True) reads back.
+and the step count as plain tensors and values that torch.load(weights_only=True) reads back. The position
+in the data is not stored: the step count decides it (data.StepPlan), so it cannot disagree with it.
 """
 
 from __future__ import annotations
@@ -31,25 +32,33 @@ class CheckpointError(RuntimeError):
 class Progress:
     """Where a run is, and what it has seen: everything but tensors that resuming needs."""
 
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    step: int = 0  # optimizer steps done; with data.StepPlan, also where in which epoch the run is
     skipped_steps: int = 0
     consecutive_skips: int = 0
     best_val_loss: float = math.inf
     first_train_loss: float | None = None
     history: list = field(default_factory=list)  # the rows of metrics.jsonl
+    interval_loss_sum: float = 0.0  # the log interval's steps so far: so a resumed interval logs the whole one's
+    interval_tokens: float = 0.0
 
-    def count_step(self, skipped: bool, empty: bool) -> None:
-        """A non-finite step counts towards --max-skipped-steps; one with no supervised token does not."""
+    def count_step(self, loss_sum: float, supervised_tokens: float, skipped: bool) -> None:
+        """A step's loss joins the log interval's if it updated the adapter (a skipped step's tokens were read
+        but taught nothing). A non-finite step counts towards --max-skipped-steps; one with no supervised
+        token does not."""
         if not skipped:
             self.consecutive_skips = 0
+            self.interval_loss_sum += loss_sum
+            self.interval_tokens += supervised_tokens
             return
         self.skipped_steps += 1
-        self.consecutive_skips += not empty
+        self.consecutive_skips += int(supervised_tokens > 0)
 
-    def next_epoch(self) -> None:
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+    def interval_train_loss(self) -> float | None:
+        """The per-token training loss of the log interval (None when no step of it updated the adapter);
+        the next interval starts."""
+        loss = self.interval_loss_sum / self.interval_tokens if self.interval_tokens else None
+        self.interval_loss_sum, self.interval_tokens = 0.0, 0.0
+        return loss
 
 
 def snapshot(optimizer: torch.optim.Optimizer) -> list:
@@ -104,8 +113,8 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoints/step-N atomically (built in a temporary directory, then renamed); keep the last `keep`.
-    The adapter and `optimizer_state` are full tensors (support/fsdp.py gathers them under --fsdp), and
-    the position in the epoch is counted in batches of all ranks, so any number of processes resumes it."""
+    The adapter and `optimizer_state` are full tensors (support/fsdp.py gathers them under --fsdp), and the
+    step count places the run in the data on any number of processes, so any number of them resumes it."""
     root = output_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{progress.step:08d}"
@@ -116,11 +125,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng_states,  # one per rank
-        "progress": {
-            **progress.__dict__,
-            "batch_in_epoch": progress.batch_in_epoch * len(rng_states),  # every rank's micro-batches
-            "history": json.dumps(progress.history),
-        },
+        "progress": {**progress.__dict__, "history": json.dumps(progress.history)},
     }
     # Serialised in memory, written by Python: torch.save's own writer turns a full disk or a file-size limit
     # into "RuntimeError: unexpected pos", where Python's write raises the OSError that names it.
@@ -148,13 +153,17 @@ def load_checkpoint_adapter(path: Path, model) -> None:
 
 
 def load_checkpoint(
-    path: Path, optimizer, scheduler, scaler, device: torch.device, rank: int, world_size: int, shard_state=None
+    path: Path, optimizer, scheduler, scaler, device: torch.device, rank: int, world_size: int, plan, shard_state=None
 ) -> tuple[Progress, str | None]:
-    """Restore the optimizer, schedule, scaler, RNG and position save_checkpoint wrote; return the progress,
-    and a note when the checkpoint came from another number of processes. `shard_state` turns the full
-    optimizer state into this rank's shards (support/fsdp.py, under --fsdp)."""
+    """Restore the optimizer, schedule, scaler, RNG and progress save_checkpoint wrote; return the progress,
+    and a note when the checkpoint came from another number of processes. `plan` (data.StepPlan) places the
+    step in the data; `shard_state` turns the full optimizer state into this rank's shards (support/fsdp.py,
+    under --fsdp)."""
     with readable(path):
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        progress = {**state["progress"], "history": json.loads(state["progress"]["history"])}
+    check_position(path, progress, plan)
+    with readable(path):
         optimizer.load_state_dict(shard_state(state["optimizer"]) if shard_state else state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -167,9 +176,25 @@ def load_checkpoint(
                 f"the checkpoint was written by {saved_world_size} process(es), this run has {world_size}: the "
                 "same global batches follow, but dropout draws new masks"
             )
-        progress = {**state["progress"], "history": json.loads(state["progress"]["history"])}
-        progress["batch_in_epoch"] //= world_size  # this rank's share of the batches done
         return Progress(**progress), note
+
+
+def check_position(path: Path, progress: dict, plan) -> None:
+    """A checkpoint of an older train.py also records its epoch and the batches of it done (over all ranks).
+    That train.py ended an epoch early once a run resumed in the middle of it, so its later checkpoints sit
+    elsewhere in the data than their step count says: those are refused; the others continue exactly, and
+    lose the two fields (the step count places them)."""
+    recorded = progress.pop("epoch", None), progress.pop("batch_in_epoch", None)
+    if recorded == (None, None):
+        return
+    expected = plan.position(progress["step"])
+    if recorded != expected:
+        raise CheckpointError(
+            f"checkpoint {path} is at epoch {recorded[0]}, batch {recorded[1]}, where its step {progress['step']} "
+            f"belongs at epoch {expected[0]}, batch {expected[1]}: an older train.py ended an epoch early after "
+            "a resume, so this run trained on other batches than an uninterrupted one; start afresh with "
+            "--overwrite, or delete the checkpoints written after the run was first resumed."
+        )
 
 
 @contextmanager

@@ -18,30 +18,24 @@ PLOT_FILE = "training_loss.png"
 
 
 class IntervalMeter:
-    """The per-token training loss and the tokens per second since the last log line."""
+    """The tokens per second since the last log line (the interval's loss is kept in Progress, which a
+    checkpoint saves, so that a resumed run logs the whole interval's)."""
 
     def __init__(self) -> None:
-        self.loss_sum, self.tokens, self.seen_tokens = 0.0, 0.0, 0
+        self.seen_tokens = 0
         self.start = time.perf_counter()
 
-    def add_step(self, result, micro_batches: list[dict], world_size: int) -> None:
-        """A step's loss if it updated the adapter (a skipped step's tokens were read but taught nothing),
-        and the tokens it read on every process."""
-        if not result.skipped:
-            self.loss_sum += result.loss_sum
-            self.tokens += result.supervised_tokens
+    def add_step(self, micro_batches: list[dict], world_size: int) -> None:
+        """The tokens a step read on every process."""
         seen = sum(int(b["attention_mask"].sum()) + int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         self.seen_tokens += seen * world_size
-
-    def train_loss(self) -> float | None:
-        return self.loss_sum / self.tokens if self.tokens else None
 
     def tokens_per_s(self) -> float:
         return self.seen_tokens / (time.perf_counter() - self.start)
 
     def row(self, step: int, epoch: float, lr: float, last, progress) -> dict | None:
         """The interval's line of metrics.jsonl, added to progress.history; None if it taught nothing."""
-        train_loss = self.train_loss()
+        train_loss = progress.interval_train_loss()
         if train_loss is None:
             return None
         row = {
@@ -105,8 +99,9 @@ def fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isinf(value)) else f"{value:.4f}"
 
 
-def run_summary(model, progress, time_s: float, validated: bool, device: torch.device) -> dict:
-    """What train() returns: parameter counts, steps, losses, time and memory."""
+def run_summary(model, progress, steps_run: int, time_s: float, validated: bool, device: torch.device) -> dict:
+    """What train() returns: parameter counts, steps (all, and the `steps_run` of this process, which took
+    `time_s`), losses, time and memory."""
     from lora import count_parameters
 
     trainable, total = count_parameters(model)
@@ -115,6 +110,7 @@ def run_summary(model, progress, time_s: float, validated: bool, device: torch.d
         "total_parameters": total,
         "trainable_share": trainable / total,
         "steps": progress.step,
+        "steps_run": steps_run,  # fewer than steps after a --resume
         "skipped_steps": progress.skipped_steps,
         "time_s": time_s,
         "first_train_loss": progress.first_train_loss,
@@ -137,9 +133,10 @@ def start_line(model_name: str, model, rows: int, steps: int, where: str, dtype:
 
 def summary_line(summary: dict, output_dir: Path) -> str:
     s = summary
+    resumed = f", the last {s['steps_run']} resumed here," if s["steps_run"] != s["steps"] else ""
     return (
         f"trainable parameters {s['trainable_parameters']:,} of {s['total_parameters']:,} "
-        f"({100 * s['trainable_share']:.3f}%); {s['steps']} steps ({s['skipped_steps']} skipped) in "
+        f"({100 * s['trainable_share']:.3f}%); {s['steps']} steps ({s['skipped_steps']} skipped){resumed} in "
         f"{s['time_s']:.1f} s; train loss {fmt(s['first_train_loss'])} -> {fmt(s['final_train_loss'])}; "
         f"best val loss {fmt(s['best_val_loss'])}; peak memory {s['peak_memory_mib']:.0f} MiB "
         f"({s['peak_memory_kind']}); adapter in {output_dir}"

@@ -15,6 +15,7 @@ from data import (
     DataError,
     EncodedExample,
     LengthBucketSampler,
+    StepPlan,
     bucket_key,
     build_prompt,
     collate,
@@ -234,38 +235,48 @@ def test_collate_pads_labels_with_ignore_index_exactly():
 def test_sampler_every_row_exactly_once_and_deterministic():
     lengths = [(i * 37) % 50 + 3 for i in range(203)]
     sampler = LengthBucketSampler(lengths, batch_size=8, seed=1, bucket_batches=4)
-    epoch0 = list(sampler)
+    epoch0 = sampler.all_batches(0)
+    assert len(epoch0) == sampler.batches_per_epoch == 26
     assert sorted(i for batch in epoch0 for i in batch) == list(range(203))
-    assert epoch0 == list(LengthBucketSampler(lengths, batch_size=8, seed=1, bucket_batches=4))
-    sampler.set_epoch(1)
-    assert list(sampler) != epoch0
-    sampler.set_epoch(1, start_batch=5)
-    assert list(sampler) == LengthBucketSampler(lengths, 8, seed=1, bucket_batches=4).all_batches(1)[5:]
+    assert epoch0 == LengthBucketSampler(lengths, batch_size=8, seed=1, bucket_batches=4).all_batches(0)
+    assert sampler.all_batches(1) != epoch0
+    assert sampler.all_batches(0) == epoch0  # asked again after another epoch: the same
+
+
+def test_a_plan_of_one_process_trains_every_epoch_in_order_and_ends_each_on_its_last_batch():
+    """Steps of 3 batches over epochs of 7 (the last step of each takes the one left): the run's batches,
+    step after step, are epoch 0's, then epoch 1's, then epoch 2's, and only the last step of each ends it."""
+    sampler = LengthBucketSampler([(i * 7) % 11 for i in range(50)], batch_size=8, seed=3)
+    plan = StepPlan(sampler, grad_accum=3)
+    assert plan.steps_per_epoch == 3
+    steps = [plan.micro_batches(step) for step in range(9)]
+    assert [len(s) for s in steps] == [3, 3, 1] * 3
+    assert [b for s in steps for b in s] == sampler.all_batches(0) + sampler.all_batches(1) + sampler.all_batches(2)
+    assert [n for n in range(10) if plan.ends_epoch(n)] == [3, 6, 9]
+    assert [plan.position(n) for n in (0, 2, 3, 4)] == [(0, 0), (0, 6), (1, 0), (1, 3)]
+    assert plan.epochs_done(4) == pytest.approx(1 + 3 / 7)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_sampler_shards_by_rank_without_loss_or_repeat(world_size):
-    lengths = [(i * 13) % 40 + 2 for i in range(101)]
-    shards = [list(LengthBucketSampler(lengths, 8, seed=2, rank=r, world_size=world_size)) for r in range(world_size)]
-    assert len({len(s) for s in shards}) == 1  # every rank steps the same number of times
-    assert sorted(i for shard in shards for batch in shard for i in batch) == list(range(101))
+def test_plan_shards_by_rank_without_loss_or_repeat(world_size):
+    sampler = LengthBucketSampler([(i * 13) % 40 + 2 for i in range(101)], 8, seed=2)
+    plans = [StepPlan(sampler, 1, r, world_size) for r in range(world_size)]
+    steps = [[plan.micro_batches(step) for step in range(plans[0].steps_per_epoch)] for plan in plans]
+    assert all([len(s) for s in steps[0]] == [len(s) for s in shard] for shard in steps)  # all step together
+    assert sorted(i for shard in steps for step in shard for batch in step for i in batch) == list(range(101))
 
 
 def test_a_step_covers_the_same_rows_on_any_number_of_processes():
     """Steps of one global batch (processes x grad_accum = 12 batches of 8) over 101 rows (13 batches, which
-    2, 3 and 4 do not divide): each step reads the same rows on 1, 2, 3 and 4 processes, so a run resumes
-    exactly on another number of them; the ranks short of a batch get an empty one."""
-    lengths = [(i * 13) % 40 + 2 for i in range(101)]
+    2, 3 and 4 do not divide), for two epochs: each step reads the same rows on 1, 2, 3 and 4 processes, so a
+    run resumes exactly on another number of them; the ranks short of a batch get an empty one."""
+    sampler = LengthBucketSampler([(i * 13) % 40 + 2 for i in range(101)], 8, seed=2)
 
     def steps(world_size):
-        accum = 12 // world_size
-        shards = [list(LengthBucketSampler(lengths, 8, seed=2, rank=r, world_size=world_size))
-                  for r in range(world_size)]  # fmt: skip
-        rows = [[i for shard in shards for batch in shard[k : k + accum] for i in batch]
-                for k in range(0, len(shards[0]), accum)]  # fmt: skip
-        return [sorted(step) for step in rows]
+        plans = [StepPlan(sampler, 12 // world_size, r, world_size) for r in range(world_size)]
+        assert plans[0].steps_per_epoch == 2
+        return [sorted(i for plan in plans for batch in plan.micro_batches(step) for i in batch) for step in range(4)]
 
-    assert len(steps(1)) == 2
     for world_size in (2, 3, 4):
         assert steps(world_size) == steps(1), world_size
 

@@ -23,6 +23,7 @@ from helpers import (
 from safetensors.torch import load_file
 
 import train
+from data import TRAIN_FILE
 from support import distributed
 from support.train_args import parse_args
 
@@ -42,6 +43,7 @@ sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
 import pytest
 import torch
 import train
+from data import TRAIN_FILE
 from helpers import sum_block_input_gradients_as_fsdp
 from support import distributed
 from support.fsdp import full
@@ -175,15 +177,23 @@ def test_dora_under_fsdp_trains_as_one_process(tmp_path):
     assert_same_training(tmp_path / "fsdp", tmp_path / "one")
 
 
-def fsdp_command(output_dir, *extra):
-    return [*TWO_PROCESSES, str(ROOT / "train.py"), *COMMON, "--max-steps", "6", "--save-every", "2", "--fsdp",
-            "--output-dir", str(output_dir), *extra]  # fmt: skip
+def killable_argv(rows: Path) -> list[str]:
+    """6 steps over 65 rows in batches of 10: 7 batches an epoch, 4 steps of 2 ranks; a checkpoint every 2
+    steps, so one killed at step 2 resumes with two steps of its epoch left, and crosses its end."""
+    rows.write_text("".join(Path(TRAIN_FILE).read_text().splitlines(keepends=True)[:65]))
+    return [*COMMON, "--data", str(rows), "--max-steps", "6", "--save-every", "2"]
 
 
 def test_a_killed_fsdp_job_resumes_exactly_on_two_processes_and_on_one_accumulating_two_batches(tmp_path, capsys):
     straight, killed, elsewhere = tmp_path / "straight", tmp_path / "killed", tmp_path / "on_one_process"
+    argv = killable_argv(tmp_path / "rows.jsonl")
+
+    def fsdp_command(output_dir, *extra):
+        return [*TWO_PROCESSES, str(ROOT / "train.py"), *argv, "--fsdp", "--output-dir", str(output_dir), *extra]
+
     code, _, stderr = run_to_the_end(fsdp_command(straight), work_done=WORK_DONE, env=ENV)
     assert code == 0, stderr[-3000:]
+    assert [row["epoch"] for row in metrics(straight)] == [0.286, 0.571, 0.857, 1.0, 1.286, 1.571]
 
     process = subprocess.Popen(fsdp_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
                                start_new_session=True)  # fmt: skip
@@ -208,11 +218,11 @@ def test_a_killed_fsdp_job_resumes_exactly_on_two_processes_and_on_one_accumulat
 
     # The checkpoint of 2 FSDP ranks, on 1 process without FSDP: the same global batches, 2 micro-batches a step.
     # Without --grad-accum 2 the global batch would halve: refused.
-    alone = [*COMMON, "--max-steps", "6", "--save-every", "2", "--output-dir", str(elsewhere), "--resume"]
+    alone = [*argv, "--output-dir", str(elsewhere), "--resume"]
     assert train.main(alone) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "processes x --grad-accum = 1 differs from the run in" in err
-    argv = [*COMMON, "--max-steps", "6", "--save-every", "2", "--grad-accum", "2", "--output-dir", str(elsewhere)]
+    argv = [*argv, "--grad-accum", "2", "--output-dir", str(elsewhere)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: on some CPUs (AMX ones) a product's rounding depends on the threads
     try:

@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,33 +339,144 @@ def test_output_directory_holds_everything_infer_and_peft_need(trained_run):
     assert len(load_adapter(base, trained_run)) == 2 * 7 + 2 * 7 + 2 * 4  # tiny targets every linear but lm_head
 
 
+def rows_file(path: Path, count: int) -> Path:
+    """The first `count` rows of the bundled training data, as a file of the user's."""
+    path.write_text("".join(Path(TRAIN_FILE).read_text().splitlines(keepends=True)[:count]))
+    return path
+
+
+def cut_back(run: Path, step: int, out: Path) -> Path:
+    """A copy of `run` as a run stopped right after its checkpoint of `step` would have left it."""
+    shutil.copytree(run, out)
+    for later in (out / "checkpoints").glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    for written_at_the_end in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl"):
+        (out / written_at_the_end).unlink()
+    return out
+
+
+def resumed_from_each_checkpoint(straight: Path, root: Path, argv: list[str]) -> dict[int, Path]:
+    """`straight` cut back to each of its checkpoints in turn and resumed to the end with `argv` in this
+    process; {checkpoint's step: the resumed run's directory}."""
+    resumed = {}
+    steps = sorted(int(p.name.split("-")[1]) for p in (straight / "checkpoints").glob("step-*"))
+    for step in steps[:-1]:  # the last was written by the last step: nothing is left to resume
+        out = cut_back(straight, step, root / f"from-step-{step}")
+        assert train.main([*argv, "--output-dir", str(out), "--resume"]) == 0, step
+        resumed[step] = out
+    return resumed
+
+
+def assert_same_run(run: Path, reference: Path, atol: float = 1e-6) -> None:
+    """The adapters within `atol`; the logged rows at the same steps and epochs, losses and norms to 1e-6."""
+    ours, theirs = adapter_tensors(run), adapter_tensors(reference)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{run}, {k}: {m}")
+    rows, expected = metrics(run), metrics(reference)
+    assert [(r["step"], r["epoch"], r.keys() - {"tokens_per_s"}) for r in rows] == [
+        (r["step"], r["epoch"], r.keys() - {"tokens_per_s"}) for r in expected
+    ], run
+    for name in ("train_loss", "grad_norm", "val_loss", "lr"):
+        values = [[r[name] for r in log if name in r] for log in (rows, expected)]
+        torch.testing.assert_close(torch.tensor(values[0]), torch.tensor(values[1]), rtol=1e-6, atol=0)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """13 rows: 12 to train on in batches of 5, 5 and 2 (a short last batch), one held out for validation;
+    7 steps, two epochs and a step, dropout on (its RNG must continue too), a checkpoint after every step and
+    a log row every 2 (so that a resume may split a log interval). (argv, the run's directory)."""
+    root = tmp_path_factory.mktemp("two_epochs")
+    argv = ["--model", "tiny", "--data", str(rows_file(root / "rows.jsonl", 13)), "--batch-size", "5",
+            "--max-steps", "7", "--dropout", "0.1", "--save-every", "1", "--keep-checkpoints", "10",
+            "--log-every", "2"]  # fmt: skip
+    assert train.main([*argv, "--output-dir", str(root / "run")]) == 0
+    return argv, root / "run"
+
+
+def test_resuming_from_every_checkpoint_of_two_epochs_ends_as_the_uninterrupted_run(two_epochs, tmp_path):
+    """The resumes start inside an epoch, on its last batch, right after its end and in the second epoch;
+    each must end with the uninterrupted run's adapter, its logged losses at the same steps and epochs, and
+    its validation at the same epochs' ends. The epoch's end was once counted from where the run resumed:
+    a run resumed after the first batch ended that epoch a batch early and trained on other batches."""
+    argv, straight = two_epochs
+    assert [(r["step"], r["epoch"]) for r in metrics(straight) if "val_loss" in r] == [(3, 1.0), (6, 2.0), (7, 2.333)]
+    resumed = resumed_from_each_checkpoint(straight, tmp_path, argv)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for run in resumed.values():
+        assert_same_run(run, straight)
+
+
+def test_a_checkpoint_of_the_older_epoch_counter_continues_exactly_or_is_refused(two_epochs, tmp_path, capsys):
+    """An older train.py also wrote its epoch and the batches of it done. Where they are where the step count
+    puts the run (step 4: epoch 1, 1 batch done), the run continues exactly; elsewhere (what a resume
+    that ended an epoch early left) it is refused in one sentence, nothing trained."""
+    argv, straight = two_epochs
+
+    def older_checkpoint(name: str, epoch: int, batches_done: int) -> Path:
+        out = cut_back(straight, 4, tmp_path / name)
+        state_file = out / "checkpoints" / "step-00000004" / "training_state.pt"
+        state = torch.load(state_file, weights_only=True)
+        state["progress"].update(epoch=epoch, batch_in_epoch=batches_done)
+        torch.save(state, state_file)
+        return out
+
+    where_it_belongs = older_checkpoint("belongs", 1, 1)
+    assert train.main([*argv, "--output-dir", str(where_it_belongs), "--resume"]) == 0
+    assert_same_run(where_it_belongs, straight)
+
+    elsewhere = older_checkpoint("elsewhere", 2, 0)
+    capsys.readouterr()
+    assert train.main([*argv, "--output-dir", str(elsewhere), "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is at epoch 2, batch 0, where its step 4 belongs at epoch 1, batch 1" in err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert (
+        not (elsewhere / "adapter_model.safetensors").exists()
+        and not (elsewhere / "checkpoints" / "step-00000005").exists()
+    )
+
+
 # A run interrupted in a subprocess and resumed here must match a run done here: with as many threads as this
 # process, since on some CPUs (AMX ones) a product's rounding depends on how many threads share it.
 AS_THIS_PROCESS = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
-def train_command(output_dir, *extra):
+def train_command(rows, output_dir, *extra):
+    """12 steps over 52 rows: 5 held out, 47 to train on in 7 batches of 7 (the last of 5) an epoch, so a run
+    stopped at any step before the 7th, or at the 8th checkpoint, resumes across an epoch's end."""
     return [
         sys.executable,
         str(ROOT / "train.py"),
-        *("--model", "tiny", "--max-steps", "12", "--save-every", "4", "--eval-every", "6"),
-        *("--dropout", "0.1", "--log-every", "2", "--output-dir", str(output_dir), *extra),
+        *("--model", "tiny", "--data", str(rows), "--batch-size", "7", "--max-steps", "12"),
+        *("--save-every", "4", "--eval-every", "6", "--dropout", "0.1", "--log-every", "2"),
+        *("--output-dir", str(output_dir), *extra),
     ]
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def stop_rows(tmp_path_factory):
+    return rows_file(tmp_path_factory.mktemp("rows") / "rows.jsonl", 52)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, stop_rows):
     """The uninterrupted run that killed and interrupted runs must match after --resume (in this process)."""
     straight = tmp_path_factory.mktemp("straight") / "run"
-    assert train.main(train_command(straight)[2:]) == 0
+    assert train.main(train_command(stop_rows, straight)[2:]) == 0
+    assert [r["epoch"] for r in metrics(straight) if "val_loss" in r] == [0.857, 1.714]  # 6 and 12 of 7 batches
     return straight
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(straight_run, tmp_path, capsys):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(stop_rows, straight_run, tmp_path, capsys):
     straight = straight_run
     killed = tmp_path / "killed"
     env = {**os.environ, **AS_THIS_PROCESS}
-    process = subprocess.Popen(train_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        train_command(stop_rows, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     deadline = time.time() + 120
     while not list((killed / "checkpoints").glob("step-*")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -376,37 +488,36 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(straight_run, tmp_pat
     assert state["progress"]["step"] in (4, 8)
 
     capsys.readouterr()
-    assert train.main(train_command(killed, "--resume")[2:]) == 0
-    assert "resumed from" in capsys.readouterr().out
-    expected, resumed = adapter_tensors(straight), adapter_tensors(killed)
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
-    assert not all(torch.count_nonzero(v) == 0 for k, v in expected.items() if "lora_B" in k)
-    losses = [[r["train_loss"] for r in metrics(run) if "train_loss" in r] for run in (killed, straight)]
-    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-6, atol=0)
+    assert train.main(train_command(stop_rows, killed, "--resume")[2:]) == 0
+    out = capsys.readouterr().out
+    resumed_at = state["progress"]["step"]
+    assert f"resumed from {checkpoints[-1]} at step {resumed_at}" in out
+    assert f"12 steps (0 skipped), the last {12 - resumed_at} resumed here, in" in out  # the time is of those
+    assert_same_run(killed, straight)
+    assert not all(torch.count_nonzero(v) == 0 for k, v in adapter_tensors(straight).items() if "lora_B" in k)
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_resume_matches_an_uninterrupted_run(straight_run, tmp_path, capsys):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_request_finishes_the_step_checkpoints_and_resume_matches_an_uninterrupted_run(
+    stop_rows, straight_run, tmp_path, capsys, stop
+):
     out = tmp_path / "stopped"
     env = {**os.environ, **AS_THIS_PROCESS, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        train_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        train_command(stop_rows, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
     )
     err = ""
     while "training:" not in err and process.poll() is None:  # the loop has begun
         err += process.stderr.read(1)
     time.sleep(0.3)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     err += process.stderr.read()
     assert process.wait() == 130, err[-2000:]
-    assert "interrupted: SIGTERM at step" in err and "continue with --resume" in err
+    assert f"interrupted: {stop.name} at step" in err and "continue with --resume" in err
     assert list((out / "checkpoints").glob("step-*")) and not (out / "adapter_model.safetensors").exists()
     capsys.readouterr()
-    assert train.main(train_command(out, "--resume")[2:]) == 0
-    expected, resumed = adapter_tensors(straight_run), adapter_tensors(out)
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
+    assert train.main(train_command(stop_rows, out, "--resume")[2:]) == 0
+    assert_same_run(out, straight_run)
 
 
 STUCK_IN_A_COLLECTIVE = """
@@ -451,37 +562,90 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 WORK_DONE = "; adapter in "  # rank 0's summary line: what is left after it is the teardown
 
 
-@pytest.mark.parametrize("options", [[], ["--base-dtype", "nf4"]], ids=["ddp", "ddp-nf4-base"])
-def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path, capsys, options):
-    """2 gloo processes at batch 10 see, step by step, the same 20 rows as 1 process accumulating 2 batches
-    of 10, over a whole epoch of 45 rows: 5 batches, so in the last step rank 1 has none and runs an empty
-    one. Dropout is 0, so the adapters match: on a dense base and on an NF4 one (QLoRA under DDP). FSDP:
-    tests/test_fsdp.py."""
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(Path(TRAIN_FILE).read_text().splitlines(keepends=True)[:45]))
-    common = [*FAST, "--data", str(data), "--val-data", "none", "--batch-size", "10", "--max-steps", "3",
-              "--dropout", "0", "--log-every", "1", *options]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [*TORCHRUN, str(ROOT / "train.py"), *common, "--output-dir", str(tmp_path / "ddp")]
-    code, stdout, stderr = run_to_the_end(command, work_done=WORK_DONE, env=env)
-    assert code == 0, stderr[-3000:]
-    assert stdout.count("trainable parameters") == 1  # only rank 0 logs
-    assert json.loads((tmp_path / "ddp" / "training_config.json").read_text())["world_size"] == 2
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # each rank, and the one process
 
+
+def on_two_processes(argv: list[str]) -> str:
+    """train.py with `argv` under torchrun on 2 gloo processes, to its end; its stdout."""
+    code, stdout, stderr = run_to_the_end(
+        [*TORCHRUN, str(ROOT / "train.py"), *argv], work_done=WORK_DONE, env=ONE_THREAD
+    )
+    assert code == 0, stderr[-3000:]
+    return stdout
+
+
+@contextlib.contextmanager
+def one_thread():
+    """This process computing as each rank does: on some CPUs (AMX ones) a product's rounding depends on the
+    number of threads."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: on some CPUs (AMX ones) a product's rounding depends on the threads
+    torch.set_num_threads(1)
     try:
-        assert train.main([*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]) == 0
+        yield
     finally:
         torch.set_num_threads(threads)
-    ddp, one = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "one")
-    assert ddp.keys() == one.keys()
-    for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=0, atol=1e-6)
-    assert any(torch.count_nonzero(v) for k, v in one.items() if "lora_B" in k)
-    for logged in ("train_loss", "grad_norm"):  # AdamW and clipping hide a gradient's scale; its norm does not
-        values = [[r[logged] for r in metrics(tmp_path / run)] for run in ("ddp", "one")]
-        torch.testing.assert_close(torch.tensor(values[0]), torch.tensor(values[1]), rtol=1e-6, atol=0)
+
+
+def ddp_argv(rows: Path, *options: str) -> list[str]:
+    """45 rows in batches of 10: 5 batches an epoch, so in its last step rank 1 of 2 has none and runs an
+    empty one; 7 steps of 2 batches, two epochs and a step; dropout 0, so that 1 and 2 processes compare."""
+    return [*FAST, "--data", str(rows), "--batch-size", "10", "--max-steps", "7", "--dropout", "0",
+            "--save-every", "1", "--keep-checkpoints", "10", *options]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_rows(tmp_path_factory):
+    return rows_file(tmp_path_factory.mktemp("ddp_rows") / "rows.jsonl", 45)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, ddp_rows):
+    """The DDP run of ddp_argv on 2 processes, a checkpoint after each step."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    stdout = on_two_processes([*ddp_argv(ddp_rows), "--output-dir", str(out)])
+    assert stdout.count("trainable parameters") == 1  # only rank 0 logs
+    assert json.loads((out / "training_config.json").read_text())["world_size"] == 2
+    return out
+
+
+@pytest.mark.parametrize("options", [[], ["--base-dtype", "nf4"]], ids=["ddp", "ddp-nf4-base"])
+def test_two_processes_train_exactly_as_one_with_gradient_accumulation(tmp_path, ddp_rows, request, options):
+    """2 gloo processes at batch 10 see, step by step, the same 20 rows as 1 process accumulating 2 batches
+    of 10, over two epochs of 45 rows. Dropout is 0, so the adapters match: on a dense base and on an NF4 one
+    (QLoRA under DDP). FSDP: tests/test_fsdp.py."""
+    if options:
+        ddp = tmp_path / "ddp"
+        on_two_processes([*ddp_argv(ddp_rows, *options), "--output-dir", str(ddp)])
+    else:
+        ddp = request.getfixturevalue("ddp_run")
+    with one_thread():
+        assert (
+            train.main([*ddp_argv(ddp_rows, *options), "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]) == 0
+        )
+    assert any(torch.count_nonzero(v) for k, v in adapter_tensors(ddp).items() if "lora_B" in k)
+    assert_same_run(tmp_path / "one", ddp)  # AdamW and clipping hide a gradient's scale; its logged norm does not
+
+
+def test_a_ddp_run_resumes_across_epochs_on_two_processes_on_one_and_back(ddp_run, ddp_rows, tmp_path, capsys):
+    """The 2-process run's checkpoints (3 steps an epoch): the one after step 1, with two steps of its epoch
+    left, resumed on 2 processes; every one resumed on 1 process with --grad-accum 2 (the same global batch);
+    and one written by such a single process after the first epoch's end, resumed on 2 processes again. Each
+    ends with the uninterrupted run's adapter (<= 1e-6, as one process and DDP compare) and its logged rows."""
+    from_one = cut_back(ddp_run, 1, tmp_path / "from-step-1")
+    on_two_processes([*ddp_argv(ddp_rows), "--output-dir", str(from_one), "--resume"])
+    assert_same_run(from_one, ddp_run)
+
+    with one_thread():
+        on_one = resumed_from_each_checkpoint(ddp_run, tmp_path / "on_one", [*ddp_argv(ddp_rows), "--grad-accum", "2"])
+    assert sorted(on_one) == [1, 2, 3, 4, 5, 6]
+    assert capsys.readouterr().out.count("the checkpoint was written by 2 process(es), this run has 1") == 6
+    for run in on_one.values():
+        assert_same_run(run, ddp_run)
+
+    back_on_two = cut_back(on_one[1], 4, tmp_path / "back_on_two")  # steps 2-4 were taken by the single process
+    stdout = on_two_processes([*ddp_argv(ddp_rows), "--output-dir", str(back_on_two), "--resume"])
+    assert "the checkpoint was written by 1 process(es), this run has 2" in stdout
+    assert_same_run(back_on_two, ddp_run)
 
 
 def test_a_run_that_outlives_its_work_fails_and_its_whole_process_group_ends(tmp_path):
@@ -532,7 +696,7 @@ def test_torchrun_runs_end_with_their_work_and_no_ddp_wrapper_outlives_the_proce
     within seconds of its work."""
     script = tmp_path / "count_wrappers.py"
     script.write_text(WRAPPERS_AT_TEARDOWN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = dict(ONE_THREAD)
     if fail_at_step:
         env["FAIL_AT_STEP"] = str(fail_at_step)
     argv = [*FAST, "--batch-size", "8", "--max-steps", "3", "--output-dir", str(tmp_path / "run")]
