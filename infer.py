@@ -31,10 +31,10 @@ from pathlib import Path
 from banking.assistant import BASE, FINE_TUNED, Assistant, answer
 from banking.grounding import DEFAULT_ACCOUNTS, AccountStore
 from banking.report import check_report_place, check_writable, report_paths, write_report
-from data import MAX_TARGET_LEN, TEST_FILE, DataError, load_examples
+from data import MAX_TARGET_LEN, TEST_FILE, DataError, check_text, load_examples
 from lora import AdapterError
+from lora.files import loads_json
 from support.cli import UsageError, run_cli, terminate_as_interrupt
-from support.files import check_text, loads_json
 from support.models import ModelLoadError
 
 DEFAULT_ADAPTER = Path("banking_assistant_lora")

@@ -6,27 +6,25 @@
     torchrun --nproc_per_node 2 train.py --fsdp ...  # the base sharded across the processes (FSDP2)
 
 A plain PyTorch loop: no PEFT, no HF Trainer, no accelerate. Read it top to bottom: `train()` is the
-recipe, `fit()` the loop, `train_step()` one optimizer step. The machinery (options, checkpoints, the
-output directory, distributed helpers, metrics) is in `support/`, one job per file.
+recipe, `fit()` the loop; one optimizer step is `support/step.py`'s `train_step()`. The machinery (options,
+checkpoints, the output directory, distributed helpers, metrics) is in `support/`, one job per file.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import IGNORE_INDEX, DataError, TrainingData, training_data, warn_if_unreadable
 from lora import AdapterError, inject_lora, lora_param_groups, save_adapter
-from support import checkpoints, fsdp
 from support import distributed as dist
+from support import fsdp
 from support.checkpoints import (
     CHECKPOINTS,
     CheckpointError,
@@ -38,20 +36,20 @@ from support.checkpoints import (
     save_checkpoint,
 )
 from support.cli import UsageError, run_cli, stop_requests
-from support.fast_modules import lm_head_on, use_fast_modules
+from support.fast_modules import use_fast_modules
 from support.lost_rank import LostRankError, naming_a_lost_rank
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
 from support.memory import MemoryPlanError, check_plan
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
 from support.models import (
     ModelLoadError,
-    compile_t5,
     enable_activation_checkpointing,
     load_base_shards,
     load_with_lora,
 )
-from support.precision import autocast, training_dtype
+from support.precision import allow_tf32, autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
+from support.step import sequence_loss_sum, train_step
 from support.train_args import parse_args, read_data, run_config, validate_args
 
 
@@ -107,14 +105,18 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             env.log(f"resumed from {resume_from} at step {progress.step}" + (f" ({note})" if note else ""))
         run.train_model = model if args.fsdp else dist.data_parallel(model)
         if args.compile:
-            run.train_model = compile_t5(run.train_model)
+            # transformers wraps each T5 layer type's forward in one shared function, which dynamo compiles once
+            # per type and batch shape: past dynamo's default of 8 it would fall back to eager without a word.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # process-wide
+            run.train_model = torch.compile(run.train_model)
         if env.is_main:  # infer.py's default answer length covers the longest answer trained on
             config["longest_target_tokens"] = max(len(example.labels) for example in run.data.train_set)
             start_run(args.output_dir, config, tokenizer, replace=args.overwrite)
 
         start_time, first_step = time.perf_counter(), progress.step
         with naming_a_lost_rank(lambda: latest_checkpoint(args.output_dir), args.dist_timeout):
-            aborted = fit(run, progress)
+            with fsdp.view_warnings_silenced() if args.fsdp else nullcontext():
+                aborted = fit(run, progress)
 
         with fsdp.full_adapter(model):  # under --fsdp every rank gathers; rank 0 writes
             if env.is_main:
@@ -132,7 +134,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         lock.release()
         if run is not None:
             run.train_model = None  # the DDP wrapper goes before the process group (see teardown_distributed)
-        dist.teardown_distributed(finished)
+        dist.teardown_distributed(env, finished)
 
 
 class TrainingAborted(RuntimeError):
@@ -204,6 +206,7 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     optimizer = torch.optim.AdamW(groups, args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda")
     scheduler = warmup_then_linear_decay(optimizer, warmup_steps, total_steps)
     dtype = training_dtype(args.precision, env.device)
+    allow_tf32(env.device)  # on CUDA fp32 matmuls as TF32, for the whole process
     where = f"{env.world_size} x {env.device.type}"
     env.log(start_line(args.model, model, len(data.train_set), total_steps, where, dtype))
     env.log(check_plan(model, data.train_set, dtype, env.device, args).describe())  # on CUDA: refuses what won't fit
@@ -272,76 +275,6 @@ def end_of_step(run: Run, progress: Progress, bar, stop: list[str]) -> None:
             f"{(stop or ['a signal'])[0]} at step {progress.step}: checkpoint saved in "
             f"{args.output_dir / CHECKPOINTS}; continue with --resume."
         )
-
-
-@dataclass
-class StepResult:
-    loss_sum: float  # summed token cross-entropy over all processes' micro-batches
-    supervised_tokens: float  # labels != -100, over all processes' micro-batches
-    grad_norm: float  # before clipping; nan when the step had nothing to learn from
-    skipped: str | None = None  # why no update was made, if none was
-
-
-def train_step(model, optimizer, scaler, micro_batches: list[dict], *, device, dtype, max_grad_norm) -> StepResult:
-    """One optimizer step over `micro_batches` (this process's share of the global batch).
-
-    The loss is the global per-token mean: each micro-batch's summed cross-entropy divided by the
-    supervised tokens of the whole step on every process, so accumulation and data parallelism give
-    the gradient of one big batch. Order: scale -> backward (per micro-batch) -> unscale -> clip ->
-    finite check -> step or skip -> scaler update -> zero_grad.
-    """
-    world_size = dist.world_size()
-    local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-    (global_tokens,) = dist.all_reduce_sum([float(local_tokens)], device)
-    if global_tokens == 0:  # cross-entropy would be 0/0: nothing to learn from this step
-        return StepResult(0.0, 0.0, math.nan, skipped="the batch has no supervised token")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    step_loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sums as all_reduce_sum does
-    for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        last = i == len(micro_batches) - 1
-        no_sync = getattr(model, "no_sync", None)  # DDP all-reduces gradients on the last micro-batch only
-        if hasattr(model, "set_requires_gradient_sync"):  # and FSDP reduce-scatters them then
-            model.set_requires_gradient_sync(last)
-        with nullcontext() if last or no_sync is None else no_sync(), autocast(device, dtype):
-            loss_sum = sequence_loss_sum(model, batch)
-        # DDP averages gradients over ranks: scaling by world_size gives the global per-token mean.
-        scaler.scale(loss_sum * world_size / global_tokens).backward()
-        step_loss_sum += loss_sum.detach().double()
-    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-    grad_norm = dist.clip_grad_norm(params, max_grad_norm)  # the same on any number of processes
-    (step_loss_sum,) = dist.all_reduce_sum([step_loss_sum.item()], device)
-    skipped = None
-    if math.isfinite(step_loss_sum / global_tokens) and math.isfinite(grad_norm):
-        before = checkpoints.snapshot(optimizer)
-        scaler.step(optimizer)
-        finite = dist.every_rank(checkpoints.all_finite(params), device)  # each rank checks its own shards
-        if not finite:  # finite gradients, yet the update overflowed: undo it
-            checkpoints.restore(optimizer, before)
-            skipped = "the update made the adapter non-finite"
-    else:  # no update: the adapter and the optimizer state stay as the last good step left them
-        skipped = f"non-finite loss {step_loss_sum / global_tokens} or grad norm {grad_norm}"
-    scaler.update()  # in fp16, backs the scale off after an inf
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss_sum, global_tokens, grad_norm, skipped)
-
-
-def sequence_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Sum of the per-token cross-entropy over supervised tokens (labels != -100), in fp32.
-
-    The LM head and the softmax run on the supervised positions only: a padded position would cost a
-    projection onto the whole vocabulary (32,128 words) and its softmax, to be ignored by the loss.
-    """
-    labels = batch["labels"]  # (B, T)
-    supervised = labels != IGNORE_INDEX  # (B, T)
-    with lm_head_on(model, supervised):
-        logits = model(
-            input_ids=batch["input_ids"],  # (B, S)
-            attention_mask=batch["attention_mask"],  # (B, S)
-            decoder_input_ids=batch["decoder_input_ids"],  # (B, T); no labels, so the model computes no loss
-            use_cache=False,  # training reuses no key/value cache
-        ).logits  # (N, V): the N supervised positions, in the order of labels[supervised]
-    return F.cross_entropy(logits.float(), labels[supervised], reduction="sum")
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from data import DataError
 from data.dataset import DATA_DIR
-from support.files import loads_json
+from lora.files import loads_json
 
 from .amounts import figures_in, unusual_numerals
 

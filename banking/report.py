@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 from data import TRAIN_FILE, load_examples
+from lora.files import atomic_write_all, loads_json
 from support.cli import UsageError
-from support.files import atomic_write_all, loads_json
 from support.run_dir import EVAL
 
 from . import evaluation

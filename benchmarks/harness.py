@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from data import IGNORE_INDEX, TRAIN_FILE, collate, encode_examples, load_exampl
 from lora import LoRALinear, allocate_adapters, count_parameters, inject_lora, set_base_dtype
 from lora.nf4 import quantize_while_loading
 from support.fast_modules import use_fast_modules
-from support.fsdp import local, materialize, shard_model
+from support.fsdp import VIEW_WARNING, local, materialize, shard_model
 from support.metrics import peak_memory_mib
 from support.models import (
     TINY,
@@ -27,8 +28,8 @@ from support.models import (
     load_model_and_tokenizer,
     resolve_model_path,
 )
-from support.precision import nf4_dtype, training_dtype
-from train import train_step as train_py_step
+from support.precision import allow_tf32, nf4_dtype, training_dtype
+from support.step import train_step as train_py_step
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench.py"  # a worker is `bench.py --worker SPEC`
 
@@ -195,12 +196,14 @@ def worker(spec: dict) -> dict:
     runtime_mib = rss_mib()  # the interpreter, torch and transformers, before any model
     torch.manual_seed(0)
     dev = device()
-    dtype = training_dtype(spec.get("precision", "fp32"), dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
+    dtype = training_dtype(spec.get("precision", "fp32"), dev)
+    allow_tf32(dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
     with PeakRSS() as load_rss:  # building the model (and quantising it), apart from the steps
         if spec.get("base_dtype") == "nf4":  # QLoRA, as train.py --base-dtype nf4 builds it
             model = build_nf4_lora_model(spec["model"], nf4_dtype(dev)).to(dev).train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         elif spec.get("parallel") == "fsdp":  # no rank builds the whole base
+            warnings.filterwarnings("ignore", message=VIEW_WARNING)  # this worker's process: see view_warnings_silenced
             model, optimizer = build_fsdp_lora_model(spec["model"], dev)
             model.train()
         else:

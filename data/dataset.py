@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from support.files import check_text, loads_json
+from lora.files import loads_json
 
 from .batches import LengthBucketSampler, StepPlan
 
@@ -27,6 +27,18 @@ MAX_TARGET_LEN = 128
 
 class DataError(ValueError):
     """A data file that cannot be used as it is; the message names the file and the row."""
+
+
+def check_text(value: str, where: str, error: type[Exception] = ValueError) -> None:
+    """Refuse, raising `error`, a string that is not text: a lone surrogate (JSON's "\\ud800", or bytes that
+    are not UTF-8 in a command line) cannot be encoded, and the tokenizer would fail on it deep inside."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise error(
+            f"{where} holds {value[err.start : err.end].encode('unicode_escape').decode()}, which is not a "
+            "character (a lone surrogate, or bytes that are not UTF-8): fix the text."
+        ) from None
 
 
 def build_prompt(query: str) -> str:
@@ -169,9 +181,8 @@ def sequential_batches(
 def bucket_key(example: EncodedExample) -> int:
     """What batches are grouped by: source plus target length.
 
-    Sorting by target length alone pads less (1.8% of target tokens instead of 7.8% here) but makes
-    batches of a single intent, since one intent's answers have nearly equal lengths; the tiny model then
-    learned half as fast (train loss 0.51 against 0.26 after 350 steps).
+    Sorting by target length alone would pad less, but makes batches of a single intent, since one intent's
+    answers have nearly equal lengths, and a model learns more slowly from such batches.
     """
     return len(example.input_ids) + len(example.labels)
 

@@ -1,7 +1,8 @@
 """Hand-written LoRA for T5: the layer (`layer.py`) and its variants DoRA (`dora.py`) and PiSSA
 (`pissa.py`), putting them into a model and merging them (`model.py`), PEFT-layout adapter files
-(`adapter_io.py`), the LoRA paper's analyses of what an adapter learned (`python -m lora.inspect`), and
-checks of anyone's LoRA layer against the formula (`python -m lora.testing`)."""
+(`adapter_io.py`, written through `files.py`). Beside them, imported by name only: the LoRA paper's analyses
+of what an adapter learned (`lora.inspect`, `python -m lora.inspect`) and checks of anyone's LoRA layer
+against the formula (`lora.testing`, `python -m lora.testing`)."""
 
 from .adapter_io import AdapterError, load_adapter, save_adapter
 from .dora import DoRALinear
@@ -20,27 +21,9 @@ from .model import (
 )
 from .pissa import pissa_as_lora, pissa_init
 
-INSPECT_NAMES = ("amplification", "energy_rank", "entropy_effective_rank", "inspect_adapter", "subspace_similarity")
-
-
-def __getattr__(name: str):
-    """lora.inspect's functions, imported when first asked for: were the package to import lora.inspect
-    itself, `python -m lora.inspect` would find it already imported, and runpy warns of that."""
-    if name in INSPECT_NAMES:
-        from . import inspect
-
-        return getattr(inspect, name)
-    raise AttributeError(f"module 'lora' has no attribute {name!r}")
-
-
 __all__ = [
     "AdapterError",
     "allocate_adapters",
-    "amplification",
-    "energy_rank",
-    "entropy_effective_rank",
-    "inspect_adapter",
-    "subspace_similarity",
     "DoRALinear",
     "LoRALinear",
     "check_lora_hyperparameters",

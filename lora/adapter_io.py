@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from support.files import atomic_write_all, loads_json
-
 from .adapters import adapter_names, adapters_of, add_adapter, check_adapter_name, delete_adapter
 from .dora import DoRALinear
+from .files import atomic_write_all, loads_json
 from .layer import check_lora_hyperparameters
 from .model import inject_lora, lora_layers
 from .pissa import pissa_as_lora as as_plain_lora

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from support.files import atomic_write
-
 from .adapter_io import KEY_PREFIX, AdapterError, read_adapter
+from .files import atomic_write
 from .layer import lora_scaling
 
 ENERGY = 0.9

@@ -18,9 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import train  # noqa: E402
+import train  # noqa: E402  (check_compiled_run_follows_eager drives its recipe)
 from data import EncodedExample, collate  # noqa: E402
 from lora import inject_lora, lora_layers  # noqa: E402
+from support.step import train_step  # noqa: E402
 from support.toy_models import randomize_adapter, tiny_t5  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -40,7 +41,7 @@ def cuda_model(fused: bool = True):
 def step(model, optimizer, dtype, scaler=None):
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
     batch = collate(ROWS, 0)
-    return train.train_step(model, optimizer, scaler, [batch], device=CUDA, dtype=dtype, max_grad_norm=1.0)
+    return train_step(model, optimizer, scaler, [batch], device=CUDA, dtype=dtype, max_grad_norm=1.0)
 
 
 def check_bf16_autocast_step(tmp: Path) -> None:

@@ -35,7 +35,7 @@ import transformers  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from data import LengthBucketSampler, bucket_key  # noqa: E402
-from support.files import atomic_write_all  # noqa: E402
+from lora.files import atomic_write_all  # noqa: E402
 from support.models import TINY  # noqa: E402
 
 

@@ -18,8 +18,6 @@ import torch
 
 from lora import load_adapter, save_adapter
 
-from .fsdp import local
-
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
 
@@ -59,27 +57,6 @@ class Progress:
         loss = self.interval_loss_sum / self.interval_tokens if self.interval_tokens else None
         self.interval_loss_sum, self.interval_tokens = 0.0, 0.0
         return loss
-
-
-def snapshot(optimizer: torch.optim.Optimizer) -> list:
-    """An in-memory copy of the parameters an optimizer updates and of its state, for `restore`."""
-    return [
-        (p, p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()})
-        for group in optimizer.param_groups
-        for p in group["params"]
-    ]
-
-
-@torch.no_grad()
-def restore(optimizer: torch.optim.Optimizer, saved: list) -> None:
-    for param, value, state in saved:
-        param.copy_(value)
-        optimizer.state[param] = state
-
-
-def all_finite(params) -> bool:
-    """Whether this rank's values of `params` (its shards, under FSDP) are all finite."""
-    return bool(torch.stack([torch.isfinite(local(p)).all() for p in params]).all())
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

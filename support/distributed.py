@@ -32,6 +32,7 @@ class Distributed:
     rank: int
     world_size: int
     device: torch.device
+    heartbeat: lost_rank.Heartbeat | None = None  # under torchrun: this rank's, stopped by teardown_distributed
 
     @property
     def is_main(self) -> bool:
@@ -54,8 +55,8 @@ def setup_distributed(timeout_s: float = 300) -> Distributed:
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    lost_rank.start_heartbeat(dist.get_rank())
-    return Distributed(dist.get_rank(), world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Distributed(dist.get_rank(), world_size, device, lost_rank.Heartbeat(dist.get_rank()))
 
 
 def data_parallel(model: nn.Module) -> nn.Module:
@@ -67,7 +68,7 @@ def data_parallel(model: nn.Module) -> nn.Module:
 TEARDOWN_DEADLINE_S = 60  # leaving the process group takes well under a second; past this it is stuck
 
 
-def teardown_distributed(finished: bool) -> None:
+def teardown_distributed(env: Distributed, finished: bool) -> None:
     """Leave the process group in an order that cannot deadlock; `finished`: the run's work ended normally.
 
     A DDP wrapper's Reducer holds the process group. Were the Reducer the last to hold it, freeing the
@@ -80,9 +81,10 @@ def teardown_distributed(finished: bool) -> None:
     Should anything still hang, a watchdog thread outside Python prints every thread's stack and ends the
     process after TEARDOWN_DEADLINE_S.
     """
+    if env.heartbeat is not None:
+        env.heartbeat.stop()
     if not dist.is_initialized():
         return
-    lost_rank.stop_heartbeat()
     in_flight = sys.exc_info()[1]
     if in_flight is not None:
         traceback.clear_frames(in_flight.__traceback__)

@@ -10,7 +10,7 @@
   random stream is not the one nn.Dropout draws. On a GPU it is F.dropout (Philox, already fast).
 - every plain `nn.Linear` (k, o, the feed-forward's, lm_head) for `Linear`, whose product is
   `frozen_linear`: F.linear, except for a frozen bf16 weight on a CPU without bf16 matrix instructions,
-  where PyTorch's bf16 GEMM is 5-300x slower than computing the same product in fp32 and rounding once.
+  where PyTorch's bf16 GEMM is many times slower than computing the same product in fp32 and rounding once.
   The same Parameters, so ties are kept. The LoRA layers' base product becomes `frozen_linear` too.
 - (`lm_head_on`, which train.py's loss uses) the LM head and the softmax on the labelled positions only:
   a padded position would cost a projection onto the whole vocabulary (32,128 words), then be ignored.
@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import numpy as np
@@ -33,15 +34,14 @@ from lora import lora_layers
 from lora.nf4 import NF4Weight
 
 
-def _cpu_has_bf16_matmul() -> bool:
-    """Whether oneDNN runs bf16 matrix products natively here (AVX-512 or AMX); False on AVX2-only CPUs."""
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether oneDNN runs bf16 matrix products natively here (AVX-512 or AMX); False on AVX2-only CPUs.
+    Asked of the CPU once, when first needed."""
     try:
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without the query: the fp32 path below is right anywhere
         return False
-
-
-CPU_HAS_BF16_MATMUL = _cpu_has_bf16_matmul()
 
 
 class _Bf16LinearInFp32(torch.autograd.Function):
@@ -64,22 +64,22 @@ class _Bf16LinearInFp32(torch.autograd.Function):
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for a frozen base weight. The one exception: bf16 on a CPU without bf16 matrix instructions
-    (AVX2 ones), where PyTorch's bf16 GEMM runs at 19 GFLOP/s forward and 0.3 GFLOP/s for the input's
-    gradient against 100 GFLOP/s in fp32 (2 cores, 512 x 2048 -> 5120): there the product is computed in fp32
-    of the same bf16 values and rounded once, as above. Memory stays that of a bf16 base."""
+    (AVX2 ones), where PyTorch's bf16 GEMM is many times slower than fp32's, the input's gradient most of
+    all: there the product is computed in fp32 of the same bf16 values and rounded once, as above. Memory
+    stays that of a bf16 base."""
     if (
         weight.dtype == torch.bfloat16
         and x.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and not weight.requires_grad
-        and not CPU_HAS_BF16_MATMUL
+        and not cpu_has_bf16_matmul()
     ):
         return _Bf16LinearInFp32.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose CPU masks come from NumPy's PCG64 (about 4x faster than bernoulli_), seeded from torch."""
+    """nn.Dropout whose CPU masks come from NumPy's PCG64 (faster than torch's bernoulli_), seeded from torch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:

@@ -1,74 +1,10 @@
-"""Files written atomically (a crash mid-write leaves the old file, or none, never a half-written one),
-and a lock file that keeps two processes from doing the same work at once."""
+"""A lock file that keeps two processes from doing the same work at once (atomic writes: lora/files.py)."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    tmp = temporary_beside(path)
-    try:
-        with naming_failures(path):
-            write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: others could not read the file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def temporary_beside(path: Path) -> str:
-    """An empty temporary file in `path`'s directory (so that renaming it over `path` is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
-@contextmanager
-def naming_failures(path: Path) -> Iterator[None]:
-    """An OSError from a write (a full disk: EFBIG, ENOSPC) names no file; give it the one being written."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is None or str(err.filename).endswith(".tmp"):
-            err.filename = str(path)
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_all(contents: dict[Path, bytes | str]) -> None:
-    """Write several files that belong together (text as UTF-8): each is written in full beside its place
-    before the first replaces anything, so a failed write (a full disk) leaves all the old files, never a mix."""
-    staged = {}
-    try:
-        for path, content in contents.items():
-            tmp = temporary_beside(path)
-            staged[tmp] = path
-            with naming_failures(path):
-                Path(tmp).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-            os.chmod(tmp, 0o666 & ~current_umask())
-        for tmp, path in staged.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in staged:
-            Path(tmp).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -91,27 +27,3 @@ def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def loads_json(text: str, **options):
-    """json.loads, where an integer past Python's 4,300-digit limit or nesting too deep to parse is a
-    JSONDecodeError like any other malformed text (json.loads raises ValueError and RecursionError there)."""
-    try:
-        return json.loads(text, **options)
-    except json.JSONDecodeError:
-        raise
-    except (ValueError, RecursionError) as err:
-        reason = "it nests too deeply to parse" if isinstance(err, RecursionError) else str(err).split(";")[0]
-        raise json.JSONDecodeError(reason, text, 0) from None
-
-
-def check_text(value: str, where: str, error: type[Exception] = ValueError) -> None:
-    """Refuse, raising `error`, a string that is not text: a lone surrogate (JSON's "\\ud800", or bytes that
-    are not UTF-8 in a command line) cannot be encoded, and the tokenizer would fail on it deep inside."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise error(
-            f"{where} holds {value[err.start : err.end].encode('unicode_escape').decode()}, which is not a "
-            "character (a lone surrogate, or bytes that are not UTF-8): fix the text."
-        ) from None

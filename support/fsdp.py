@@ -21,16 +21,25 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lora.model import missing_tensors_error
 
+VIEW_WARNING = "FSDP2-wrapped module .* returned a view tensor"
+
+
+@contextmanager
+def view_warnings_silenced():
+    """Inside the block, FSDP2's warning that a block returning a view could lose its pre-backward hook to an
+    in-place op on it is not shown. T5's stack never writes into a block's output in place (the FSDP
+    gradients equal one process's, with and without checkpointing: tests/test_fsdp.py), and the warning
+    would be printed every step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=VIEW_WARNING)
+        yield
+
 
 def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
     """fully_shard every encoder and decoder block, then the root (embeddings, final norms, lm_head)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    # FSDP2 warns that a block returning a view could lose its pre-backward hook to an in-place op on it;
-    # T5's stack never writes into a block's output in place (the FSDP gradients equal one process's,
-    # with and without checkpointing: tests/test_fsdp.py), so the warning, printed every step, is silenced.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world_size,))
     for block in [*model.encoder.block, *model.decoder.block]:
         fully_shard(block, mesh=mesh)

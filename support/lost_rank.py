@@ -50,21 +50,6 @@ class Heartbeat:
         self.thread.join(timeout=2 * HEARTBEAT_S)
 
 
-_heartbeat: Heartbeat | None = None
-
-
-def start_heartbeat(rank: int) -> None:
-    global _heartbeat
-    _heartbeat = Heartbeat(rank)
-
-
-def stop_heartbeat() -> None:
-    global _heartbeat
-    if _heartbeat is not None:
-        _heartbeat.stop()
-        _heartbeat = None
-
-
 def silent_ranks(store, world_size: int, watch_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
     """The ranks whose heartbeat did not move in `watch_s` seconds; None if the store itself is gone."""
     try:

@@ -58,11 +58,8 @@ def activation_bytes(
     takes its input in A's fp32, and on the CPU SDPA's math path upcasts attention to fp32 (on CUDA the
     fused attention kernels keep less: an overestimate there). All times batch_size. With activation
     checkpointing only each block's input (d values per token) is kept, plus one block's activations
-    while it is recomputed. Measured against the bytes of the tensors autograd saves, on four tiny T5
-    shapes, it is within 2.1% in fp32 (tests/test_memory.py checks 3%), and 1.1% on flan-t5-base's
-    architecture at 8 x 32/64 tokens; with a bf16 base it is 2-6% under on the same shapes (the test
-    checks 8%; 12% under on a shape whose d_ff is only 1.3 d_model; flan-t5's is 2.5); without dropout
-    it overestimates.
+    while it is recomputed. tests/test_memory.py holds it to the bytes of the tensors autograd saves on
+    tiny T5 shapes (within 3% in fp32, 8% with a bf16 base); without dropout it overestimates.
     """
     d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
     heads, vocab, S, T = config.num_heads, config.vocab_size, source_len, target_len

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from data import TRAIN_FILE, build_prompt, load_examples
+from lora.files import current_umask
 
 from .cli import UsageError
-from .files import current_umask, file_lock
+from .files import file_lock
 
 TINY = "tiny"
 TINY_VOCAB_SIZE = 800
@@ -410,11 +411,3 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
         return True
     except OSError:
         return False
-
-
-def compile_t5(model):
-    """torch.compile for training. transformers wraps each T5 layer type's forward in one shared function,
-    which dynamo compiles once per type and batch shape: past the default limit of 8 it would silently fall
-    back to eager, so the limit is raised."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(model)

@@ -37,11 +37,11 @@ def nf4_dtype(device: torch.device) -> torch.dtype:
     a CPU with bf16 matrix instructions), else fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if fast_modules.CPU_HAS_BF16_MATMUL else torch.float32
+    return torch.bfloat16 if fast_modules.cpu_has_bf16_matmul() else torch.float32
 
 
 def training_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """resolve_dtype for training: warns about fp16, and lets fp32 matmuls run as TF32 on CUDA."""
+    """resolve_dtype for training: warns about fp16, and about bf16 on a CPU without bf16 matrix instructions."""
     dtype = resolve_dtype(precision, device)
     if dtype == torch.float16:
         warnings.warn(
@@ -49,16 +49,21 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
             "scaler and NaN guards skip such steps, but prefer --precision bf16.",
             stacklevel=2,
         )
-    if dtype == torch.bfloat16 and device.type == "cpu" and not fast_modules.CPU_HAS_BF16_MATMUL:
+    if dtype == torch.bfloat16 and device.type == "cpu" and not fast_modules.cpu_has_bf16_matmul():
         warnings.warn(
             "--precision bf16: this CPU has no bf16 matrix instructions, so bf16 autocast makes its matmuls "
-            "5-300x slower than fp32; use --precision fp32 (--base-dtype bf16 still halves the weights' memory).",
+            "many times slower than fp32; use --precision fp32 (--base-dtype bf16 still halves the weights' memory).",
             stacklevel=2,
         )
+    return dtype
+
+
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, let fp32 matmuls and convolutions (the adapter's, the loss's) run as TF32, for this whole
+    process: torch keeps the switch globally, so the training recipe sets it, where a reader sees it."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:

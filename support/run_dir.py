@@ -26,10 +26,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from lora.files import atomic_write_text, loads_json
 
 from .checkpoints import CHECKPOINTS, STATE_FILE, latest_checkpoint
 from .cli import UsageError
-from .files import atomic_write_text, file_lock, loads_json
+from .files import file_lock
 from .metrics import METRICS_FILE, PLOT_FILE
 
 RUN_CONFIG = "training_config.json"
@@ -219,7 +220,7 @@ def foreign_entries(out: Path) -> list[str]:
 
 
 def _atomic_leftover(path: Path) -> bool:
-    """A temporary file of an atomic write cut short (support.files.atomic_write names them .NAME.*.tmp)."""
+    """A temporary file of an atomic write cut short (lora.files.atomic_write names them .NAME.*.tmp)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 

@@ -21,8 +21,8 @@ import infer
 import train
 from data import TRAIN_FILE
 from lora import save_adapter
+from lora.files import atomic_write_all
 from lora.inspect import main as inspect_main
-from support.files import atomic_write_all
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny", "--log-every", "1", "--val-data", "none"]

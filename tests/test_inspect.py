@@ -7,17 +7,8 @@ import pytest
 import torch
 from conftest import randomize_adapter, saved_random_adapter, tiny_t5
 
-from lora import (
-    amplification,
-    energy_rank,
-    entropy_effective_rank,
-    inject_lora,
-    inspect_adapter,
-    lora_layers,
-    save_adapter,
-    subspace_similarity,
-)
-from lora.inspect import main
+from lora import inject_lora, lora_layers, save_adapter
+from lora.inspect import amplification, energy_rank, entropy_effective_rank, inspect_adapter, main, subspace_similarity
 
 
 def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:

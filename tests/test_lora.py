@@ -477,7 +477,7 @@ def test_a_frozen_bf16_product_on_a_cpu_without_bf16_matmul_is_computed_in_fp32(
     """frozen_linear: on an AVX2 CPU a frozen bf16 weight's product and the input's gradient are the fp32
     products of the same bf16 values rounded once (PyTorch's bf16 GEMM there is 5-300x slower), it keeps
     nothing but the weight for the backward, and every other case is F.linear."""
-    monkeypatch.setattr(support.fast_modules, "CPU_HAS_BF16_MATMUL", False)
+    monkeypatch.setattr(support.fast_modules, "cpu_has_bf16_matmul", lambda: False)
     torch.manual_seed(0)
     x = torch.randn(3, 5, 48).bfloat16().requires_grad_()
     weight, bias = torch.randn(64, 48).bfloat16(), torch.randn(64).bfloat16()
@@ -494,7 +494,8 @@ def test_a_frozen_bf16_product_on_a_cpu_without_bf16_matmul_is_computed_in_fp32(
     assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, (grad.float() @ weight.float()).bfloat16())
     for args in [(x.float(), weight.float(), None), (x, weight.requires_grad_(), None)]:  # fp32; a trained weight
         assert type(frozen_linear(*args).grad_fn).__name__ != "_Bf16LinearInFp32Backward"
-    monkeypatch.setattr(support.fast_modules, "CPU_HAS_BF16_MATMUL", True)  # AVX-512 or AMX: PyTorch's own bf16 GEMM
+    # AVX-512 or AMX: PyTorch's own bf16 GEMM
+    monkeypatch.setattr(support.fast_modules, "cpu_has_bf16_matmul", lambda: True)
     assert type(frozen_linear(x, weight.detach()).grad_fn).__name__ != "_Bf16LinearInFp32Backward"
 
 

@@ -708,7 +708,7 @@ def test_torchrun_runs_end_with_their_work_and_no_ddp_wrapper_outlives_the_proce
 
 
 def test_bf16_autocast_on_the_cpu_trains_with_fp32_adapter(tmp_path, monkeypatch):
-    monkeypatch.setattr(support.fast_modules, "CPU_HAS_BF16_MATMUL", False)  # as on this project's AVX2 CPUs
+    monkeypatch.setattr(support.fast_modules, "cpu_has_bf16_matmul", lambda: False)  # as on this project's AVX2 CPUs
     with pytest.warns(UserWarning, match="this CPU has no bf16 matrix instructions"):
         summary = train.train(
             train.parse_args(FAST + ["--max-steps", "1", "--precision", "bf16", "--output-dir", str(tmp_path)])
