@@ -37,6 +37,7 @@ class LoRALinear(nn.Module):
     updates: the branch computes in A's dtype and casts its update to the base output's dtype before the sum.
     """
 
+    lora_layer = True  # what lora_layers() finds
     # W0 x + b. support/fast_modules.py gives a layer a faster product of the same values where PyTorch's is slow.
     base_product = staticmethod(F.linear)
 

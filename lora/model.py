@@ -12,15 +12,14 @@ from torch import nn
 
 from .dora import DoRALinear
 from .layer import LoRALinear, check_lora_hyperparameters
-from .multi_layer import MultiLoRALinear
-from .nf4 import NF4Weight
 from .pissa import pissa_init, pissa_niter
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear | MultiLoRALinear]:
-    """Every LoRA layer in `model` (LoRALinear and its DoRA variant, or the layers of several adapters), by
-    its module path."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, (LoRALinear, MultiLoRALinear))}
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every LoRA layer in `model`, by its module path: the modules whose class sets `lora_layer = True`
+    (LoRALinear and its DoRA variant; lora.multi_layer's layer of several adapters). Each has `weight`,
+    `bias`, `adapter_params()`, `merge()`, `unmerge()`, `merged` and `disabled`."""
+    return {name: module for name, module in model.named_modules() if getattr(type(module), "lora_layer", False)}
 
 
 def inject_lora(
@@ -92,10 +91,10 @@ def merge_lora(model: nn.Module) -> None:
     if getattr(model, "_mixed_batches", None):
         raise ValueError("cannot merge while a mixed batch runs: merge one active adapter outside mixed_adapters.")
     layers = lora_layers(model).values()
-    if any(isinstance(layer.weight, NF4Weight) for layer in layers):
+    if any(not isinstance(layer.weight, torch.Tensor) for layer in layers):  # a quantised weight: lora/nf4.py
         raise ValueError(
-            "the base is in NF4: lora.nf4.dequantize_base(model, torch.bfloat16) (or torch.float32) first; an "
-            "adapter is merged into a dense weight, never rounded back into 4 bits."
+            "the base is quantised (NF4): lora.nf4.dequantize_base(model, torch.bfloat16) (or torch.float32) "
+            "first; an adapter is merged into a dense weight, never rounded back into 4 bits."
         )
     for layer in layers:
         layer.merge()
@@ -191,5 +190,7 @@ def lora_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float | No
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
     params = list(model.parameters())  # parameters() yields a shared tensor once
-    quantized = sum(math.prod(m.shape) for m in model.modules() if isinstance(m, NF4Weight))  # 4-bit: buffers
+    # A weight stored as a module of buffers (lora/nf4.py's 4-bit NF4Weight) counts as the values it stands for.
+    stand_ins = [m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), nn.Module)]
+    quantized = sum(math.prod(weight.shape) for weight in stand_ins)
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized

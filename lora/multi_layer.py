@@ -55,6 +55,7 @@ class MultiLoRALinear(nn.Module):
     alike, so adding or deleting one never moves another. Merging folds the active adapter into `weight`.
     """
 
+    lora_layer = True  # what lora_layers() finds
     # W0 x + b, as in LoRALinear (support/fast_modules.py may give a layer a faster product of the same values).
     base_product = staticmethod(F.linear)
 

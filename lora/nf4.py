@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import allocate_adapters, lora_layers, missing_tensors_error
+
 BLOCK_SIZE = 64  # weights per absmax
 STATS_BLOCK_SIZE = 256  # absmax values per fp32 scale, with double quantisation
 NF4_OFFSET = 0.9677083  # QLoRA's outermost quantile: the largest level is Φ⁻¹(0.9677083) ≈ 1.848 before scaling
@@ -243,8 +245,6 @@ def quantize_base(model: nn.Module, dtype: torch.dtype, double_quant: bool = Tru
     included; their A and B are untouched), except the modules named in `skip` (bitsandbytes leaves
     lm_head out by default). Call it after inject_lora and before set_base_dtype, so that the 4-bit
     weights come from the weights as loaded. Returns how many layers it quantised."""
-    from .model import lora_layers  # the layers are defined beside it; the model module imports this one
-
     count = 0
     for path, layer in lora_layers(model).items():
         quantize_lora_layer(path, layer, layer.weight, dtype, double_quant)
@@ -263,8 +263,6 @@ def quantize_base(model: nn.Module, dtype: torch.dtype, double_quant: bool = Tru
 def dequantize_base(model: nn.Module, dtype: torch.dtype) -> None:
     """The inverse of quantize_base up to NF4's rounding: every NF4 weight back to a dense frozen weight in
     `dtype` (bf16 or fp32), before a merge (an adapter is never merged into 4 bits) or an export."""
-    from .model import lora_layers
-
     for layer in lora_layers(model).values():
         if isinstance(layer.weight, NF4Weight):
             dense = layer.weight.dequantize(dtype)
@@ -294,8 +292,6 @@ def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, 
     Then A and B are allocated in fp32 and initialised as LoRA does (B = 0), in the order inject_lora
     initialises them. Names the model lacks are ignored (a checkpoint's copies of tied weights); a frozen
     tensor the pairs never gave is refused."""
-    from .model import allocate_adapters, lora_layers, missing_tensors_error
-
     modules = dict(model.named_modules())
     lora = lora_layers(model)
     loaded = set()
