@@ -9,6 +9,7 @@ import io
 import json
 import math
 import random
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,8 +19,12 @@ import torch
 
 from lora import load_adapter, save_adapter
 
+from .files import file_sha256
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
+CHECKSUMS_FILE = "checksums.json"  # the SHA-256 of every other file of the checkpoint, written last
+CHECKPOINT_NAME = re.compile(r"step-\d{8}")  # save_checkpoint's names: nothing else in checkpoints/ is ours
 
 
 class CheckpointError(RuntimeError):
@@ -59,8 +64,17 @@ class Progress:
         return loss
 
 
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first: the directories named as save_checkpoint names them. Anything
+    else in checkpoints/ (a copy a user made, step-final, step-00000002.bak) is never taken or rotated."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    steps = sorted((output_dir / CHECKPOINTS).glob("step-*"))
+    steps = checkpoint_dirs(output_dir)
     return steps[-1] if steps else None
 
 
@@ -111,6 +125,8 @@ def save_checkpoint(
     try:
         save_adapter(model, staging, base_model)
         (staging / STATE_FILE).write_bytes(buffer.getbuffer())
+        checksums = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
+        (staging / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=2) + "\n")
     except BaseException as err:  # a failed checkpoint leaves no half-written directory holding the space
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError) and (err.filename is None or str(err.filename).startswith(str(staging))):
@@ -118,13 +134,30 @@ def save_checkpoint(
         raise
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    for old in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def check_checksums(path: Path) -> None:
+    """Every file of the checkpoint as it was written: a byte changed on disk since (a bad sector, a copy cut
+    short, an edit) is refused before anything is read. A checkpoint of an older train.py has no checksums."""
+    if not (path / CHECKSUMS_FILE).exists():
+        return
+    with readable(path):
+        checksums = json.loads((path / CHECKSUMS_FILE).read_text(encoding="utf-8"))
+        changed = [name for name, digest in checksums.items() if file_sha256(path / name) != digest]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: {changed[0]} is not the file it was written as (its SHA-256 differs "
+            "from the one recorded in checksums.json); delete that directory to resume from the one before it, "
+            "or pass --overwrite to start afresh."
+        )
+
+
 def load_checkpoint_adapter(path: Path, model) -> None:
-    """The checkpoint's adapter into the model (before --fsdp shards it)."""
+    """The checkpoint's adapter into the model (before --fsdp shards it), once its files are checked."""
+    check_checksums(path)
     with readable(path):
         load_adapter(model, path)
 

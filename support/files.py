@@ -1,7 +1,9 @@
-"""A lock file that keeps two processes from doing the same work at once (atomic writes: lora/files.py)."""
+"""A lock file that keeps two processes from doing the same work at once, and a file's SHA-256 (atomic
+writes: lora/files.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,3 +29,11 @@ def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

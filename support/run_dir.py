@@ -17,7 +17,6 @@ the new run has checked its arguments, read its data and built its model.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from lora.files import atomic_write_text, loads_json
 
-from .checkpoints import CHECKPOINTS, STATE_FILE, latest_checkpoint
+from .checkpoints import CHECKPOINT_NAME, CHECKPOINTS, CHECKSUMS_FILE, STATE_FILE, latest_checkpoint
 from .cli import UsageError
 from .files import file_lock
 from .metrics import METRICS_FILE, PLOT_FILE
@@ -69,14 +68,6 @@ RESUME_KEYS = (
     "max_source_len",
     "max_target_len",
 )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class OutputDirLock:
@@ -210,10 +201,11 @@ def foreign_entries(out: Path) -> list[str]:
             foreign += [str(p) for p in sorted(entry.iterdir()) if not (p.is_file() and EVAL_REPORT.fullmatch(p.name))]
         elif entry.name == CHECKPOINTS and entry.is_dir():
             for step in sorted(entry.iterdir()):
-                if not (step.is_dir() and step.name.startswith(("step-", ".tmp-step-"))):
+                if not (step.is_dir() and CHECKPOINT_NAME.fullmatch(step.name.removeprefix(".tmp-"))):
                     foreign.append(str(step))
                     continue
-                foreign += [str(p) for p in sorted(step.iterdir()) if not ours(p, ADAPTER_FILES | {STATE_FILE})]
+                checkpoint_files = ADAPTER_FILES | {STATE_FILE, CHECKSUMS_FILE}
+                foreign += [str(p) for p in sorted(step.iterdir()) if not ours(p, checkpoint_files)]
         elif not ours(entry, RUN_FILES):
             foreign.append(str(entry))
     return foreign

@@ -182,6 +182,42 @@ def test_a_damaged_run_directory_is_one_sentence_on_resume(run_copy, small_data,
     assert code in (1, 2) and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "training_state.pt"])
+def test_a_checkpoint_whose_bytes_changed_is_refused_before_it_is_read(run_copy, small_data, capsys, damaged):
+    """64 bytes zeroed inside a file of the last checkpoint, its size unchanged: the SHA-256 recorded when it
+    was written no longer matches, and the resume stops before it trains on damaged tensors."""
+    step = run_copy / "checkpoints" / "step-00000002"
+    original = (step / damaged).read_bytes()
+    middle = len(original) // 2  # among the tensors, past the header
+    damaged_bytes = original[:middle] + bytes(64) + original[middle + 64 :]
+    assert damaged_bytes != original and len(damaged_bytes) == len(original)
+    (step / damaged).write_bytes(damaged_bytes)
+    code, _, err = run_train(
+        capsys, "--data", small_data, "--max-steps", "2", "--save-every", "1", "--output-dir", run_copy, "--resume"
+    )
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"checkpoint {step} is damaged: {damaged} is not the file it was written as" in err
+
+
+def test_rotation_and_resume_leave_the_users_own_directories_in_checkpoints_alone(run_copy, small_data, capsys):
+    """A backup the user made beside the checkpoints (step-00000001.bak) and a directory called step-final
+    are neither taken for the newest checkpoint nor rotated away, and --overwrite refuses to delete them:
+    only the step-NNNNNNNN directories save_checkpoint writes are the run's."""
+    checkpoints = run_copy / "checkpoints"
+    shutil.rmtree(checkpoints / "step-00000002")  # stopped after its first step
+    shutil.copytree(checkpoints / "step-00000001", checkpoints / "step-00000001.bak")
+    (checkpoints / "step-final").mkdir()
+    (checkpoints / "step-final" / "notes.txt").write_text("mine")
+    argv = ["--data", small_data, "--max-steps", "2", "--save-every", "1", "--output-dir", run_copy]
+    code, out, err = run_train(capsys, *argv, "--keep-checkpoints", "1", "--resume")
+    assert code == 0, err
+    assert f"resumed from {checkpoints / 'step-00000001'} at step 1" in out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000001.bak", "step-00000002", "step-final"]
+    code, _, err = run_train(capsys, *argv, "--overwrite")
+    assert code == 2 and "a training run did not write" in err and str(checkpoints / "step-00000001.bak") in err
+    assert (checkpoints / "step-00000001.bak" / "training_state.pt").is_file()
+
+
 # --- validation data --------------------------------------------------------------------------------------
 
 
