@@ -137,6 +137,9 @@ class NF4Weight(nn.Module):
         self.shape = tuple(weight.shape)
         self.dtype = dtype or weight.dtype
         self.double_quant = double_quant
+        if weight.is_meta:  # a model built without weights (a memory plan): buffers of the shapes quantising gives
+            self._register_meta_buffers()
+            return
         flat = weight.detach().reshape(-1).float()
         absmax, scaled = blockwise_absmax_scale(flat, BLOCK_SIZE)
         indices = nearest_level(F.pad(scaled, (0, scaled.numel() % 2)), levels_on("nf4", flat.device))
@@ -154,6 +157,19 @@ class NF4Weight(nn.Module):
             self.register_buffer("absmax_offset_bits", offset.view(torch.int32))
         else:
             self.register_buffer("absmax_bits", absmax.view(torch.int32))
+
+    def _register_meta_buffers(self) -> None:
+        values = math.prod(self.shape)
+        blocks = -(-values // BLOCK_SIZE)
+        meta = {"device": "meta"}
+        self.register_buffer("packed", torch.empty((values + 1) // 2, dtype=torch.uint8, **meta))
+        if self.double_quant:
+            self.register_buffer("absmax_codes", torch.empty(blocks, dtype=torch.uint8, **meta))
+            stats_blocks = -(-blocks // STATS_BLOCK_SIZE)
+            self.register_buffer("absmax_scales_bits", torch.empty(stats_blocks, dtype=torch.int32, **meta))
+            self.register_buffer("absmax_offset_bits", torch.empty((), dtype=torch.int32, **meta))
+        else:
+            self.register_buffer("absmax_bits", torch.empty(blocks, dtype=torch.int32, **meta))
 
     @property
     def absmax(self) -> torch.Tensor:

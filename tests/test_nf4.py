@@ -64,6 +64,20 @@ def test_double_quantisation_saves_what_it_says():
     assert error < 0.25  # NF4's largest gap between levels is 0.28 of the absmax: half of it at most, plus the scale
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5), (64, 64), (130, 257), (768, 2048)])
+def test_a_weight_without_values_gets_the_buffers_quantising_gives(shape, double_quant):
+    """A model built on the meta device (a memory plan) skips the quantisation, whose shapes it cannot change:
+    every buffer has the shape and dtype quantising a real weight of that shape gives."""
+    real, meta = (
+        NF4Weight(torch.randn(shape), double_quant=double_quant),
+        NF4Weight(torch.empty(shape, device="meta"), double_quant=double_quant),
+    )
+    buffers = {name: (tuple(b.shape), b.dtype) for name, b in real.named_buffers()}
+    assert {name: (tuple(b.shape), b.dtype) for name, b in meta.named_buffers()} == buffers
+    assert all(b.is_meta for b in meta.buffers()) and meta.nbytes() == real.nbytes() == nf4_nbytes(shape, double_quant)
+
+
 def test_casting_a_model_never_rounds_the_scales():
     linear = nn.Linear(64, 32)
     layer = LinearNF4(linear.weight, linear.bias, torch.float32)
