@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.distributed import bench_distributed
@@ -50,10 +52,94 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ["train", "peft", "variants", "memory", "distributed", "epoch", "inference", "throughput", "profile"]
+@dataclass(frozen=True)
+class Section:
+    """One table of the report: its JSON key, its heading, what measures it, and its columns (title, key,
+    format)."""
+
+    key: str
+    heading: str  # may name {new_tokens}
+    measure: Callable[[argparse.Namespace, list, list], list[dict]]  # (args, rows, one batch's indices)
+    columns: list[tuple[str, str, str]]
 
 
-def main(argv: list[str] | None = None) -> int:
+SECTIONS = {
+    "train": Section(
+        "train_step",
+        "Training step: LoRA (r=16 on q, v) vs full fine-tuning, AdamW, one batch",
+        bench_train_step,
+        [("mode", "mode", ""), ("trainable params", "trainable", ","), ("median step (s)", "median_step_s", ".3f"),
+         ("peak memory (MiB)", "peak_mib", ",.0f")],
+    ),
+    "peft": Section(
+        "ours_vs_peft",
+        "Training step: ours vs PEFT's LoRA with T5's own loss, alternated in one process",
+        bench_ours_vs_peft,
+        [("implementation", "implementation", ""), ("median step (s)", "median_step_s", ".3f"),
+         ("ours / PEFT (median of pairs)", "ours_over_peft", ".3f")],
+    ),
+    "variants": Section(
+        "variants",
+        "LoRA's variants: training step (interleaved in one process), peak memory (fresh process each), "
+        "PiSSA's SVD at injection",
+        bench_variants,
+        [("variant", "variant", ""), ("trainable params", "trainable", ","),
+         ("median step (s)", "median_step_s", ".3f"), ("vs LoRA", "vs_lora", "+.1%"),
+         ("peak memory (MiB)", "peak_mib", ",.0f"), ("injection (s)", "init_s", ".2f")],
+    ),
+    "memory": Section(
+        "memory",
+        "Bigger bases: peak memory of a LoRA step with a bf16 or NF4 base and activation checkpointing",
+        bench_memory,
+        [("model", "model", ""), ("batch x source/target tokens", "tokens", ""), ("configuration", "config", ""),
+         ("peak memory while training (MiB)", "step_peak_mib", ",.0f"),
+         ("of which runtime (MiB)", "runtime_mib", ",.0f"),
+         ("peak while building (MiB)", "load_peak_mib", ",.0f"), ("memory plan (MiB)", "plan_mib", ",.0f"),
+         ("vs (a)", "vs_a", ".2f"), ("median step (s)", "median_step_s", ".2f"), ("timed steps", "steps", "")],
+    ),
+    "distributed": Section(
+        "distributed",
+        "Two processes: each rank's frozen weights and peak memory, DDP against FSDP2 (train.py --fsdp)",
+        bench_distributed,
+        [("parallel", "parallel", ""), ("rank", "rank", ""), ("frozen weights held (MiB)", "frozen_held_mib", ",.1f"),
+         ("peak while building (MiB)", "load_peak_mib", ",.0f"), ("peak while training (MiB)", "step_peak_mib", ",.0f"),
+         ("median step (s)", "median_step_s", ".2f")],
+    ),
+    "epoch": Section(
+        "epoch",
+        "One epoch of LoRA training: bucketed dynamic padding vs padding to 128",
+        lambda args, rows, batch_indices: bench_epoch(args, rows),
+        [("batches", "plan", ""), ("steps", "batches", ""), ("timed steps", "measured_batches", ""),
+         ("epoch (s)", "epoch_s", ".1f"), ("real tokens/s", "real_tokens_per_s", ",.0f"),
+         ("matmul TFLOP", "matmul_tflop", ".4g")],
+    ),
+    "inference": Section(
+        "inference",
+        "Inference: greedy, exactly {new_tokens} new tokens",
+        lambda args, rows, batch_indices: bench_inference(args, rows),
+        [("batch", "batch", ""), ("model", "model", ""), ("median (s)", "median_s", ".4f"),
+         ("per query (s)", "per_query_s", ".4f"), ("vs base", "vs_base", "+.1%"), ("x unmerged", "vs_unmerged", ".2f")],
+    ),
+    "throughput": Section(
+        "throughput",
+        "Training throughput and model FLOPs utilisation (LoRA 2x, full 3x the forward matmul FLOPs of the "
+        "real tokens; fp32 matmuls as TF32 on CUDA)",
+        bench_throughput,
+        [("mode", "mode", ""), ("precision", "precision", ""), ("compile", "compile", ""),
+         ("median step (s)", "median_step_s", ".4f"), ("real tokens/s", "tokens_per_s", ",.0f"),
+         ("model TFLOP/s", "tflops", ".3g"), ("MFU", "mfu", ".1%"), ("peak FLOP/s", "peak_flops", ".3g")],
+    ),
+    "profile": Section(
+        "profile",
+        "Where a LoRA step's time goes (torch.profiler, self CPU time, one thread)",
+        bench_profile,
+        [("operators", "family", ""), ("share", "share", ".1%"), ("ms per step", "ms_per_step", ",.0f"),
+         ("calls per step", "calls_per_step", ""), ("largest", "largest", "")],
+    ),
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -66,21 +152,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epoch-sample", type=int, default=20, help="batches timed per epoch plan (default: 20)")
     p.add_argument("--full-epoch", action="store_true", help="time every batch of both epochs instead of a sample")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per query (default: 64)")
-    p.add_argument(
-        "--only",
-        nargs="+",
-        choices=SECTIONS,
-        help="run only these sections",
-    )
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def count_problem(args: argparse.Namespace) -> str | None:
+    """The sentence that refuses a count no benchmark can use, if one is given."""
     for name in ("batch_size", "reps", "epoch_sample", "new_tokens"):
         if getattr(args, name) <= 0:
-            print(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}.", file=sys.stderr)
-            return EXIT_USAGE
-    if args.warmup < 0:
-        print(f"error: --warmup must be 0 or more, got {args.warmup}.", file=sys.stderr)
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}."
+    return f"--warmup must be 0 or more, got {args.warmup}." if args.warmup < 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = count_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     from transformers.utils import logging as hf_logging
 
@@ -91,158 +181,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.model, args.reps, args.warmup, args.epoch_sample, args.new_tokens = TINY, 2, 1, 2, 8
-
     rows = encoded_rows(args.tokenizer)
     batch_indices = LengthBucketSampler([bucket_key(r) for r in rows], args.batch_size, seed=0).all_batches(0)[0]
-    sections = set(
-        args.only
-        or ["train", "peft", "variants", "memory", "distributed", "epoch", "inference", "throughput", "profile"]
-    )
-    results = {
-        "hardware": hardware(),
-        "model": args.model,
-        "batch_size": args.batch_size,
-        "reps": args.reps,
-        "warmup": args.warmup,
-    }
+    results = {"hardware": hardware(), "model": args.model, "batch_size": args.batch_size, "reps": args.reps,
+               "warmup": args.warmup}  # fmt: skip
     print(
         f"# Benchmarks\n\n{hardware()}; model {args.model} (random weights), batch {args.batch_size}, "
         f"median of {args.reps} after {args.warmup} warm-up runs.\n",
         flush=True,
     )
-
-    def report(key: str, heading: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-        results[key] = rows
-        print(f"## {heading}\n\n{table(rows, columns)}\n", flush=True)
-
-    if "train" in sections:
-        report(
-            "train_step",
-            "Training step: LoRA (r=16 on q, v) vs full fine-tuning, AdamW, one batch",
-            bench_train_step(args, rows, batch_indices),
-            [
-                ("mode", "mode", ""),
-                ("trainable params", "trainable", ","),
-                ("median step (s)", "median_step_s", ".3f"),
-                ("peak memory (MiB)", "peak_mib", ",.0f"),
-            ],
-        )
-    if "peft" in sections and peft_installed():
-        report(
-            "ours_vs_peft",
-            "Training step: ours vs PEFT's LoRA with T5's own loss, alternated in one process",
-            bench_ours_vs_peft(args, rows, batch_indices),
-            [
-                ("implementation", "implementation", ""),
-                ("median step (s)", "median_step_s", ".3f"),
-                ("ours / PEFT (median of pairs)", "ours_over_peft", ".3f"),
-            ],
-        )
-    if "variants" in sections:
-        report(
-            "variants",
-            "LoRA's variants: training step (interleaved in one process), peak memory (fresh process each), "
-            "PiSSA's SVD at injection",
-            bench_variants(args, rows, batch_indices),
-            [
-                ("variant", "variant", ""),
-                ("trainable params", "trainable", ","),
-                ("median step (s)", "median_step_s", ".3f"),
-                ("vs LoRA", "vs_lora", "+.1%"),
-                ("peak memory (MiB)", "peak_mib", ",.0f"),
-                ("injection (s)", "init_s", ".2f"),
-            ],
-        )
-    if "memory" in sections:
-        report(
-            "memory",
-            "Bigger bases: peak memory of a LoRA step with a bf16 or NF4 base and activation checkpointing",
-            bench_memory(args, rows, batch_indices),
-            [
-                ("model", "model", ""),
-                ("batch x source/target tokens", "tokens", ""),
-                ("configuration", "config", ""),
-                ("peak memory while training (MiB)", "step_peak_mib", ",.0f"),
-                ("of which runtime (MiB)", "runtime_mib", ",.0f"),
-                ("peak while building (MiB)", "load_peak_mib", ",.0f"),
-                ("memory plan (MiB)", "plan_mib", ",.0f"),
-                ("vs (a)", "vs_a", ".2f"),
-                ("median step (s)", "median_step_s", ".2f"),
-                ("timed steps", "steps", ""),
-            ],
-        )
-    if "distributed" in sections:
-        report(
-            "distributed",
-            "Two processes: each rank's frozen weights and peak memory, DDP against FSDP2 (train.py --fsdp)",
-            bench_distributed(args, rows, batch_indices),
-            [
-                ("parallel", "parallel", ""),
-                ("rank", "rank", ""),
-                ("frozen weights held (MiB)", "frozen_held_mib", ",.1f"),
-                ("peak while building (MiB)", "load_peak_mib", ",.0f"),
-                ("peak while training (MiB)", "step_peak_mib", ",.0f"),
-                ("median step (s)", "median_step_s", ".2f"),
-            ],
-        )
-    if "epoch" in sections:
-        report(
-            "epoch",
-            "One epoch of LoRA training: bucketed dynamic padding vs padding to 128",
-            bench_epoch(args, rows),
-            [
-                ("batches", "plan", ""),
-                ("steps", "batches", ""),
-                ("timed steps", "measured_batches", ""),
-                ("epoch (s)", "epoch_s", ".1f"),
-                ("real tokens/s", "real_tokens_per_s", ",.0f"),
-                ("matmul TFLOP", "matmul_tflop", ".4g"),
-            ],
-        )
-    if "inference" in sections:
-        report(
-            "inference",
-            f"Inference: greedy, exactly {args.new_tokens} new tokens",
-            bench_inference(args, rows),
-            [
-                ("batch", "batch", ""),
-                ("model", "model", ""),
-                ("median (s)", "median_s", ".4f"),
-                ("per query (s)", "per_query_s", ".4f"),
-                ("vs base", "vs_base", "+.1%"),
-                ("x unmerged", "vs_unmerged", ".2f"),
-            ],
-        )
-    if "throughput" in sections:
-        report(
-            "throughput",
-            "Training throughput and model FLOPs utilisation (LoRA 2x, full 3x the forward matmul FLOPs of the "
-            "real tokens; fp32 matmuls as TF32 on CUDA)",
-            bench_throughput(args, rows, batch_indices),
-            [
-                ("mode", "mode", ""),
-                ("precision", "precision", ""),
-                ("compile", "compile", ""),
-                ("median step (s)", "median_step_s", ".4f"),
-                ("real tokens/s", "tokens_per_s", ",.0f"),
-                ("model TFLOP/s", "tflops", ".3g"),
-                ("MFU", "mfu", ".1%"),
-                ("peak FLOP/s", "peak_flops", ".3g"),
-            ],
-        )
-    if "profile" in sections:
-        report(
-            "profile",
-            "Where a LoRA step's time goes (torch.profiler, self CPU time, one thread)",
-            bench_profile(args, rows, batch_indices),
-            [
-                ("operators", "family", ""),
-                ("share", "share", ".1%"),
-                ("ms per step", "ms_per_step", ",.0f"),
-                ("calls per step", "calls_per_step", ""),
-                ("largest", "largest", ""),
-            ],
-        )
+    for name, section in SECTIONS.items():
+        if (args.only and name not in args.only) or (name == "peft" and not peft_installed()):
+            continue
+        results[section.key] = section.measure(args, rows, batch_indices)
+        heading = section.heading.format(new_tokens=args.new_tokens)
+        print(f"## {heading}\n\n{table(results[section.key], section.columns)}\n", flush=True)
     if args.output:
         args.output.write_text(json.dumps(results, indent=2) + "\n")
     return 0
