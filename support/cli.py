@@ -3,7 +3,8 @@
 A problem the user can fix is one line on stderr, `error: <what is wrong and what to do>`, and an exit
 status: 2 for a command line, input or directory refused before any work (UsageError), 1 for a failure
 met while working (a data file, a model, an adapter, a run that stopped), 130 for Ctrl-C. Never a
-traceback for these.
+traceback for these. A reader of the output that goes away (`infer.py --json ... | head -1`) ends the
+command quietly with 141, the status of `cat` killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 # Errors of the file system a user can fix: a full disk, a quota, a file-size limit (ulimit -f), a read-only
@@ -42,6 +44,11 @@ def run_cli(
     `after_write_failure` ends the sentence for a full disk or missing permissions (how to go on)."""
     try:
         work()
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit, where Python would print it
+    except BrokenPipeError:
+        # Python would flush stdout once more at exit and fail again: what is left goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except UsageError as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses alike: rank 0 says it
             print(f"error: {err}", file=sys.stderr)

@@ -283,6 +283,21 @@ def test_the_prompt_s_commands_are_never_sent_to_the_model(trained_run, capsys, 
     assert "unknown command /usefoo" in err and "no adapter named 'nope'" in err and "unknown command /help" in err
 
 
+def test_a_reader_that_goes_away_ends_infer_quietly(trained_run, tmp_path):
+    """`infer.py --json ... | head -1`: the reader closes the pipe; the answers go nowhere, and the command
+    ends as cat does (status 141), without a BrokenPipeError traceback."""
+    queries = tmp_path / "queries.txt"
+    queries.write_text("What is my checking balance?\nI lost my card\n")
+    command = [sys.executable, str(ROOT / "infer.py"), "--adapter", str(trained_run), "--json", "--file", str(queries)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # gone before the first answer
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+
+
 def test_sigterm_stops_infer_with_a_word_and_status_130(trained_run, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, str(ROOT / "infer.py"), "--adapter", str(trained_run)]
