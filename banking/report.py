@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -78,8 +79,16 @@ def report_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def check_report_place(args: argparse.Namespace) -> None:
-    """A report there already is replaced only by a new evaluation of the same adapters."""
-    json_path, _ = report_paths(args)
+    """The report is never written through a symbolic link the user did not choose (the default eval/, or a
+    report file); one there already is replaced only by a new evaluation of the same adapters."""
+    json_path, markdown_path = report_paths(args)
+    chosen = [] if args.report_dir is None else [args.report_dir]
+    for path in (json_path.parent, json_path, markdown_path):
+        if path.is_symlink() and path not in chosen:
+            raise UsageError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); infer.py never writes through one: remove "
+                "the link, or pass --report-dir with the directory the report should go to."
+            )
     if not json_path.is_file():
         return
     try:

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,6 +282,25 @@ def test_the_prompt_s_commands_are_never_sent_to_the_model(trained_run, capsys, 
     code, _, err = run_infer(capsys, "--adapter", trained_run)
     assert code == 0 and asked == ["I lost my card"]
     assert "unknown command /usefoo" in err and "no adapter named 'nope'" in err and "unknown command /help" in err
+
+
+@pytest.mark.parametrize("link", ["eval", "eval/eval_report.json"])
+def test_the_report_is_never_written_through_a_link_it_was_not_given(trained_run, tmp_path, capsys, link):
+    """The adapter's eval/ (or the report in it) linked to another directory: --eval refuses before it
+    evaluates, and the file at the other end stays as it was."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_run, adapter, ignore=shutil.ignore_patterns("eval"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "eval_report.json").write_text('{"adapter": "someone else\'s"}\n')
+    if link != "eval":
+        (adapter / "eval").mkdir()
+    target = elsewhere if link == "eval" else elsewhere / "eval_report.json"
+    (adapter / link).symlink_to(target, target_is_directory=target.is_dir())
+    code, _, err = run_infer(capsys, "--adapter", adapter, "--eval", "--eval-limit", "2")
+    assert code == 2 and f"{adapter / link} is a symbolic link (to {target})" in err and err.count("\n") == 1
+    assert (elsewhere / "eval_report.json").read_text() == '{"adapter": "someone else\'s"}\n'
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["eval_report.json"]
 
 
 def test_a_reader_that_goes_away_ends_infer_quietly(trained_run, tmp_path):
