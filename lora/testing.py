@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import importlib
 import importlib.util
 import math
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -529,32 +532,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rslora", action="store_true", help="the layer scales by alpha / sqrt(r)")
     p.add_argument("--nonzero-init", action="store_true", help="the layer's init is not B = 0 (PiSSA, OLoRA...)")
     p.add_argument("--dora", action="store_true", help="the layer is DoRA's, its magnitude m as lora_magnitude")
+    p.add_argument("--timeout", type=float, default=600, help="seconds the checks may take (default: 600)")
     args = p.parse_args(argv)
     if (args.factory is None) == (args.adapter is None):
         p.error("give a MODULE:FACTORY or --adapter DIR (one of them)")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be positive, got {args.timeout}")
     try:
-        if args.adapter is not None:
-            model = args.model or _config_base(args.adapter)
-            report = check_adapter_dir(args.adapter, model)
-            for path, norm in report.norms.items():
-                print(f"{path}: ‖s·B A‖_F = {norm:.4g}")
-        else:
-            factory = load_factory(args.factory)
-            report = check_lora_layer(
-                factory,
-                r=args.r,
-                alpha=args.alpha,
-                use_rslora=args.rslora,
-                zero_init=not args.nonzero_init,
-                dora=args.dora,
-            )
+        with time_limit(args.timeout):
+            report = run_checks(args)
     except (ValueError, TypeError, ImportError, SyntaxError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CheckTimeout:
+        print(f"error: the checks did not finish within {args.timeout:g} s (--timeout): the layer's code hangs or "
+              "is far slower than a LoRA layer; every check counts as failed.", file=sys.stderr)  # fmt: skip
+        return 1
+    except SystemExit as err:  # the layer's own code: a CI gate must not read it as the kit's verdict
+        print(f"error: the layer's code called sys.exit({err.code!r}) while it was checked, so no check could "
+              "finish; every check counts as failed.", file=sys.stderr)  # fmt: skip
+        return 1
+    except Exception as err:  # noqa: BLE001  (the layer's code may raise anything)
+        print(f"error: the layer raised {type(err).__name__} while it was checked ({str(err)[:200]}); every "
+              "check counts as failed.", file=sys.stderr)  # fmt: skip
+        return 1
     print(report)
     failed = sum(check.passed is False for check in report.checks)
     print(f"\n{'all checks passed' if not failed else f'{failed} check(s) failed'}")
     return 1 if failed else 0
+
+
+class CheckTimeout(Exception):
+    """The checks ran past --timeout."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Inside the block, CheckTimeout after `seconds` (raised between bytecodes, in the main thread); code stuck
+    in C past 10 s more is ended by faulthandler, which prints where it hung and exits with status 1."""
+
+    def expire(signum, frame):
+        raise CheckTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    faulthandler.dump_traceback_later(seconds + 10, exit=True, file=sys.__stderr__)  # the process's own stderr
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run_checks(args: argparse.Namespace) -> Report:
+    """The command line's checks: of an adapter directory, or of the layer a factory builds."""
+    if args.adapter is not None:
+        report = check_adapter_dir(args.adapter, args.model or _config_base(args.adapter))
+        for path, norm in report.norms.items():
+            print(f"{path}: ‖s·B A‖_F = {norm:.4g}")
+        return report
+    factory = load_factory(args.factory)
+    return check_lora_layer(
+        factory,
+        r=args.r,
+        alpha=args.alpha,
+        use_rslora=args.rslora,
+        zero_init=not args.nonzero_init,
+        dora=args.dora,
+    )
 
 
 if __name__ == "__main__":

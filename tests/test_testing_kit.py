@@ -273,6 +273,37 @@ def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
 
 
+LAYERS_THAT_BREAK = {
+    "exits": "import sys\n\ndef make_layer(base, r, alpha):\n    sys.exit(0)\n",
+    "hangs": "def make_layer(base, r, alpha):\n    while True:\n        pass\n",
+    "returns a tuple": (
+        "from lora import LoRALinear\n\nclass Pair(LoRALinear):\n    def forward(self, x):\n"
+        "        return super().forward(x), None\n\ndef make_layer(base, r, alpha):\n"
+        "    return Pair.from_linear(base, r, alpha)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("exits", "the layer's code called sys.exit(0) while it was checked"),
+        ("hangs", "the checks did not finish within 1 s (--timeout)"),
+        ("returns a tuple", "the layer raised AttributeError while it was checked"),
+    ],
+)
+def test_a_layer_that_exits_hangs_or_breaks_fails_in_one_sentence(tmp_path, capsys, case, message):
+    """A factory calling sys.exit(0) made the kit exit 0 with no output (a CI gate passed), one that never
+    returned ran until killed, and a forward returning a tuple ended in a traceback: each is now a failure,
+    exit 1, said in one sentence."""
+    from lora.testing import main
+
+    (tmp_path / "my_lora.py").write_text(LAYERS_THAT_BREAK[case])
+    assert main([f"{tmp_path / 'my_lora.py'}:make_layer", "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err
+
+
 # --- adapter directories from any tool -----------------------------------------------------------------
 
 
