@@ -66,14 +66,22 @@ class Assistant:
         self.max_source_len = max(config.get("max_source_len") or MAX_SOURCE_LEN for config in configs)
         # Long enough for the longest answer an adapter was trained on (plus its </s>).
         self.max_new_tokens = max(config.get("longest_target_tokens") or MAX_TARGET_LEN for config in configs)
+        # NF4 (QLoRA): the base the adapters were trained on, when their runs say so; it stays unmerged,
+        # since merging would round the adapter into 4 bits. Plain LoRA only: DoRA and PiSSA read W0.
+        self.nf4 = base_dtype == "nf4" or (base_dtype == "auto" and any(c.get("base_dtype") == "nf4" for c in configs))
+        if self.nf4:
+            for directory in self.adapters.values():
+                config = read_adapter(directory)[0]
+                if config.get("use_dora") or config.get("init", "lora") != "lora":
+                    raise UsageError(
+                        f"{directory} is a DoRA or PiSSA adapter, which reads the base's dense weights: an NF4 base "
+                        "takes plain LoRA; drop --base-dtype nf4 (or pass --base-dtype dense)."
+                    )
         self.model, self.tokenizer, self.base_path = load_model_and_tokenizer(name)
         for adapter_name, directory in self.adapters.items():
             # strict: refuses an adapter of another model size, and leaves nothing of it behind
             load_adapter(self.model, directory, name=adapter_name)
         self.names = list(self.adapters)  # in --adapter order: the first answers by default
-        # NF4 (QLoRA): the base the adapters were trained on, when their runs say so; it stays unmerged,
-        # since merging would round the adapter into 4 bits.
-        self.nf4 = base_dtype == "nf4" or (base_dtype == "auto" and any(c.get("base_dtype") == "nf4" for c in configs))
         if self.nf4:
             quantize_base(self.model, dtype)
         elif merge and len(self.adapters) == 1:

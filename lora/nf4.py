@@ -172,6 +172,11 @@ class NF4Weight(nn.Module):
             self.register_buffer("absmax_bits", torch.empty(blocks, dtype=torch.int32, **meta))
 
     @property
+    def device(self) -> torch.device:
+        """Where the packed weight is: a weight's `device`, as code that places an adapter beside it reads."""
+        return self.packed.device
+
+    @property
     def absmax(self) -> torch.Tensor:
         return self.absmax_bits.view(torch.float32)
 

@@ -57,6 +57,27 @@ def test_each_row_of_a_mixed_batch_is_that_row_alone_with_its_adapter(two_adapte
     assert not torch.allclose(mixed[0], mixed[2])  # the two adapters really differ
 
 
+def test_a_mixed_batch_on_an_nf4_base_gives_each_row_its_adapter_alone(two_adapters, t5_batch):
+    """QLoRA with several adapters: the base quantised after they are loaded (as infer.py does for adapters
+    trained with --base-dtype nf4). Each row of a mixed batch is that row alone with its adapter, on the same
+    4-bit base; and model(..., adapter_names=...) alike. (The mixed batch once read the 4-bit weight's device,
+    which it did not have.)"""
+    from lora.nf4 import quantize_base
+
+    model = model_with(*two_adapters)
+    quantize_base(model, torch.float32)
+    names = ["business", None, "retail"]
+    with mixed_adapters(model, names):
+        mixed = logits(model, t5_batch)
+    for i, name in enumerate(names):
+        with active_adapter(model, name):
+            alone = logits(model, row(t5_batch, i))
+        torch.testing.assert_close(mixed[i : i + 1], alone, **EXACT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**t5_batch, adapter_names=names).logits, mixed, rtol=0, atol=0)
+    assert not torch.allclose(mixed[0], mixed[2])
+
+
 def test_mixed_batch_equals_peft_s_and_peft_loads_ours_by_name(two_adapters, t5_batch):
     retail, business = two_adapters
     ours = model_with(retail, business)

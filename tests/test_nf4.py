@@ -260,6 +260,22 @@ def test_dora_on_an_nf4_base_is_refused_in_one_sentence(tmp_path, capsys):
     assert err.count("\n") == 0 and "--base-dtype nf4 takes plain LoRA" in err
 
 
+def test_infer_refuses_a_dora_adapter_on_an_nf4_base_in_one_sentence(tmp_path, capsys):
+    """infer.py --base-dtype nf4 with a DoRA adapter printed the right sentence inside a ValueError traceback
+    from lora/nf4.py, after loading the model; now it is refused before the model loads, exit 2."""
+    import infer
+    from lora import save_adapter
+    from support.models import load_model_and_tokenizer
+
+    model = load_model_and_tokenizer("tiny")[0]
+    inject_lora(model, ("q", "v"), r=4, alpha=8, use_dora=True)
+    save_adapter(model, tmp_path / "dora", "tiny")
+    assert infer.main(["--adapter", str(tmp_path / "dora"), "--base-dtype", "nf4", "What is my balance?"]) == 2
+    err = capsys.readouterr().err  # beside the warning that the adapter records no prompt length (not train.py's)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "is a DoRA or PiSSA adapter" in errors[0] and "Traceback" not in err
+
+
 def test_a_checkpoints_own_lm_head_is_kept_when_quantizing_while_loading(tmp_path):
     import shutil
 
