@@ -81,6 +81,8 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
     run, finished = None, False
     try:
         config = run_config(args, env.world_size)
+        if env.world_size > 1:  # each node reads its own command line, data and code: they must agree
+            dist.check_started_alike({**config, "code_version": dist.code_version()})
         resume_from = dist.on_main(lambda: lock.acquire() or prepare_output_dir(args, config), env.is_main)
 
         train_rows, val_rows, val_note = read_data(args, env.world_size)  # refused before a model loads

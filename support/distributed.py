@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import faulthandler
 import gc
+import hashlib
 import os
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -153,6 +155,32 @@ def on_main(fn: Callable[[], T], is_main: bool) -> T:
     if verdict[1]:
         raise UsageError(verdict[1])
     return verdict[0]
+
+
+def check_started_alike(values: dict) -> None:
+    """Every process of the job was started alike: its `values` (settings, data fingerprint, code version)
+    equal rank 0's. Each process reads its own command line and files, so two nodes given different ones would
+    each train with their own, and training_config.json would record rank 0's alone. Every rank sees every
+    rank's values and refuses alike, naming the first difference (rank 0 says it)."""
+    everyone = gather_to_main(values)
+    for rank, other in enumerate(everyone):
+        differing = sorted(key for key in everyone[0].keys() | other.keys() if other.get(key) != everyone[0].get(key))
+        if differing:
+            key = differing[0]
+            raise UsageError(
+                f"rank {rank} was started with {key}={other.get(key)!r}, rank 0 with {everyone[0].get(key)!r}: every "
+                "process of a torchrun job must run the same code with the same arguments and data; start them alike."
+            )
+
+
+def code_version() -> str:
+    """A fingerprint of this project's Python source as this process sees it (SHA-256 of every file)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("*.py"), *root.glob("*/*.py")]):
+        if path.parent.name not in ("tests", "docs"):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def gather_to_main(value: T) -> list[T]:

@@ -649,6 +649,35 @@ def test_a_ddp_run_resumes_across_epochs_on_two_processes_on_one_and_back(ddp_ru
     assert_same_run(back_on_two, ddp_run)
 
 
+RANK_1_STARTED_OTHERWISE = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import train
+extra = sys.argv[2].split() if os.environ["RANK"] == "1" else []  # what another node's command line would add
+raise SystemExit(train.main([*sys.argv[3:], *extra]))
+"""
+
+
+@pytest.mark.parametrize(
+    "rank_1_adds, says",
+    [("--lr 0.002", "rank 1 was started with lr=0.002, rank 0 with 0.003"),
+     ("--max-steps 6", "rank 1 was started with max_steps=6, rank 0 with 3")],
+)  # fmt: skip
+def test_processes_started_with_other_settings_are_refused_before_any_work(tmp_path, rank_1_adds, says):
+    """Two nodes given different --lr trained each with its own, and with different --max-steps rank 0 printed
+    its success line and then died in the teardown: every rank's settings, data fingerprint and code version
+    are compared at the start, and a difference is one sentence on every rank, before any work."""
+    script = tmp_path / "rank_1_otherwise.py"
+    script.write_text(RANK_1_STARTED_OTHERWISE)
+    argv = [*FAST, "--batch-size", "8", "--max-steps", "3", "--lr", "0.003", "--output-dir", str(tmp_path / "run")]
+    command = [*TORCHRUN, str(script), str(ROOT), rank_1_adds, *argv]
+    code, stdout, stderr = run_to_the_end(command, work_done="error: ", env=ONE_THREAD, timeout=120)
+    sentences = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    expected = f"error: {says}: every process of a torchrun job must run the same code with the same arguments"
+    assert code != 0 and len(sentences) == 1 and sentences[0].startswith(expected), stderr[-3000:]
+    assert "trainable parameters" not in stdout and not (tmp_path / "run").exists()
+
+
 def test_a_run_that_outlives_its_work_fails_and_its_whole_process_group_ends(tmp_path):
     """The guard of the torchrun tests: a command that lingers after its work fails the test, and its
     children (torchrun's workers) end with it, rather than living on, reparented to init."""
