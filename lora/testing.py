@@ -174,7 +174,7 @@ def check_lora_layer(
     factors = Factors(A, B, M, A_value, B_value, m_value, scaling)
     factors.set()
     _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora)
-    _check_gradients(report, layer, x, w0, b0, factors, generator)
+    _check_gradients(report, layer, x, w0, b0, factors, generator, _scale_mistakes(alpha, r, use_rslora))
     _check_dropout(report, layer, x, expected_base, factors, w0)
     factors.set()
     _check_merge(report, layer, x, w0, b0, factors)
@@ -235,12 +235,8 @@ def _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora) -> N
     error = _err(got, factors.expected(x, w0, b0))
     formula = "m ⊙ (W0 + s·B A) x / ‖W0 + s·B A‖_c + b" if dora else "W0 x + b + s·B A x"
     mistake = f"the forward does not compute {formula}."
-    other_scale = alpha / r if use_rslora else alpha / math.sqrt(r)
-    wrong_outputs = [
-        (factors.expected(x, w0, b0, alpha), "the update is scaled by alpha, not alpha / r."),
-        (factors.expected(x, w0, b0, other_scale), "rsLoRA's alpha / sqrt(r) and LoRA's alpha / r are confused."),
-        (factors.expected(x, w0, b0, 1.0), "the update is not scaled at all (s = 1): multiply by alpha / r."),
-    ]
+    scale_mistakes = _scale_mistakes(alpha, r, use_rslora)
+    wrong_outputs = [(factors.expected(x, w0, b0, scale), sentence) for scale, sentence in scale_mistakes]
     if dora:
         A, B, m = factors.A_value, factors.B_value, factors.m_value
         adapted = w0 + scaling * B @ A
@@ -255,7 +251,32 @@ def _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora) -> N
     report.add(f"forward: {formula} (eval mode)", error, FP32_TOLERANCE, mistake)
 
 
-def _check_gradients(report, layer, x, w0, b0, factors, generator) -> None:
+def _scale_mistakes(alpha: float, r: int, use_rslora: bool) -> list[tuple[float, str]]:
+    """The scales a LoRA layer is often written with instead of s, each with the sentence naming the mistake."""
+    other_scale = alpha / r if use_rslora else alpha / math.sqrt(r)
+    return [
+        (alpha, "the update is scaled by alpha, not alpha / r."),
+        (other_scale, "rsLoRA's alpha / sqrt(r) and LoRA's alpha / r are confused."),
+        (1.0, "the update is not scaled at all (s = 1): multiply by alpha / r."),
+    ]
+
+
+def _scaling_mistake(name: str, got: torch.Tensor, expected: torch.Tensor, scaling: float, scale_mistakes):
+    """When a gradient is a constant multiple of the formula's, the update's scale is wrong, not the factor's
+    use: the sentence that says so (naming the usual mistake when the multiple matches one), else None."""
+    norm = (expected.float() ** 2).sum()
+    if norm == 0:
+        return None
+    multiple = ((got.float() * expected.float()).sum() / norm).item()
+    if abs(multiple - 1) < 1e-3 or _err(got, multiple * expected) > FP32_TOLERANCE:
+        return None
+    for scale, sentence in scale_mistakes:
+        if math.isclose(multiple * scaling, scale, rel_tol=1e-3):
+            return sentence
+    return f"{name}'s gradient is {multiple:.4g} times the formula's: the update's scale s is wrong."
+
+
+def _check_gradients(report, layer, x, w0, b0, factors, generator, scale_mistakes) -> None:
     layer.eval()  # dropout off: the gradients are then exactly the formula's
     A, B, M, scaling = factors.A, factors.B, factors.M, factors.scaling
     for param in layer.parameters():
@@ -275,7 +296,10 @@ def _check_gradients(report, layer, x, w0, b0, factors, generator) -> None:
         mistake = (
             f"{name}'s gradient is not the formula's: {name} is detached, not trainable, or misused in the forward."
         )
-        if name in attached and _err(got, attached[name]) <= FP32_TOLERANCE:
+        scaled = _scaling_mistake(name, got, expected[name], scaling, scale_mistakes) if M is None else None
+        if scaled:
+            mistake = scaled
+        elif name in attached and _err(got, attached[name]) <= FP32_TOLERANCE:
             mistake = ("the gradient flows through the norm ‖W0 + s·B A‖_c: DoRA (Section 4.3) treats it as a "
                        "constant; compute it under torch.no_grad() or .detach() it.")  # fmt: skip
         report.add(f"gradient of {name} is {formulas[name]}", _err(got, expected[name]), FP32_TOLERANCE, mistake)
@@ -399,11 +423,13 @@ def _check_bf16_base(report, make_layer, base, x, r, alpha, factors) -> None:
         w16, b16 = base.weight.to(torch.bfloat16), base.bias.to(torch.bfloat16)
         expected = factors.expected(x16.float(), w16.float(), b16.float())
     bound = 2 * 2.0**-8  # two bf16 units, relative to the output's magnitude
-    report.add(
-        "bf16 base, fp32 A and B", _err(got, expected), bound,
+    mistake = (
         "on a bf16 base the output is off by more than bf16's rounding: the update is lost or computed in too low "
-        "a precision (compute s·B A x in A's dtype, cast once before the sum).",
-    )  # fmt: skip
+        "a precision (compute s·B A x in A's dtype, cast once before the sum)."
+    )
+    if any(check.name.startswith("forward") and check.passed is False for check in report.checks):
+        mistake = "the forward is wrong in fp32 already (its row above says how): this follows from it."
+    report.add("bf16 base, fp32 A and B", _err(got, expected), bound, mistake)
 
 
 def check_adapter_dir(directory, base: nn.Module | str) -> Report:

@@ -159,6 +159,24 @@ def test_each_classic_mistake_is_named(layer, check, words):
         assert_lora_layer(lambda base, r, alpha: layer(base, r, alpha))
 
 
+@pytest.mark.parametrize(
+    "layer, words",
+    [(AlphaNotOverR, "scaled by alpha, not alpha / r"), (RsLoRAConfused, "are confused")],
+)
+def test_a_scaling_mistake_is_named_on_every_row_it_fails(layer, words):
+    """The forward, both gradients (a constant multiple of the formula's) and the bf16 row (which fails because
+    the forward does) all point to the scale, not to a detached factor or too low a precision."""
+    failures = failed(check_lora_layer(lambda base, r, alpha: layer(base, r, alpha)))
+    assert sorted(failures) == [
+        "bf16 base, fp32 A and B",
+        "forward: W0 x + b + s·B A x (eval mode)",
+        "gradient of A is s·Bᵀ G xᵀ",
+        "gradient of B is s·G (A x)ᵀ",
+    ]
+    assert all(words in failures[name] for name in failures if not name.startswith("bf16"))
+    assert "the forward is wrong in fp32 already" in failures["bf16 base, fp32 A and B"]
+
+
 def test_rslora_is_checked_against_alpha_over_sqrt_r():
     make = lambda base, r, alpha: LoRALinear.from_linear(base, r, alpha, use_rslora=True)  # noqa: E731
     assert check_lora_layer(make, use_rslora=True).passed
