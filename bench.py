@@ -4,11 +4,12 @@ PEFT's, merged inference against the base model, and training throughput with mo
 memory of bigger bases (bf16 base, activation checkpointing, on flan-t5-xl). Prints markdown tables.
 
     python bench.py                 # flan-t5-base's architecture with random weights (timings don't depend on values)
-    python bench.py --quick         # the tiny model, a few repetitions: checks the script works (< 3 min on 2 cores)
+    python bench.py --quick         # the tiny model, a few repetitions, no fresh processes: checks the script works
 
 Every timing is the median of several repetitions after warm-up runs. Training-step memory is measured
 in a fresh process per configuration (CUDA: max allocated; CPU: the process's resident set sampled every
-millisecond while the steps run, so that building the model does not count). Sequence
+millisecond while the steps run, so that building the model does not count); --quick measures in its own
+process, its figures being no measurements. Sequence
 lengths come from the bundled training split tokenised with --tokenizer (default: the tiny model's
 tokenizer, since flan-t5's needs the hub; pass a local flan-t5 directory to use its lengths).
 """

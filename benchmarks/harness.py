@@ -309,10 +309,14 @@ WORKER_DEFAULTS = {
 _worker_results: dict[str, dict] = {}
 
 
-def run_worker(spec: dict) -> dict:
-    """Measure `spec` in a fresh process. A configuration measured before in this run is not measured
-    again: on the CPU the throughput section's runs are the training-step section's."""
+def run_worker(spec: dict, in_process: bool = False) -> dict:
+    """Measure `spec` in a fresh process (or, `in_process`, in this one: bench.py --quick, whose figures mean
+    nothing, skips a process start per configuration; distributed ones still run under torchrun). A
+    configuration measured before in this run is not measured again: on the CPU the throughput section's
+    runs are the training-step section's."""
     key = json.dumps({**WORKER_DEFAULTS, **spec}, sort_keys=True)
+    if key not in _worker_results and in_process and not spec.get("parallel"):
+        _worker_results[key] = worker(json.loads(key))
     if key not in _worker_results:
         env = os.environ.copy()
         if spec.get("return_freed_memory"):  # every large block mmapped, so freeing it returns it to the OS

@@ -62,7 +62,7 @@ def bench_memory(args, rows, batch_indices) -> list[dict]:
                 "return_freed_memory": True,
             }
             spec.update({"shape": list(shape)} if shape else {"batches": [batch_indices] * spec["reps"]})
-            out = run_worker(spec)
+            out = run_worker(spec, in_process=args.quick)
             baseline = baseline or out["step_peak_mib"]
             results.append(
                 {

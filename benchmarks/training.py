@@ -33,7 +33,7 @@ def bench_train_step(args, rows, batch_indices) -> list[dict]:
             "warmup": args.warmup,
             "batches": [batch_indices] * args.reps,
         }
-        out = run_worker(spec)
+        out = run_worker(spec, in_process=args.quick)
         results.append(
             {
                 "mode": mode,
@@ -118,7 +118,7 @@ def bench_throughput(args, rows, batch_indices) -> list[dict]:
                 "compile": compiled,
                 "pad_multiple": 8 if on_cuda else None,
             }
-            out = run_worker(spec)
+            out = run_worker(spec, in_process=args.quick)
             step = statistics.median(out["times"])
             peak_used = peak and (peak if precision == "bf16" else peak / 2)
             results.append(

@@ -40,7 +40,8 @@ def bench_variants(args, rows, batch_indices) -> list[dict]:
                 "tokenizer": args.tokenizer,
                 "warmup": 1,
                 "batches": [batch_indices] * 2,
-            }
+            },
+            in_process=args.quick,
         )
         median = statistics.median(times[mode])
         results.append(

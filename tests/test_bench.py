@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quick_benchmark_runs_every_section(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--output", str(out)]) == 0  # its workers still run in processes of their own
+    assert bench.main(["--quick", "--output", str(out)]) == 0  # its distributed workers still run under torchrun
     stdout = capsys.readouterr().out
     for heading in (
         "## Training step: LoRA",
