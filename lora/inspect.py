@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def write_figures(report: dict, out: Path, phi_module: str | None = None) -> lis
     ax.set_ylabel("layer")
     ax.set_title(f"‖ΔW‖_F of each adapted module (r={report['r']})")
     fig.colorbar(image, ax=ax, label="‖ΔW‖_F")
-    written.append(_save(fig, out / "delta_norms.png", plt))
+    written.append(_save(fig, out / FIGURES[0], plt))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
@@ -224,7 +225,7 @@ def write_figures(report: dict, out: Path, phi_module: str | None = None) -> lis
     ax.set_ylabel("singular value σ_k of ΔW")
     ax.set_title(f"Singular-value spectra of ΔW, one line per module ({len(rows)} modules)")
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "spectra.png", plt))
+    written.append(_save(fig, out / FIGURES[1], plt))
 
     with_phi = [r for r in rows if "phi" in r]
     if with_phi:
@@ -237,8 +238,11 @@ def write_figures(report: dict, out: Path, phi_module: str | None = None) -> lis
         ax.set_ylabel("i (directions of this adapter's A)")
         ax.set_title(f"Subspace similarity φ(i, j)\n{chosen['module']}")
         fig.colorbar(image, ax=ax, label="φ")
-        written.append(_save(fig, out / "subspace_similarity.png", plt))
+        written.append(_save(fig, out / FIGURES[2], plt))
     return written
+
+
+FIGURES = ("delta_norms.png", "spectra.png", "subspace_similarity.png")  # what --out receives
 
 
 def _layer_order(layer: str):
@@ -277,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
             raise AdapterError("--phi-module picks the module of the φ figure, which needs --compare OTHER_DIR.")
         if args.out and args.out.exists() and not args.out.is_dir():
             raise AdapterError(f"--out {args.out} is a file: pass a directory for the figures.")
+        links = [args.out / name for name in FIGURES if (args.out / name).is_symlink()] if args.out else []
+        if links:  # --out itself may be a link: the user chose it; a figure's own link was not chosen for this
+            raise AdapterError(
+                f"{links[0]} is a symbolic link (to {os.readlink(links[0])}); lora.inspect never writes in a link's "
+                "place: remove it, or pass another --out."
+            )
         read_adapter(args.adapter)  # a directory that is no adapter is refused before a model loads
         base = load_model_and_tokenizer(args.base)[0] if args.base else None
         report = inspect_adapter(args.adapter, base, args.compare)

@@ -159,6 +159,24 @@ def test_a_dora_adapter_s_update_is_its_merged_weight_minus_the_base(tmp_path, c
         assert abs(row["delta_norm"] - torch.linalg.matrix_norm(2 * b @ a).item()) > 1e-3  # not s·B A's
 
 
+def test_a_figure_that_is_a_symbolic_link_is_refused_before_any_work(tmp_path, capsys):
+    """--out holding spectra.png -> a file elsewhere: refused in one sentence; the link and the file it
+    points to stay as they were, and no figure is written."""
+    saved_random_adapter(tmp_path / "qv")
+    figures, elsewhere = tmp_path / "figures", tmp_path / "mine.png"
+    figures.mkdir()
+    elsewhere.write_bytes(b"my own picture")
+    (figures / "spectra.png").symlink_to(elsewhere)
+    assert main([str(tmp_path / "qv"), "--out", str(figures)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == f"error: {figures / 'spectra.png'} is a symbolic link (to {elsewhere}); lora.inspect never "
+        "writes in a link's place: remove it, or pass another --out.\n"
+    )
+    assert (figures / "spectra.png").is_symlink() and elsewhere.read_bytes() == b"my own picture"
+    assert sorted(p.name for p in figures.iterdir()) == ["spectra.png"]
+
+
 def test_figures_that_cannot_be_written_are_one_sentence_and_keep_the_previous_ones(tmp_path, capsys, monkeypatch):
     import errno
 
