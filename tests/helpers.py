@@ -1,4 +1,8 @@
-"""What the tests share: toy models (support/toy_models.py) and a guard for commands that must end."""
+"""What the tests share: toy models (support/toy_models.py), a guard for commands that must end, one thread."""
+
+import contextlib
+
+import torch
 
 from support.toy_models import randomize_adapter, saved_random_adapter, tiny_t5  # noqa: F401  (re-exported for the tests)
 
@@ -121,3 +125,15 @@ def checkpoint_without(directory, key: str, model_directory):
     del tensors[key]
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     return directory
+
+
+@contextlib.contextmanager
+def one_thread():
+    """This process computing as each rank does: on some CPUs (AMX ones) a product's rounding depends on the
+    number of threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -42,16 +42,23 @@ def row(batch, i):
     return {key: value[i : i + 1] for key, value in batch.items()}
 
 
+def mixed_rows_each_alone(model, batch, names):
+    """The logits of `batch` as a mixed batch of `names`, once each row is checked to be that row alone with
+    its adapter active."""
+    with mixed_adapters(model, names):
+        mixed = logits(model, batch)
+    for i, name in enumerate(names):
+        with active_adapter(model, name):
+            alone = logits(model, row(batch, i))
+        torch.testing.assert_close(mixed[i : i + 1], alone, **EXACT)
+    return mixed
+
+
 def test_each_row_of_a_mixed_batch_is_that_row_alone_with_its_adapter(two_adapters, t5_batch):
     model = model_with(*two_adapters)
     assert adapter_names(model) == ["retail", "business"]
     names = ["business", None, "retail"]
-    with mixed_adapters(model, names):
-        mixed = logits(model, t5_batch)
-    for i, name in enumerate(names):
-        with active_adapter(model, name):
-            alone = logits(model, row(t5_batch, i))
-        torch.testing.assert_close(mixed[i : i + 1], alone, **EXACT)
+    mixed = mixed_rows_each_alone(model, t5_batch, names)
     with active_adapter(model, None):
         assert torch.equal(logits(model, t5_batch), logits(tiny_t5(), t5_batch))
     assert not torch.allclose(mixed[0], mixed[2])  # the two adapters really differ
@@ -67,12 +74,7 @@ def test_a_mixed_batch_on_an_nf4_base_gives_each_row_its_adapter_alone(two_adapt
     model = model_with(*two_adapters)
     quantize_base(model, torch.float32)
     names = ["business", None, "retail"]
-    with mixed_adapters(model, names):
-        mixed = logits(model, t5_batch)
-    for i, name in enumerate(names):
-        with active_adapter(model, name):
-            alone = logits(model, row(t5_batch, i))
-        torch.testing.assert_close(mixed[i : i + 1], alone, **EXACT)
+    mixed = mixed_rows_each_alone(model, t5_batch, names)
     with torch.no_grad():
         torch.testing.assert_close(model(**t5_batch, adapter_names=names).logits, mixed, rtol=0, atol=0)
     assert not torch.allclose(mixed[0], mixed[2])

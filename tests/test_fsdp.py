@@ -17,6 +17,7 @@ from helpers import (
     checkpoint_without,
     descendants,
     kill_tree,
+    one_thread,
     run_to_the_end,
     sum_block_input_gradients_as_fsdp,
 )
@@ -223,12 +224,8 @@ def test_a_killed_fsdp_job_resumes_exactly_on_two_processes_and_on_one_accumulat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "processes x --grad-accum = 1 differs from the run in" in err
     argv = [*argv, "--grad-accum", "2", "--output-dir", str(elsewhere)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: on some CPUs (AMX ones) a product's rounding depends on the threads
-    try:
+    with one_thread():  # as each rank
         train.train(parse_args([*argv, "--resume"]), prepare_model=sum_block_input_gradients_as_fsdp)
-    finally:
-        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "the checkpoint was written by 2 process(es), this run has 1" in out
     assert_same_training(elsewhere, straight)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_adapter, tiny_t5
-from helpers import run_to_the_end
+from helpers import one_thread, run_to_the_end
 from safetensors.torch import load_file
 
 import support.fast_modules
@@ -573,18 +573,6 @@ def on_two_processes(argv: list[str]) -> str:
     )
     assert code == 0, stderr[-3000:]
     return stdout
-
-
-@contextlib.contextmanager
-def one_thread():
-    """This process computing as each rank does: on some CPUs (AMX ones) a product's rounding depends on the
-    number of threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def ddp_argv(rows: Path, *options: str) -> list[str]:
