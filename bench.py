@@ -36,7 +36,7 @@ from benchmarks.training import bench_ours_vs_peft, bench_throughput, bench_trai
 from benchmarks.variants import bench_variants
 from data import LengthBucketSampler, bucket_key
 from support.cli import EXIT_USAGE
-from support.models import TINY
+from support.tiny_model import TINY
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -39,14 +39,9 @@ from support.cli import UsageError, run_cli, stop_requests
 from support.fast_modules import use_fast_modules
 from support.lost_rank import LostRankError, naming_a_lost_rank
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
-from support.memory import MemoryPlanError, check_plan
+from support.memory import MemoryPlanError, check_plan, enable_activation_checkpointing
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
-from support.models import (
-    ModelLoadError,
-    enable_activation_checkpointing,
-    load_base_shards,
-    load_with_lora,
-)
+from support.models import ModelLoadError, load_base_shards, load_with_lora
 from support.precision import allow_tf32, autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.step import sequence_loss_sum, train_step

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, build_prompt
-from lora import load_adapter, lora_disabled, lora_layers, merge_lora, unmerge_lora
-from lora.adapter_io import read_adapter
+from lora import lora_disabled, lora_layers, merge_lora, unmerge_lora
 from lora.adapters import active_adapter, mixed_adapters
+from lora.load import read_adapter
+from lora.named_adapter_io import load_named_adapter
 from lora.nf4 import quantize_base
 from support.cli import UsageError
 from support.models import load_model_and_tokenizer, same_base_model
@@ -80,7 +81,7 @@ class Assistant:
         self.model, self.tokenizer, self.base_path = load_model_and_tokenizer(name)
         for adapter_name, directory in self.adapters.items():
             # strict: refuses an adapter of another model size, and leaves nothing of it behind
-            load_adapter(self.model, directory, name=adapter_name)
+            load_named_adapter(self.model, directory, adapter_name)
         self.names = list(self.adapters)  # in --adapter order: the first answers by default
         if self.nf4:
             quantize_base(self.model, dtype)

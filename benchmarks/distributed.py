@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from support.models import TINY
+from support.tiny_model import TINY
 
 from .harness import run_worker
 

@@ -16,20 +16,17 @@ from pathlib import Path
 import torch
 
 from data import IGNORE_INDEX, TRAIN_FILE, collate, encode_examples, load_examples
-from lora import LoRALinear, allocate_adapters, count_parameters, inject_lora, set_base_dtype
-from lora.nf4 import quantize_while_loading
+from lora import LoRALinear, count_parameters, inject_lora, set_base_dtype
+from support.architectures import flan_t5_architecture
+from support.checkpoint_streaming import allocate_adapters, quantize_while_loading
 from support.fast_modules import use_fast_modules
 from support.fsdp import VIEW_WARNING, local, materialize, shard_model
+from support.memory import enable_activation_checkpointing
 from support.metrics import peak_memory_mib
-from support.models import (
-    TINY,
-    enable_activation_checkpointing,
-    flan_t5_architecture,
-    load_model_and_tokenizer,
-    resolve_model_path,
-)
+from support.models import load_model_and_tokenizer, resolve_model_path
 from support.precision import allow_tf32, nf4_dtype, training_dtype
 from support.step import train_step as train_py_step
+from support.tiny_model import TINY
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench.py"  # a worker is `bench.py --worker SPEC`
 

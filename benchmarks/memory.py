@@ -8,8 +8,8 @@ import torch
 
 from lora import set_base_dtype
 from lora.nf4 import nf4_nbytes
-from support.models import TINY
 from support.precision import nf4_dtype
+from support.tiny_model import TINY
 
 from .harness import device, model_shapes, peft_installed, run_worker
 

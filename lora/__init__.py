@@ -1,14 +1,16 @@
-"""Hand-written LoRA for T5: the layer (`layer.py`) and its variants DoRA (`dora.py`) and PiSSA
-(`pissa.py`), putting them into a model and merging them (`model.py`), PEFT-layout adapter files
-(`adapter_io.py`, written through `files.py`). Beside them, imported by name only: the LoRA paper's analyses
-of what an adapter learned (`lora.inspect`, `python -m lora.inspect`) and checks of anyone's LoRA layer
-against the formula (`lora.testing`, `python -m lora.testing`)."""
+"""Hand-written LoRA for T5, the core: the layer (`layer.py`) and its variants DoRA (`dora.py`) and PiSSA
+(`pissa.py`), putting them into a model and merging them (`model.py`), adapter files in PEFT's layout
+(`save.py`, `load.py`, written atomically by `files.py`). It imports nothing else of the project.
 
-from .adapter_io import AdapterError, load_adapter, save_adapter
+Beside it, importing it and imported by name only: several adapters on one base and PEFT's `adapter_names=`
+(`lora.adapters`, `lora.named_adapter_io`, `lora.multi_layer`), QLoRA's 4-bit base (`lora.nf4`), the LoRA
+paper's analyses of what an adapter learned (`lora.inspect`) and checks of anyone's LoRA layer against the
+formula (`lora.testing`)."""
+
 from .dora import DoRALinear
 from .layer import LoRALinear, check_lora_hyperparameters
+from .load import load_adapter
 from .model import (
-    allocate_adapters,
     count_parameters,
     inject_lora,
     lora_disabled,
@@ -20,10 +22,10 @@ from .model import (
     unmerge_lora,
 )
 from .pissa import pissa_as_lora, pissa_init
+from .save import AdapterError, save_adapter
 
 __all__ = [
     "AdapterError",
-    "allocate_adapters",
     "DoRALinear",
     "LoRALinear",
     "check_lora_hyperparameters",

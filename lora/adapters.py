@@ -68,6 +68,7 @@ def add_adapter(
     existing = adapter_names(model)
     if name in existing:
         raise ValueError(f"the model already has an adapter named '{name}': delete_adapter it first, or pick another.")
+    accept_adapter_names(model)
     if not existing:
         replaced = inject_lora(model, target_modules, r, alpha, dropout, use_rslora)
         model.lora_adapter_name = name
@@ -233,6 +234,8 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
 def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
     def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Each row's own adapter's update, the rows grouped by adapter: one low-rank product per adapter."""
+        if layer.merged:  # merged inside the block: the base product would hold one adapter's update for all
+            raise ValueError("a layer was merged inside a mixed batch: merge only outside mixed_adapters.")
         result = layer.base_product(x, layer.weight, layer.bias)  # (batch, ..., out)
         if layer.disabled:
             return result
@@ -257,13 +260,15 @@ def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
 
 
 # PEFT's form, `model(..., adapter_names=[...])` and `model.generate(..., adapter_names=[...])`. transformers'
-# T5 forward takes **kwargs and drops what it does not know, so a model with LoRA layers handles the keyword
+# T5 forward takes **kwargs and drops what it does not know, so a model of named adapters handles the keyword
 # itself: a forward pre-hook takes it out of the call and opens mixed_adapters for the call, and generate
-# (whose encoder pass does not go through the model's forward) is wrapped the same way.
+# (whose encoder pass does not go through the model's forward) is wrapped the same way. Plain inject_lora
+# installs none of it: a model of one adapter pays nothing per step for a keyword it is never given.
 
 
 def accept_adapter_names(model: nn.Module) -> None:
-    """Let `model(...)` and `model.generate(...)` take PEFT's `adapter_names=`; done once, by inject_lora."""
+    """Let `model(...)` and `model.generate(...)` take PEFT's `adapter_names=`: done once, by add_adapter and
+    load_named_adapter; call it yourself to pass the keyword to a model from plain inject_lora."""
     if getattr(model, "_accepts_adapter_names", False):
         return
     model.register_forward_pre_hook(_open_mixed_batch, with_kwargs=True)

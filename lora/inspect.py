@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .adapter_io import KEY_PREFIX, AdapterError, read_adapter
 from .files import atomic_write
 from .layer import lora_scaling
+from .load import read_adapter
+from .save import KEY_PREFIX, AdapterError
 
 ENERGY = 0.9
 

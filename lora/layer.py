@@ -28,13 +28,10 @@ class LoRALinear(nn.Module):
     Shapes: x (..., in_features); W0 `weight` (out_features, in_features), frozen;
     A `lora_A` (r, in_features); B `lora_B` (out_features, r); h (..., out_features).
 
-    `weight` and `bias` keep the names nn.Linear gives them, so a base checkpoint loads into an
-    injected model and a merged state dict loads into a plain nn.Linear. Dropout touches the LoRA
-    branch's input only, and only in train mode. Merging is explicit (`merge()`/`unmerge()`);
-    `.train()` and `.eval()` never merge.
-
-    W0 may be stored in bf16 or fp16 (`set_base_dtype`) while A and B stay fp32, the dtype the optimizer
-    updates: the branch computes in A's dtype and casts its update to the base output's dtype before the sum.
+    `weight` and `bias` keep nn.Linear's names, so a base checkpoint loads into an injected model and a
+    merged state dict into a plain nn.Linear. Dropout touches the LoRA branch's input only, in train mode.
+    Merging is explicit (`merge()`/`unmerge()`); `.train()` and `.eval()` never merge. W0 may be bf16 or
+    fp16 (`set_base_dtype`) while A and B stay fp32: the branch computes in A's dtype, then casts.
     """
 
     lora_layer = True  # what lora_layers() finds
@@ -67,9 +64,8 @@ class LoRALinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, r, alpha, dropout, use_rslora,
                     bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype)  # fmt: skip
         layer.weight, layer.bias = linear.weight, linear.bias
-        layer.weight.requires_grad_(False)  # the base is frozen, as in a LoRALinear built from scratch
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
+        for param in [p for p in (layer.weight, layer.bias) if p is not None]:  # frozen, as if built from scratch
+            param.requires_grad_(False)
         dtype = torch.float32 if linear.weight.dtype in (torch.bfloat16, torch.float16) else linear.weight.dtype
         for name, param in layer.adapter_params().items():  # built on "meta": allocate them beside the weight
             setattr(layer, name, nn.Parameter(torch.empty_like(param, device=linear.weight.device, dtype=dtype)))
@@ -77,6 +73,7 @@ class LoRALinear(nn.Module):
         return layer
 
     def reset_lora_parameters(self) -> None:
+        """A as nn.Linear's default (kaiming-uniform, a=sqrt(5)), B zero: an injected model starts as its base."""
         _lora_a_init_params(self.lora_A)
         _lora_b_init_params(self.lora_B)
 
@@ -103,10 +100,6 @@ class LoRALinear(nn.Module):
         """W0 + scaling·B@A, (out, in), in fp32: the one weight that computes this layer's output."""
         return self.weight.float() + self.delta_weight()
 
-    def unmerged_weight(self) -> torch.Tensor:
-        """W0 again from a merged `weight`, in fp32: the inverse of `merged_weight`."""
-        return self.weight.float() - self.delta_weight()
-
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into `weight` (idempotent), rounding once into its dtype. Afterwards the forward
@@ -122,7 +115,7 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         """Take the update out of `weight` again (idempotent): the inverse of `merge`."""
         if self.merged:
-            self.weight.copy_(self.unmerged_weight().to(self.weight.dtype))
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:

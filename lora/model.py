@@ -80,16 +80,11 @@ def inject_lora(
                 layer.reset_magnitude()  # m = ‖W_res + s·B A‖_c = ‖W0‖_c
         layer.train(linear.training)  # the mode of the model it joins: no dropout in an eval-mode model
         setattr(parent, child_name, layer)
-    from .adapters import accept_adapter_names  # lora.adapters builds on this module
-
-    accept_adapter_names(model)  # PEFT's model(..., adapter_names=[...]), never silently dropped
     return replaced
 
 
 def merge_lora(model: nn.Module) -> None:
     """Merge every LoRA layer of `model` into its base weight (idempotent)."""
-    if getattr(model, "_mixed_batches", None):
-        raise ValueError("cannot merge while a mixed batch runs: merge one active adapter outside mixed_adapters.")
     layers = lora_layers(model).values()
     if any(not isinstance(layer.weight, torch.Tensor) for layer in layers):  # a quantised weight: lora/nf4.py
         raise ValueError(
@@ -126,22 +121,6 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = was_disabled
             if was_merged:
                 layer.merge()
-
-
-def missing_tensors_error(names: list[str]) -> ValueError:
-    """What a load that did not find every frozen tensor raises: the first name, and how many more."""
-    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-    return ValueError(f"the checkpoint has no tensor for {names[0]}{more}")
-
-
-def allocate_adapters(model: nn.Module) -> None:
-    """A and B of LoRA injected into a model on the meta device: allocated in fp32 on the CPU and initialised
-    as LoRA does (B = 0), in the order inject_lora initialises them, so a seed gives the values it gives on
-    a model with real weights. Plain LoRA only: DoRA and PiSSA initialise from W0."""
-    for layer in lora_layers(model).values():
-        for name, param in layer.adapter_params().items():
-            setattr(layer, name, nn.Parameter(torch.empty_like(param, device="cpu", dtype=torch.float32)))
-        layer.reset_lora_parameters()
 
 
 @torch.no_grad()

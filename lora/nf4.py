@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import allocate_adapters, lora_layers, missing_tensors_error
+from .model import lora_layers
 
 BLOCK_SIZE = 64  # weights per absmax
 STATS_BLOCK_SIZE = 256  # absmax values per fp32 scale, with double quantisation
@@ -303,41 +303,3 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype) -> None:
 def nf4_bytes(model: nn.Module) -> int:
     """The bytes of every NF4 weight in `model`: packed indices and scales."""
     return sum(module.nbytes() for module in model.modules() if isinstance(module, NF4Weight))
-
-
-def quantize_while_loading(model: nn.Module, named_tensors, dtype: torch.dtype, double_quant: bool = True,
-                           skip=("lm_head",)) -> None:  # fmt: skip
-    """Fill a model built on the meta device (LoRA already injected) from (name, tensor) pairs read one at a
-    time: each frozen linear layer's weight (but those named in `skip`) is quantised to NF4 as it arrives,
-    every other frozen tensor is stored in `dtype`, so the full-precision model is never in memory at once.
-    Then A and B are allocated in fp32 and initialised as LoRA does (B = 0), in the order inject_lora
-    initialises them. Names the model lacks are ignored (a checkpoint's copies of tied weights); a frozen
-    tensor the pairs never gave is refused."""
-    modules = dict(model.named_modules())
-    lora = lora_layers(model)
-    loaded = set()
-    for key, tensor in named_tensors:
-        path, _, leaf = key.rpartition(".")
-        module = modules.get(path)
-        if module is None or not isinstance(getattr(module, leaf, None), (nn.Parameter, NF4Weight)):
-            continue
-        parent_path, _, name = path.rpartition(".")
-        loaded.add(key)
-        if leaf == "weight" and path in lora:
-            quantize_lora_layer(path, module, tensor, dtype, double_quant)
-        elif leaf == "weight" and isinstance(module, nn.Linear) and name not in skip:
-            # a bias still on the meta device stays there until its own key comes
-            modules[path] = LinearNF4(tensor, module.bias, dtype, double_quant)
-            setattr(modules[parent_path], name, modules[path])
-        else:
-            setattr(module, leaf, nn.Parameter(tensor.to(dtype), requires_grad=False))
-    # A tied weight the checkpoint does not hold (the tiny model's lm_head) is its source's, as from_pretrained
-    # ties it; one the checkpoint holds (flan-t5's own lm_head) keeps its values.
-    for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
-        target_path, _, target_name = target.rpartition(".")
-        if target not in loaded and target_path in modules:
-            setattr(modules[target_path], target_name, model.get_parameter(source))
-    missing = [name for name, param in model.named_parameters() if param.is_meta and not param.requires_grad]
-    if missing:
-        raise missing_tensors_error(missing)
-    allocate_adapters(model)

@@ -438,8 +438,9 @@ def check_adapter_dir(directory, base: nn.Module | str) -> Report:
     (an all-zero B is flagged), that it loads here, and, where peft is installed, PEFT's logits against ours."""
     from safetensors.torch import load_file
 
-    from .adapter_io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, AdapterError, load_adapter, read_adapter_config
     from .files import loads_json
+    from .load import load_adapter, read_adapter_config
+    from .save import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, AdapterError
 
     report, directory = Report(), Path(directory)
     if isinstance(base, str):
@@ -535,8 +536,8 @@ def load_factory(spec: str) -> Callable:
 
 
 def _config_base(directory: Path) -> str:
-    from .adapter_io import CONFIG_NAME
     from .files import loads_json
+    from .save import CONFIG_NAME
 
     try:
         name = loads_json((directory / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")

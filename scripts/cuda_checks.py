@@ -21,8 +21,8 @@ import torch  # noqa: E402
 import train  # noqa: E402  (check_compiled_run_follows_eager drives its recipe)
 from data import EncodedExample, collate  # noqa: E402
 from lora import inject_lora, lora_layers  # noqa: E402
+from support.architectures import toy_t5  # noqa: E402
 from support.step import train_step  # noqa: E402
-from support.toy_models import randomize_adapter, tiny_t5  # noqa: E402
 
 CUDA = torch.device("cuda")
 ROWS = [EncodedExample([5, 6, 7, 8, 1], [9, 8, 1]), EncodedExample([4, 1], [3, 3, 3, 3, 3, 3, 1])]
@@ -30,9 +30,11 @@ ROWS = [EncodedExample([5, 6, 7, 8, 1], [9, 8, 1]), EncodedExample([4, 1], [3, 3
 
 def cuda_model(fused: bool = True):
     """The tests' tiny T5 with LoRA on q, v and a random B, on CUDA, and its AdamW."""
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, ("q", "v"), r=4, alpha=8, dropout=0.0)
-    randomize_adapter(model)
+    with torch.no_grad():  # a random B, as if trained: with B = 0 the adapter changes nothing
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
     model.to(CUDA).train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-3, fused=fused)

@@ -36,7 +36,7 @@ import transformers  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from data import LengthBucketSampler, bucket_key  # noqa: E402
 from lora.files import atomic_write_all  # noqa: E402
-from support.models import TINY  # noqa: E402
+from support.tiny_model import TINY  # noqa: E402
 
 
 def run_command(name: str, command: list[str], timeout: int) -> dict:

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import TRAIN_FILE, encode_examples, load_examples  # noqa: E402
 from lora import inject_lora, set_base_dtype  # noqa: E402
 from lora.nf4 import quantize_base  # noqa: E402
+from support.architectures import FLAN_T5_SIZES, flan_t5_architecture  # noqa: E402
 from support.memory import plan_memory  # noqa: E402
-from support.models import FLAN_T5_SIZES, flan_t5_architecture, load_model_and_tokenizer  # noqa: E402
+from support.models import load_model_and_tokenizer  # noqa: E402
 
 OPTIONS = {  # train.py's options: (--base-dtype, --gradient-checkpointing)
     "fp32": ("fp32", False),

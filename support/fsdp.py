@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lora.model import missing_tensors_error
+from .checkpoint_streaming import missing_tensors_error
 
 VIEW_WARNING = "FSDP2-wrapped module .* returned a view tensor"
 

@@ -137,3 +137,17 @@ def check_plan(model, train_set, compute_dtype: torch.dtype, device: torch.devic
         if problem:
             raise MemoryPlanError(problem)
     return plan
+
+
+def enable_activation_checkpointing(model, reentrant: bool = False) -> None:
+    """Recompute each T5 block's activations in the backward pass instead of keeping them.
+
+    Non-reentrant by default: with reentrant checkpointing and a frozen embedding, the blocks' inputs do not
+    require grad, and the LoRA weights inside the blocks get no gradient at all. transformers renamed the
+    switch in 5.x (gradient_ -> activation_checkpointing_enable); both spellings are handled.
+    """
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

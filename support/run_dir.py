@@ -24,8 +24,8 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
-from lora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from lora.files import atomic_write_text, loads_json
+from lora.save import CONFIG_NAME, WEIGHTS_NAME
 
 from .checkpoints import CHECKPOINT_NAME, CHECKPOINTS, CHECKSUMS_FILE, STATE_FILE, latest_checkpoint
 from .cli import UsageError

@@ -16,8 +16,8 @@ from lora.pissa import pissa_niter
 
 from .cli import UsageError
 from .files import file_sha256
-from .models import TINY
 from .precision import default_device, resolve_dtype
+from .tiny_model import TINY
 
 VALIDATION_SHARE = 0.1  # of the user's own rows, when --data is theirs and --val-data is left at auto
 

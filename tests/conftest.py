@@ -3,7 +3,7 @@ import tempfile
 
 import pytest
 import torch
-from helpers import randomize_adapter, saved_random_adapter, tiny_t5  # noqa: F401  (imported by the tests from conftest)
+from helpers import randomize_adapter, saved_random_adapter, toy_t5  # noqa: F401  (imported by the tests from conftest)
 
 # One tiny-model cache per test session, inherited by the subprocesses tests start.
 os.environ.setdefault("LORA_T5_CACHE", tempfile.mkdtemp(prefix="lora-t5-test-cache-"))

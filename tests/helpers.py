@@ -1,10 +1,29 @@
-"""What the tests share: toy models (support/toy_models.py), a guard for commands that must end, one thread."""
+"""What the tests share: a toy T5 (support/architectures.py) and adapters given random values, a guard for
+commands that must end, one thread."""
 
 import contextlib
 
 import torch
 
-from support.toy_models import randomize_adapter, saved_random_adapter, tiny_t5  # noqa: F401  (re-exported for the tests)
+from lora import inject_lora, lora_layers, save_adapter
+from support.architectures import toy_t5  # noqa: F401  (re-exported for the tests)
+
+
+def randomize_adapter(model, seed=3, scale=0.1):
+    """Give every B random values, as if trained: with B = 0 an adapter changes nothing and A gets no gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * scale)
+
+
+def saved_random_adapter(directory, target_modules=("q", "v"), r: int = 4, alpha: float = 8):
+    """toy_t5 with a LoRA adapter whose B is random (as if trained), saved to `directory`; returns the model."""
+    model = toy_t5()
+    inject_lora(model, target_modules, r=r, alpha=alpha)
+    randomize_adapter(model)
+    save_adapter(model, directory)
+    return model
 
 
 def descendants(pid: int) -> list[int]:

@@ -2,10 +2,18 @@
 
 import pytest
 import torch
-from conftest import logits, tiny_t5
+from conftest import logits, toy_t5
 
 from lora import AdapterError, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
-from lora.adapters import active_adapter, adapter_names, delete_adapter, mixed_adapters, set_active_adapter
+from lora.adapters import (
+    accept_adapter_names,
+    active_adapter,
+    adapter_names,
+    delete_adapter,
+    mixed_adapters,
+    set_active_adapter,
+)
+from lora.named_adapter_io import load_named_adapter, save_named_adapter
 
 peft = __import__("peft")
 EXACT = {"rtol": 1e-5, "atol": 1e-6}  # a row alone and in a batch of 3 meet differently blocked matmuls
@@ -13,7 +21,7 @@ EXACT = {"rtol": 1e-5, "atol": 1e-6}  # a row alone and in a batch of 3 meet dif
 
 def trained_like(directory, seed, **inject):
     """An adapter file with random A and B (as if trained), from a model injected once."""
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, **inject)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -32,9 +40,9 @@ def two_adapters(tmp_path):
 
 
 def model_with(retail, business):
-    model = tiny_t5()
-    load_adapter(model, retail, name="retail")
-    load_adapter(model, business, name="business")
+    model = toy_t5()
+    load_named_adapter(model, retail, "retail")
+    load_named_adapter(model, business, "business")
     return model
 
 
@@ -60,7 +68,7 @@ def test_each_row_of_a_mixed_batch_is_that_row_alone_with_its_adapter(two_adapte
     names = ["business", None, "retail"]
     mixed = mixed_rows_each_alone(model, t5_batch, names)
     with active_adapter(model, None):
-        assert torch.equal(logits(model, t5_batch), logits(tiny_t5(), t5_batch))
+        assert torch.equal(logits(model, t5_batch), logits(toy_t5(), t5_batch))
     assert not torch.allclose(mixed[0], mixed[2])  # the two adapters really differ
 
 
@@ -83,7 +91,7 @@ def test_a_mixed_batch_on_an_nf4_base_gives_each_row_its_adapter_alone(two_adapt
 def test_mixed_batch_equals_peft_s_and_peft_loads_ours_by_name(two_adapters, t5_batch):
     retail, business = two_adapters
     ours = model_with(retail, business)
-    theirs = peft.PeftModel.from_pretrained(tiny_t5(), retail, adapter_name="retail")
+    theirs = peft.PeftModel.from_pretrained(toy_t5(), retail, adapter_name="retail")
     theirs.load_adapter(business, adapter_name="business")
     theirs.eval()
     with torch.no_grad():
@@ -94,7 +102,7 @@ def test_mixed_batch_equals_peft_s_and_peft_loads_ours_by_name(two_adapters, t5_
 
 def test_a_peft_saved_pair_loads_by_name(tmp_path, t5_batch):
     config = dict(lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")
-    theirs = peft.get_peft_model(tiny_t5(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], **config))
+    theirs = peft.get_peft_model(toy_t5(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], **config))
     theirs.add_adapter("business", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["k", "wo"], **config))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -102,9 +110,9 @@ def test_a_peft_saved_pair_loads_by_name(tmp_path, t5_batch):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     theirs.save_pretrained(tmp_path)  # "default" in tmp_path, "business" in tmp_path/business
-    ours = tiny_t5()
-    load_adapter(ours, tmp_path, name="default")
-    load_adapter(ours, tmp_path / "business", name="business")
+    ours = toy_t5()
+    load_named_adapter(ours, tmp_path, "default")
+    load_named_adapter(ours, tmp_path / "business", "business")
     theirs.eval()
     for name in ("default", "business"):
         theirs.set_adapter(name)
@@ -146,10 +154,10 @@ def test_merging_folds_in_the_active_adapter_and_switching_unmerges_first(two_ad
 
 def test_save_by_name_then_load_is_bit_exact_and_delete_restores_the_base(two_adapters, tmp_path, t5_batch):
     model = model_with(*two_adapters)
-    with pytest.raises(AdapterError, match="several adapters .*say which"):
+    with pytest.raises(AdapterError, match="several adapters .*save or load one by its name"):
         save_adapter(model, tmp_path / "which")
-    save_adapter(model, tmp_path / "business_again", name="business")
-    alone = tiny_t5()
+    save_named_adapter(model, tmp_path / "business_again", "business")
+    alone = toy_t5()
     load_adapter(alone, tmp_path / "business_again")
     with active_adapter(model, "business"):
         assert torch.equal(logits(alone, t5_batch), logits(model, t5_batch))
@@ -157,7 +165,7 @@ def test_save_by_name_then_load_is_bit_exact_and_delete_restores_the_base(two_ad
         delete_adapter(model, "retail")
     delete_adapter(model, "business")
     assert not lora_layers(model)
-    assert torch.equal(logits(model, t5_batch), logits(tiny_t5(), t5_batch))
+    assert torch.equal(logits(model, t5_batch), logits(toy_t5(), t5_batch))
 
 
 def test_errors_leave_nothing_half_loaded(two_adapters, tmp_path):
@@ -165,15 +173,15 @@ def test_errors_leave_nothing_half_loaded(two_adapters, tmp_path):
     model = model_with(retail, business)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AdapterError, match="already has an adapter named 'retail'"):
-        load_adapter(model, business, name="retail")
+        load_named_adapter(model, business, "retail")
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['wholesale'\]"):
         with mixed_adapters(model, ["retail", "wholesale"]):
             pass
-    bigger = tiny_t5(d_model=48, d_kv=12)  # another base size: shapes differ
+    bigger = toy_t5(d_model=48, d_kv=12)  # another base size: shapes differ
     inject_lora(bigger, r=4, alpha=8)
     save_adapter(bigger, tmp_path / "bigger")
     with pytest.raises(AdapterError, match="has shape"):
-        load_adapter(model, tmp_path / "bigger", name="wholesale")
+        load_named_adapter(model, tmp_path / "bigger", "wholesale")
     assert adapter_names(model) == ["retail", "business"]
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
@@ -185,7 +193,7 @@ def test_peft_s_adapter_names_keyword_in_forward_and_generate_equals_peft(two_ad
     ("__base__", PEFT's name) in one batch give PEFT's logits, and generate (greedy, beams) PEFT's tokens."""
     retail, business = two_adapters
     ours = model_with(retail, business)
-    theirs = peft.PeftModel.from_pretrained(tiny_t5(), retail, adapter_name="retail")
+    theirs = peft.PeftModel.from_pretrained(toy_t5(), retail, adapter_name="retail")
     theirs.load_adapter(business, adapter_name="business")
     theirs.eval()
     generator = torch.Generator().manual_seed(5)
@@ -229,8 +237,9 @@ def test_adapter_names_that_cannot_be_honoured_are_refused_in_one_sentence(two_a
     delete_adapter(model, "business")
     with pytest.raises(ValueError, match="the model holds no adapter"):
         model(**x, adapter_names=["retail", None, None])
-    dora = tiny_t5()
+    dora = toy_t5()
     inject_lora(dora, use_dora=True)
+    accept_adapter_names(dora)  # plain inject_lora installs no handling of the keyword
     assert any(isinstance(layer, DoRALinear) for layer in lora_layers(dora).values())
     with pytest.raises(ValueError, match="holds a DoRA adapter"):
         dora(**x, adapter_names=["default", None, "default"])
@@ -260,7 +269,7 @@ def test_adapter_bookkeeping_completes_or_changes_nothing(two_adapters, t5_batch
     retail, business = two_adapters
     model = model_with(retail, business)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(AdapterError, match="holds several adapters \\(retail, business\\).*name="):
+    with pytest.raises(AdapterError, match="holds several adapters: load .* under a name of its own"):
         load_adapter(model, business)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_t5
+from conftest import toy_t5
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
@@ -63,7 +63,7 @@ def test_model_flops_match_pytorchs_count_of_the_linear_layers(targets):
     """The MFU numerator: encoder weights meet source tokens, decoder weights, cross-attention q and o and
     lm_head meet target tokens, cross-attention k and v the source tokens; checked against PyTorch's
     own FLOP counter on a batch without padding (source 3x7 tokens, target 3x5)."""
-    model = tiny_t5()
+    model = toy_t5()
     if targets:
         inject_lora(model, targets, r=4, alpha=8)
     input_ids, labels = torch.randint(2, 64, (3, 7)), torch.randint(2, 64, (3, 5))

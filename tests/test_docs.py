@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lora import count_parameters, inject_lora
-from support.models import flan_t5_architecture
+from support.architectures import flan_t5_architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]

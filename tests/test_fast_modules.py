@@ -3,7 +3,7 @@
 import math
 
 import torch
-from conftest import logits, tiny_t5
+from conftest import logits, toy_t5
 from torch import nn
 
 from support.fast_modules import Dropout, Linear, use_fast_modules
@@ -36,7 +36,7 @@ def test_dropout_masks_follow_torchs_seed():
 
 
 def test_fast_modules_compute_what_t5s_modules_compute(t5_batch):
-    model, fast = tiny_t5(dropout_rate=0.1), tiny_t5(dropout_rate=0.1)  # gated-gelu, as flan-t5
+    model, fast = toy_t5(dropout_rate=0.1), toy_t5(dropout_rate=0.1)  # gated-gelu, as flan-t5
     assert use_fast_modules(fast) > 0
     assert not any(type(m) is nn.Dropout for m in fast.modules())
     assert any(isinstance(m, nn.GELU) for m in fast.modules())

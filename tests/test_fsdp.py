@@ -315,7 +315,7 @@ import torch
 import torch.distributed as dist
 from lora import inject_lora
 from support.fsdp import held_bytes, shard_model
-from support.models import flan_t5_architecture
+from support.architectures import flan_t5_architecture
 
 dist.init_process_group("gloo")
 model = flan_t5_architecture("base", device="meta")  # shapes only: nothing is allocated

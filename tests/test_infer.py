@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapter, tiny_t5
+from conftest import randomize_adapter, toy_t5
 
 import banking.assistant
 import infer
@@ -83,7 +83,7 @@ def test_missing_or_incomplete_adapter_is_a_clear_error(tmp_path, capsys, monkey
 
 
 def test_adapter_of_another_base_model_is_refused(tmp_path, capsys):
-    other = tiny_t5()  # d_model 32, not the tiny model's 128
+    other = toy_t5()  # d_model 32, not the tiny model's 128
     inject_lora(other, r=4, alpha=8)
     save_adapter(other, tmp_path / "other", base_model_name_or_path="tiny")
     code, _, err = run_infer(capsys, "--adapter", tmp_path / "other", "hi")
@@ -259,7 +259,7 @@ def test_several_adapters_are_refused_clearly(trained_run, random_adapter, tmp_p
 
 def test_an_adapter_for_another_base_size_is_refused(trained_run, tmp_path, capsys):
     recorded = json.loads((trained_run / "adapter_config.json").read_text())["base_model_name_or_path"]
-    other = tiny_t5(d_model=48, d_kv=12)  # names the same base model, but its shapes differ
+    other = toy_t5(d_model=48, d_kv=12)  # names the same base model, but its shapes differ
     inject_lora(other, r=4, alpha=8)
     save_adapter(other, tmp_path / "other", base_model_name_or_path=recorded)
     code, _, err = run_infer(capsys, "--adapter", f"retail={trained_run}", "--adapter", f"big={tmp_path}/other", "Hi")

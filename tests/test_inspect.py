@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapter, saved_random_adapter, tiny_t5
+from conftest import randomize_adapter, saved_random_adapter, toy_t5
 
 from lora import inject_lora, lora_layers, save_adapter
 from lora.inspect import amplification, energy_rank, entropy_effective_rank, inspect_adapter, main, subspace_similarity
@@ -19,7 +19,7 @@ def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 def test_an_update_of_exact_rank_k_has_k_singular_values_and_effective_rank_k(tmp_path):
     """r = 8, but B A = U_3 V_3ᵀ: three equal singular values, the other five zero."""
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, ("q",), r=8, alpha=8)  # scaling 1
     with torch.no_grad():
         for i, layer in enumerate(lora_layers(model).values()):
@@ -85,14 +85,14 @@ def test_the_command_line_on_a_peft_adapter_with_base_and_compare(tmp_path, caps
 
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
     for seed, name in ((1, "one"), (2, "two")):
-        model = peft.get_peft_model(tiny_t5(), config)
+        model = peft.get_peft_model(toy_t5(), config)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for key, param in model.named_parameters():
                 if "lora_" in key:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
         model.save_pretrained(tmp_path / name)
-    base = tiny_t5()
+    base = toy_t5()
     base.save_pretrained(tmp_path / "base")
     argv = [str(tmp_path / "one"), "--base", str(tmp_path / "base"), "--compare", str(tmp_path / "two")]
     assert main([*argv, "--json", "--out", str(tmp_path / "figures")]) == 0
@@ -108,15 +108,15 @@ def test_the_command_line_on_a_peft_adapter_with_base_and_compare(tmp_path, caps
 
 def test_errors_are_one_sentence(tmp_path, capsys):
     saved_random_adapter(tmp_path / "qv")
-    other = tiny_t5()
+    other = toy_t5()
     inject_lora(other, ("q",), r=4, alpha=8)
     save_adapter(other, tmp_path / "q")
-    wide = tiny_t5(d_model=48)
+    wide = toy_t5(d_model=48)
     wide.save_pretrained(tmp_path / "wide")
-    zero = tiny_t5()
+    zero = toy_t5()
     inject_lora(zero, ("q", "v"), r=4, alpha=8)  # B = 0, as at initialisation
     save_adapter(zero, tmp_path / "zero")
-    dora = tiny_t5()
+    dora = toy_t5()
     inject_lora(dora, ("q", "v"), r=4, alpha=8, use_dora=True)
     save_adapter(dora, tmp_path / "dora")
     capsys.readouterr()
@@ -138,7 +138,7 @@ def test_a_dora_adapter_s_update_is_its_merged_weight_minus_the_base(tmp_path, c
     """‖s·B A‖ is not DoRA's update: it rescales W0's rows too. The report's norm is ‖W_merged − W0‖."""
     from lora import DoRALinear, lora_layers, merged_state_dict
 
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, ("k",), r=4, alpha=8, use_dora=True)
     randomize_adapter(model, scale=0.5)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_a_dora_adapter_s_update_is_its_merged_weight_minus_the_base(tmp_path, c
             assert isinstance(layer, DoRALinear)
             layer.lora_magnitude.mul_(torch.linspace(0.5, 1.5, layer.lora_magnitude.numel()))
     save_adapter(model, tmp_path / "dora")
-    base = tiny_t5()
+    base = toy_t5()
     base.save_pretrained(tmp_path / "base")
     assert main([str(tmp_path / "dora"), "--base", str(tmp_path / "base"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

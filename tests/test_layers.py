@@ -12,10 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train", "infer", "bench"}
-CORE = {"lora", "lora.layer", "lora.dora", "lora.pissa", "lora.model", "lora.adapter_io", "lora.files"}
+CORE = {"lora", "lora.layer", "lora.dora", "lora.pissa", "lora.model", "lora.save", "lora.load", "lora.files"}
 LAYERS = [  # bottom first
     ("core", lambda m: m in CORE),
-    ("features", lambda m: m in {"lora.adapters", "lora.multi_layer", "lora.nf4"}),
+    ("features", lambda m: m in {"lora.adapters", "lora.multi_layer", "lora.named_adapter_io", "lora.nf4"}),
     ("data", lambda m: m.split(".")[0] == "data"),
     ("machinery", lambda m: m.split(".")[0] == "support"),
     ("tools", lambda m: m in {"lora.inspect", "lora.testing"}),
@@ -124,20 +124,9 @@ def test_every_module_belongs_to_one_layer():
         layer_of(module)
 
 
-# Imports that still break the layers, each to be removed with the change that removes it (issue 38): plain
-# inject_lora installs lora.adapters' handling of PEFT's adapter_names= (so that the keyword is never dropped
-# in silence), and load_adapter/save_adapter take a name for the several-adapter model.
-NOT_YET_LAYERED = [
-    "import cycle: lora.adapters <-> lora.model",
-    "lora.adapter_io (core) imports lora.adapters (features)",
-    "lora.model (core) imports lora.adapters (features)",
-]
-
-
 def test_the_layers_hold():
-    """No import against the layers but those listed, and every listed one still there (a fixed one leaves
-    the list with its fix)."""
-    assert layer_violations() == NOT_YET_LAYERED
+    """No import cycle, nothing the core imports from outside it, no import of a higher layer or a script."""
+    assert layer_violations() == []
 
 
 @pytest.mark.parametrize(
@@ -160,3 +149,28 @@ def test_an_import_against_the_layers_is_found(tmp_path, module, added, expected
         shutil.copy(path, copy)
     (tmp_path / module).write_text((tmp_path / module).read_text() + f"\n{added}\n")
     assert any(expected in problem for problem in layer_violations(tmp_path)), layer_violations(tmp_path)
+
+
+def test_importing_the_core_loads_the_core_alone():
+    """`import lora` loads LoRA's own modules, none of the features, the data, the machinery or the product."""
+    import subprocess
+
+    ours = ("lora", "support", "data", "banking", "benchmarks")
+    code = f"import sys, lora; print(sorted(m for m in sys.modules if m.split('.')[0] in {ours}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert set(eval(result.stdout)) == CORE  # noqa: S307 (our own subprocess's list of names)
+
+
+def test_plain_injection_installs_no_hook_and_replaces_no_method():
+    """inject_lora swaps layers and nothing else: the several-adapter machinery is not the single adapter's."""
+    from helpers import toy_t5
+
+    from lora import inject_lora
+
+    model = toy_t5()
+    inject_lora(model, ("q", "v"), r=4, alpha=8)
+    hooks = [(name, m) for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert hooks == []
+    assert "generate" not in vars(model) and "forward" not in vars(model)
+    assert all("forward" not in vars(module) for module in model.modules())

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logits, randomize_adapter, tiny_t5
+from conftest import logits, randomize_adapter, toy_t5
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -82,7 +82,7 @@ def test_train_eval_switch_never_merges():
 def test_flan_t5_base_architecture_counts():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from support.models import FLAN_T5_BASE_CONFIG as FLAN_T5_BASE
+    from support.architectures import FLAN_T5_BASE_CONFIG as FLAN_T5_BASE
 
     config = T5Config(**FLAN_T5_BASE)
     with torch.device("meta"):  # shapes only: no 900 MB of random weights
@@ -94,7 +94,7 @@ def test_flan_t5_base_architecture_counts():
 
 
 def test_targets_match_exactly_and_everything_else_is_frozen():
-    model = tiny_t5()
+    model = toy_t5()
     replaced = inject_lora(model, ("q", "v"), r=4, alpha=8)
     assert all(name.rsplit(".", 1)[-1] in ("q", "v") for name in replaced)
     assert not any("relative_attention_bias" in name for name in replaced)
@@ -104,7 +104,7 @@ def test_targets_match_exactly_and_everything_else_is_frozen():
 
 
 def test_base_weight_keeps_its_state_dict_key():
-    model = tiny_t5()
+    model = toy_t5()
     base_state = model.state_dict()
     inject_lora(model, r=4, alpha=8)
     state = model.state_dict()
@@ -128,11 +128,11 @@ def test_base_weight_keeps_its_state_dict_key():
 )
 def test_inject_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        inject_lora(tiny_t5(), **kwargs)
+        inject_lora(toy_t5(), **kwargs)
 
 
 def test_inject_twice_is_refused():
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8)
     with pytest.raises(ValueError, match="already has LoRA layers"):
         inject_lora(model, r=4, alpha=8)
@@ -142,14 +142,14 @@ def test_inject_twice_is_refused():
 
 
 def test_step_zero_output_equals_base(t5_batch):
-    base = tiny_t5()
-    model = tiny_t5()
+    base = toy_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0)
     assert torch.equal(logits(model, t5_batch), logits(base, t5_batch))
 
 
 def test_one_optimizer_step_changes_only_a_and_b(t5_batch):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.1)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
     adapter = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
@@ -163,7 +163,7 @@ def test_one_optimizer_step_changes_only_a_and_b(t5_batch):
 
 
 def test_merged_equals_unmerged_and_merge_is_idempotent(t5_batch):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0)
     randomize_adapter(model)
     unmerged = logits(model, t5_batch)
@@ -206,14 +206,14 @@ def test_merged_state_dict_loads_into_a_plain_linear_and_gives_the_same_output(m
 
 
 def test_merged_state_dict_of_a_model_loads_into_its_plain_base(t5_batch):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0)
     randomize_adapter(model)
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = tiny_t5(seed=9)
+    plain = toy_t5(seed=9)
     plain.load_state_dict(merged_state_dict(model), strict=True)
     torch.testing.assert_close(logits(plain, t5_batch), logits(model, t5_batch), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits(plain, t5_batch), logits(tiny_t5(), t5_batch), atol=1e-3)
+    assert not torch.allclose(logits(plain, t5_batch), logits(toy_t5(), t5_batch), atol=1e-3)
     assert all(torch.equal(v, weights_before[k]) for k, v in model.state_dict().items())  # the model is untouched
 
 
@@ -228,8 +228,8 @@ def test_merge_refuses_non_finite_result():
 
 
 def test_lora_disabled_gives_base_and_restores_even_on_error(t5_batch):
-    base = tiny_t5()
-    model = tiny_t5()
+    base = toy_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0)
     randomize_adapter(model)
     adapted = logits(model, t5_batch)
@@ -248,7 +248,7 @@ def test_lora_disabled_gives_base_and_restores_even_on_error(t5_batch):
 
 
 def test_count_parameters_counts_tied_tensors_once():
-    model = tiny_t5(tie_word_embeddings=True)
+    model = toy_t5(tie_word_embeddings=True)
     assert count_parameters(model)[1] == sum(p.numel() for p in set(model.parameters()))
     inject_lora(model, r=4, alpha=8)
     trainable, _ = count_parameters(model)
@@ -259,7 +259,7 @@ def test_count_parameters_counts_tied_tensors_once():
 
 
 def test_save_writes_peft_layout(tmp_path):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.05)
     save_adapter(model, tmp_path, base_model_name_or_path="some/base")
     from safetensors import safe_open
@@ -294,11 +294,11 @@ def test_save_writes_peft_layout(tmp_path):
 
 
 def test_save_then_load_is_bit_exact(tmp_path, t5_batch):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0, use_rslora=True)
     randomize_adapter(model)
     save_adapter(model, tmp_path)
-    fresh = tiny_t5()
+    fresh = toy_t5()
     loaded = load_adapter(fresh, tmp_path)  # injects with the file's r, alpha and targets
     assert sorted(loaded) == sorted(lora_layers(model))
     for name, layer in lora_layers(model).items():
@@ -309,7 +309,7 @@ def test_save_then_load_is_bit_exact(tmp_path, t5_batch):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8)
     save_adapter(model, tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
@@ -329,7 +329,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def saved_adapter(tmp_path, **inject_kwargs):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, **{"r": 4, "alpha": 8, **inject_kwargs})
     save_adapter(model, tmp_path)
     return tmp_path
@@ -349,7 +349,7 @@ def test_load_refuses_missing_key(tmp_path):
     del tensors[key]
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AdapterError, match=f"lacks 1 key.*{key}"):
-        load_adapter(tiny_t5(), directory)
+        load_adapter(toy_t5(), directory)
 
 
 def test_load_refuses_unprefixed_keys(tmp_path):
@@ -359,7 +359,7 @@ def test_load_refuses_unprefixed_keys(tmp_path):
     }
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AdapterError, match="lacks 24 key"):
-        load_adapter(tiny_t5(), directory)
+        load_adapter(toy_t5(), directory)
 
 
 def test_load_refuses_unexpected_key(tmp_path):
@@ -368,18 +368,18 @@ def test_load_refuses_unexpected_key(tmp_path):
     tensors["base_model.model.encoder.block.0.layer.0.SelfAttention.k.lora_A.weight"] = torch.zeros(4, 32)
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AdapterError, match="key.*the model does not.*SelfAttention.k.lora_A"):
-        load_adapter(tiny_t5(), directory)
+        load_adapter(toy_t5(), directory)
 
 
 def test_load_refuses_shape_mismatch(tmp_path):
     directory = saved_adapter(tmp_path)
     with pytest.raises(AdapterError, match=r"has shape \(4, 32\) but the model expects \(4, 40\)"):
-        load_adapter(tiny_t5(d_model=40), directory)
+        load_adapter(toy_t5(d_model=40), directory)
 
 
 def test_load_refuses_other_rank_in_injected_model(tmp_path):
     directory = saved_adapter(tmp_path)
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=8, alpha=8)
     with pytest.raises(AdapterError, match="r=8"):
         load_adapter(model, directory)
@@ -417,7 +417,7 @@ def test_load_refuses_unsupported_config(tmp_path, field, value, message):
     directory = saved_adapter(tmp_path)
     edit_config(directory, **{field: value})
     with pytest.raises(AdapterError, match=message):
-        load_adapter(tiny_t5(), directory)
+        load_adapter(toy_t5(), directory)
 
 
 @pytest.mark.parametrize(
@@ -434,7 +434,7 @@ def test_load_refuses_tensors_that_are_no_lora_weights(tmp_path, damage, message
     key = sorted(tensors)[0]
     tensors[key] = damage(tensors[key])
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
-    model = tiny_t5()
+    model = toy_t5()
     with pytest.raises(AdapterError, match=message):
         load_adapter(model, directory)
     assert not lora_layers(model)  # refused before the model was touched
@@ -442,20 +442,20 @@ def test_load_refuses_tensors_that_are_no_lora_weights(tmp_path, damage, message
 
 def test_load_refuses_pickle_and_missing_files(tmp_path):
     with pytest.raises(AdapterError, match="does not exist"):
-        load_adapter(tiny_t5(), tmp_path / "nowhere")
+        load_adapter(toy_t5(), tmp_path / "nowhere")
     with pytest.raises(AdapterError, match="adapter_config.json is missing"):
-        load_adapter(tiny_t5(), tmp_path)
+        load_adapter(toy_t5(), tmp_path)
     directory = saved_adapter(tmp_path)
     (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
     with pytest.raises(AdapterError, match="only adapter_model.bin.*never unpickles"):
-        load_adapter(tiny_t5(), directory)
+        load_adapter(toy_t5(), directory)
 
 
 def test_a_bf16_base_with_an_fp32_adapter(t5_batch):
     """The frozen base in bf16, A and B in fp32: the branch computes in fp32, gradients reach A and B in
     fp32, merging rounds scaling·B@A into the bf16 weight once, and merged and unmerged outputs agree to bf16's
     precision."""
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0)
     randomize_adapter(model)
     set_base_dtype(model, torch.bfloat16)
@@ -500,7 +500,7 @@ def test_a_frozen_bf16_product_on_a_cpu_without_bf16_matmul_is_computed_in_fp32(
 
 
 def test_lora_plus_groups_hold_exactly_the_as_and_the_bs():
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8)
     layers = list(lora_layers(model).values())
     (plain,) = lora_param_groups(model, lr=1e-3)

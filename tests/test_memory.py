@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 import torch
-from conftest import tiny_t5
+from conftest import toy_t5
 
 from lora import inject_lora, set_base_dtype
 from support.fast_modules import use_fast_modules
@@ -43,7 +43,7 @@ def saved_activation_bytes(model, batch) -> int:
 def test_activation_estimate_is_within_tolerance_of_what_autograd_saves(
     shape, batch_size, source_len, target_len, base_dtype
 ):
-    model = tiny_t5(dropout_rate=0.1, **shape).train()
+    model = toy_t5(dropout_rate=0.1, **shape).train()
     inject_lora(model, ("q", "v"), r=4, alpha=8, dropout=0.05)
     use_fast_modules(model)  # as train.py builds it
     set_base_dtype(model, base_dtype)
@@ -60,7 +60,7 @@ def test_activation_estimate_is_within_tolerance_of_what_autograd_saves(
 
 
 def test_plan_counts_weights_and_adapter_state_exactly():
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -93,7 +93,7 @@ def test_check_plan_refuses_on_cuda_when_the_free_memory_is_short(monkeypatch):
     class Row:  # an encoded example: only its lengths count
         input_ids, labels = [1] * 30, [1] * 60
 
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8)
     args = argparse.Namespace(
         gradient_checkpointing=False, base_dtype="auto", batch_size=8, grad_accum=1, skip_memory_check=False
@@ -114,7 +114,7 @@ def test_the_plan_is_for_the_largest_real_batch_not_a_batch_size_past_the_data()
     class Row:
         input_ids, labels = [1] * 30, [1] * 60
 
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8)
 
     def plan(batch_size):

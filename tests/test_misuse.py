@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, randomize_adapter, tiny_t5
+from conftest import logits, randomize_adapter, toy_t5
 from helpers import MISSING_TENSOR, checkpoint_without
 from safetensors.torch import load_file, save_file
 
@@ -251,7 +251,7 @@ def test_absurd_hyperparameters_are_refused(tmp_path, capsys, extra, message):
 
 
 def test_an_update_that_makes_the_adapter_non_finite_is_undone():
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0)
     randomize_adapter(model)
     from data import EncodedExample, collate
@@ -268,7 +268,7 @@ def test_an_update_that_makes_the_adapter_non_finite_is_undone():
 
 
 def test_a_non_finite_adapter_is_never_saved_nor_loaded(tmp_path, capsys, tiny_model_path):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8)
     with torch.no_grad():
         next(iter(lora_layers(model).values())).lora_B[0, 0] = float("nan")
@@ -295,13 +295,13 @@ def test_a_non_finite_adapter_is_never_saved_nor_loaded(tmp_path, capsys, tiny_m
 
 
 def test_a_tied_lm_head_is_refused_and_an_untied_one_merges_without_touching_the_embeddings(t5_batch):
-    tied = tiny_t5(tie_word_embeddings=True)
+    tied = toy_t5(tie_word_embeddings=True)
     assert tied.lm_head.weight is tied.shared.weight
     with pytest.raises(ValueError, match="lm_head shares its weight"):
         inject_lora(tied, ("q", "lm_head"), r=4, alpha=8)
     assert not lora_layers(tied) and all(p.requires_grad for p in tied.parameters())  # refused before any change
 
-    untied = tiny_t5(tie_word_embeddings=True)
+    untied = toy_t5(tie_word_embeddings=True)
     untied.lm_head.weight = torch.nn.Parameter(untied.shared.weight.detach().clone())
     inject_lora(untied, ("q", "lm_head"), r=4, alpha=8, dropout=0.0)
     randomize_adapter(untied)
@@ -312,13 +312,13 @@ def test_a_tied_lm_head_is_refused_and_an_untied_one_merges_without_touching_the
 
 
 def test_new_lora_layers_take_the_mode_of_the_model_they_join(tmp_path, t5_batch):
-    model = tiny_t5().eval()
+    model = toy_t5().eval()
     inject_lora(model, r=4, alpha=8, dropout=0.5)
     randomize_adapter(model)
     assert not any(module.training for module in model.modules())
     assert torch.equal(logits(model, t5_batch), logits(model, t5_batch))
     save_adapter(model, tmp_path)
-    loaded = tiny_t5().eval()
+    loaded = toy_t5().eval()
     load_adapter(loaded, tmp_path)
     assert not any(module.training for module in loaded.modules())
     assert torch.equal(logits(loaded, t5_batch), logits(loaded, t5_batch))
@@ -401,13 +401,13 @@ def test_bench_refuses_nonsense_counts(argv, capsys):
 
 
 def test_a_directory_where_a_file_belongs_is_named_as_one(tmp_path):
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8)
     save_adapter(model, tmp_path / "adapter")
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
     (tmp_path / "adapter" / "adapter_model.safetensors").mkdir()
     with pytest.raises(AdapterError, match="is a directory, not a safetensors file"):
-        load_adapter(tiny_t5(), tmp_path / "adapter")
+        load_adapter(toy_t5(), tmp_path / "adapter")
     from data import load_examples
 
     bom = tmp_path / "bom.jsonl"
@@ -418,7 +418,7 @@ def test_a_directory_where_a_file_belongs_is_named_as_one(tmp_path):
 def test_files_are_written_with_the_users_umask(tmp_path):
     previous = os.umask(0o022)
     try:
-        model = tiny_t5()
+        model = toy_t5()
         inject_lora(model, r=4, alpha=8)
         save_adapter(model, tmp_path)
     finally:

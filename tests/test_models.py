@@ -1,4 +1,4 @@
-"""The one model builder: the tiny model's cache survives damage and concurrent builders."""
+"""The model builders: the tiny model's cache survives damage and concurrent builders."""
 
 import os
 import shutil
@@ -9,14 +9,9 @@ import pytest
 import torch
 from helpers import run_to_the_end
 
-from support.models import (
-    BUILT_MARKER,
-    _is_built,
-    flan_t5_architecture,
-    flan_t5_base_architecture,
-    load_model_and_tokenizer,
-    tiny_model_dir,
-)
+from support.architectures import flan_t5_architecture, flan_t5_base_architecture
+from support.models import load_model_and_tokenizer
+from support.tiny_model import BUILT_MARKER, _is_built, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_adapter, toy_t5
 from torch import nn
 
 from lora import inject_lora, lora_layers, merge_lora, merged_state_dict
@@ -19,7 +20,6 @@ from lora.nf4 import (
     nf4_nbytes,
     quantize_base,
 )
-from support.toy_models import randomize_adapter, tiny_t5
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
@@ -124,7 +124,7 @@ def test_qlora_on_a_tiny_t5_equals_peft_on_bitsandbytes_linear4bit(tmp_path):
     # transformers keeps T5's wo out of 4 bits (_keep_in_fp32_modules), and T5 casts wo's input to its
     # weight's dtype, which for a bitsandbytes weight is uint8: both sides leave wo dense here.
     skip = ("lm_head", "wo")
-    base = tiny_t5(d_model=64, d_kv=16, d_ff=128)
+    base = toy_t5(d_model=64, d_kv=16, d_ff=128)
     theirs = bitsandbytes_base(copy.deepcopy(base), skip)
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"],
                                                          init_lora_weights=False))  # fmt: skip
@@ -164,7 +164,7 @@ def test_qlora_on_a_tiny_t5_equals_peft_on_bitsandbytes_linear4bit(tmp_path):
 
 
 def test_merging_into_an_nf4_base_goes_through_a_dense_weight_and_loads_into_the_plain_model():
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, ["q", "v"], r=4, alpha=8, dropout=0.0)
     randomize_adapter(model)
     quantize_base(model, torch.float32)
@@ -180,7 +180,7 @@ def test_merging_into_an_nf4_base_goes_through_a_dense_weight_and_loads_into_the
     with torch.no_grad():
         merged = model(**x).logits
     assert (merged - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
-    plain = tiny_t5()
+    plain = toy_t5()
     plain.load_state_dict(merged_state_dict(model), strict=True)
     with torch.no_grad():
         assert torch.equal(plain(**x).logits, merged)
@@ -189,7 +189,7 @@ def test_merging_into_an_nf4_base_goes_through_a_dense_weight_and_loads_into_the
 def test_dora_and_pissa_are_refused_on_an_nf4_base():
     from lora import DoRALinear
 
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, ["q", "v"], r=4, alpha=8, use_dora=True)
     assert any(isinstance(layer, DoRALinear) for layer in lora_layers(model).values())
     with pytest.raises(ValueError, match="plain LoRA"):
@@ -221,7 +221,7 @@ def test_the_memory_plan_counts_the_4bit_weights_and_their_scales_exactly():
         for double_quant in (False, True):
             held = NF4Weight(torch.randn(*shape), double_quant=double_quant).nbytes()  # counted from its tensors
             assert held == nf4_nbytes(shape, double_quant), (shape, double_quant)
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, ["q", "v"], r=4, alpha=8)
     quantize_base(model, torch.float32)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad}  # tied once
@@ -279,9 +279,10 @@ def test_infer_refuses_a_dora_adapter_on_an_nf4_base_in_one_sentence(tmp_path, c
 def test_a_checkpoints_own_lm_head_is_kept_when_quantizing_while_loading(tmp_path):
     import shutil
 
-    from support.models import load_model_and_tokenizer, tiny_model_dir
+    from support.models import load_model_and_tokenizer
+    from support.tiny_model import tiny_model_dir
 
-    untied = tiny_t5(tie_word_embeddings=False)
+    untied = toy_t5(tie_word_embeddings=False)
     with torch.no_grad():
         untied.lm_head.weight = nn.Parameter(torch.randn_like(untied.shared.weight))  # flan-t5's layout
     untied.save_pretrained(tmp_path)

@@ -328,21 +328,21 @@ def test_a_layer_that_exits_hangs_or_breaks_fails_in_one_sentence(tmp_path, caps
 @pytest.fixture
 def adapters(tmp_path):
     import peft
-    from conftest import saved_random_adapter, tiny_t5
+    from conftest import saved_random_adapter, toy_t5
 
     saved_random_adapter(tmp_path / "ours")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
-    peft.get_peft_model(tiny_t5(), config).save_pretrained(tmp_path / "peft")
+    peft.get_peft_model(toy_t5(), config).save_pretrained(tmp_path / "peft")
     return tmp_path
 
 
 def test_adapters_of_ours_and_of_peft_pass(adapters):
-    from conftest import tiny_t5
+    from conftest import toy_t5
 
     from lora.testing import check_adapter_dir
 
     for name in ("ours", "peft"):
-        report = check_adapter_dir(adapters / name, tiny_t5())
+        report = check_adapter_dir(adapters / name, toy_t5())
         assert report.passed, str(report)
         assert [c.passed for c in report.checks if c.name == "PEFT's logits equal ours"] == [True]
         assert len(report.norms) == 12 and all(norm > 0 for norm in report.norms.values())  # q, v of 12 layers
@@ -358,7 +358,7 @@ def test_adapters_of_ours_and_of_peft_pass(adapters):
     ],
 )
 def test_each_problem_of_a_damaged_adapter_is_reported(adapters, damage, check, words):
-    from conftest import tiny_t5
+    from conftest import toy_t5
     from safetensors.torch import load_file, save_file
 
     from lora.testing import check_adapter_dir
@@ -375,7 +375,7 @@ def test_each_problem_of_a_damaged_adapter_is_reported(adapters, damage, check, 
     else:
         tensors = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}
     save_file(tensors, path)
-    report = check_adapter_dir(adapters / "ours", tiny_t5())
+    report = check_adapter_dir(adapters / "ours", toy_t5())
     failures = failed(report)
     assert not report.passed and words in failures.get(next(n for n in failures if n.startswith(check)), ""), failures
 

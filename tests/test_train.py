@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapter, tiny_t5
+from conftest import randomize_adapter, toy_t5
 from helpers import one_thread, run_to_the_end
 from safetensors.torch import load_file
 
@@ -118,7 +118,7 @@ ROWS = [  # 3, 7, 2 and 6 supervised tokens, prompts of different lengths
 
 
 def lora_t5():
-    model = tiny_t5()
+    model = toy_t5()
     inject_lora(model, r=4, alpha=8, dropout=0.0)
     randomize_adapter(model)
     return model.train()
@@ -215,7 +215,7 @@ def test_a_step_without_supervised_tokens_is_skipped():
 
 def test_our_loss_is_t5s_own_loss_without_t5_computing_it():
     """collate's decoder inputs are T5's shift of the labels, and sum / tokens is T5's mean cross-entropy."""
-    model = tiny_t5()
+    model = toy_t5()
     rows = [
         EncodedExample([5, 6, 7, 1], [9, 8, 1]),
         EncodedExample([4, 1], [3, 3, 3, 3, 1]),
@@ -241,7 +241,7 @@ def test_the_lm_head_on_supervised_positions_only_gives_t5s_loss_and_gradients()
     batch = collate(rows, pad_token_id=0)
     grads, losses = [], []
     for full_logits in (False, True):
-        model = tiny_t5()
+        model = toy_t5()
         inject_lora(model, ("q", "v", "wo"), r=4, alpha=8)
         randomize_adapter(model)
         model.lm_head.weight.requires_grad_(True)  # the LM head's own gradient too, as full fine-tuning has it
