@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from banking.assistant import BASE, FINE_TUNED, Assistant, answer
+from banking.assistant import BASE, FINE_TUNED, Assistant, Generation, answer
 from banking.grounding import DEFAULT_ACCOUNTS, AccountStore
 from banking.report import check_report_place, check_writable, report_paths, write_report
 from data import MAX_TARGET_LEN, TEST_FILE, DataError, check_text, load_examples
@@ -60,16 +60,20 @@ def run(args: argparse.Namespace) -> None:
     asked = {name for _, name in file_queries} if file_queries else {args.use}
     merge = len(args.adapters) == 1 and BASE not in asked and not (args.no_merge or args.eval)
     assistant = Assistant(args.adapters, args.model, merge, args.precision, args.base_dtype)
+    generation = Generation(
+        args.max_new_tokens, args.num_beams, args.sample, args.temperature, args.top_p, args.top_k, args.seed
+    )
     if args.eval:
-        write_report(assistant, eval_rows, store, args)
+        paths = report_paths(args.report_dir, args.adapters)
+        write_report(assistant, eval_rows, store, generation, args.batch_size, args.samples, paths)
     elif file_queries is not None:
         for i in range(0, len(file_queries), args.batch_size):
             queries, names = zip(*file_queries[i : i + args.batch_size])
-            show(answer(assistant, store, list(queries), args, list(names)), args.json)
+            show(answer(assistant, store, list(queries), generation, list(names)), args.json)
     elif args.query is not None:
-        show(answer(assistant, store, [args.query.strip()], args, [args.use]), args.json)
+        show(answer(assistant, store, [args.query.strip()], generation, [args.use]), args.json)
     else:
-        interactive(assistant, store, args)
+        interactive(assistant, store, generation, args.use, args.json)
 
 
 def show(results: list[dict], as_json: bool) -> None:
@@ -215,11 +219,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"query file {args.file} {what}: pass a text file with one question per line.")
     if args.use not in (*args.adapters, BASE):
         raise UsageError(f"--use {args.use}: no adapter has that name; use {', '.join(args.adapters)} or {BASE}.")
-    report_dir = report_paths(args)[0].parent
+    report_dir = report_paths(args.report_dir, args.adapters)[0].parent
     if args.eval and report_dir.exists() and not report_dir.is_dir():
         raise UsageError(f"--report-dir {report_dir} is a file: pass a directory for eval_report.md and .json.")
     if args.eval:
-        check_report_place(args)
+        check_report_place(args.report_dir, args.adapters)
         check_writable(report_dir)  # before the evaluation's minutes, not after
     if args.eval_limit is not None and args.eval_limit <= 0:
         raise UsageError(f"--eval-limit must be positive, got {args.eval_limit}.")
@@ -258,11 +262,10 @@ def read_queries(path: Path, default_adapter: str, adapters: dict[str, Path]) ->
     return queries
 
 
-def interactive(assistant: Assistant, store: AccountStore, args: argparse.Namespace) -> None:
+def interactive(assistant: Assistant, store: AccountStore, generation: Generation, adapter: str, as_json: bool) -> None:
     several = len(assistant.names) > 1
     hint = f" '/use NAME' picks the adapter ({', '.join(assistant.names)} or {BASE})." if several else ""
     print(f"Banking assistant ready. Ask a question; 'quit' or Ctrl-D ends.{hint}", file=sys.stderr)
-    adapter = args.use
     while True:
         try:
             prompt = (f"you ({adapter})> " if several or adapter == BASE else "you> ") if sys.stdin.isatty() else ""
@@ -287,7 +290,7 @@ def interactive(assistant: Assistant, store: AccountStore, args: argparse.Namesp
         if command.startswith("/"):  # T5's questions never start with "/": a mistyped command, not a question
             print(f"(unknown command {command}: the commands are /use NAME and /quit)", file=sys.stderr)
             continue
-        show(answer(assistant, store, [line], args, [adapter]), args.json)
+        show(answer(assistant, store, [line], generation, [adapter]), as_json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from data import IGNORE_INDEX, DataError, TrainingData, training_data, warn_if_unreadable
+from data import IGNORE_INDEX, DataError, TrainingData, training_data, training_splits, warn_if_unreadable
 from lora import AdapterError, inject_lora, lora_param_groups, save_adapter
 from support import distributed as dist
 from support import fsdp
@@ -39,13 +39,13 @@ from support.cli import UsageError, run_cli, stop_requests
 from support.fast_modules import use_fast_modules
 from support.lost_rank import LostRankError, naming_a_lost_rank
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
-from support.memory import MemoryPlanError, check_plan, enable_activation_checkpointing
+from support.memory import MemoryPlanError, RunShape, check_plan, enable_activation_checkpointing
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
 from support.models import ModelLoadError, load_base_shards, load_with_lora
 from support.precision import allow_tf32, autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.step import sequence_loss_sum, train_step
-from support.train_args import parse_args, read_data, run_config, validate_args
+from support.train_args import parse_args, run_config, validate_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +78,13 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         config = run_config(args, env.world_size)
         if env.world_size > 1:  # each node reads its own command line, data and code: they must agree
             dist.check_started_alike({**config, "code_version": dist.code_version()})
-        resume_from = dist.on_main(lambda: lock.acquire() or prepare_output_dir(args, config), env.is_main)
+        resume_from = dist.on_main(
+            lambda: lock.acquire() or prepare_output_dir(args.output_dir, args.resume, args.overwrite, config),
+            env.is_main,
+        )
 
-        train_rows, val_rows, val_note = read_data(args, env.world_size)  # refused before a model loads
+        splits = training_splits(args.data, args.val_data, args.seed, env.world_size)  # refused before a model loads
+        train_rows, val_rows, val_note = splits
         env.log(val_note)
 
         model, tokenizer, base_path = build_lora_model(args, env)
@@ -206,7 +210,10 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     allow_tf32(env.device)  # on CUDA fp32 matmuls as TF32, for the whole process
     where = f"{env.world_size} x {env.device.type}"
     env.log(start_line(args.model, model, len(data.train_set), total_steps, where, dtype))
-    env.log(check_plan(model, data.train_set, dtype, env.device, args).describe())  # on CUDA: refuses what won't fit
+    run = RunShape(
+        args.batch_size, args.grad_accum, args.gradient_checkpointing, args.base_dtype, args.skip_memory_check
+    )
+    env.log(check_plan(model, data.train_set, dtype, env.device, run).describe())  # on CUDA: refuses what won't fit
     scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
     return Run(args, env, model, model, base_path, data, bool(val_rows),
                optimizer, scheduler, scaler, dtype, total_steps)  # fmt: skip

@@ -3,9 +3,9 @@ account figures are filled in from an account store (banking/grounding.py), neve
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -163,15 +163,28 @@ class Assistant:
         return mixed_adapters(self.model, [None if name == BASE else name for name in names])
 
 
-def generation_options(args: argparse.Namespace) -> dict:
-    options = {"num_beams": args.num_beams, "do_sample": args.sample}
-    if args.sample:
-        options.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    return options
+@dataclass(frozen=True)
+class Generation:
+    """How answers are generated (infer.py's options of the same names): greedy, beam search, or sampling."""
+
+    max_new_tokens: int | None = None  # None: the Assistant's own limit
+    num_beams: int = 1
+    sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    seed: int = 0  # sampling's
+
+    def options(self) -> dict:
+        """generate()'s keyword arguments (the sampling ones only when sampling)."""
+        options = {"num_beams": self.num_beams, "do_sample": self.sample}
+        if self.sample:
+            options.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return options
 
 
 def answer(
-    assistant: Assistant, store: AccountStore, queries: list[str], args: argparse.Namespace, adapters=None
+    assistant: Assistant, store: AccountStore, queries: list[str], generation: Generation, adapters=None
 ) -> list[dict]:
     """Answers for one batch of queries, grounded in the store; adapters[i] answers query i (default: the first).
 
@@ -179,10 +192,10 @@ def answer(
     answers arrive together (batch_size says how many shared it).
     """
     adapters = adapters or [assistant.names[0]] * len(queries)
-    if args.sample:
-        torch.manual_seed(args.seed)
+    if generation.sample:
+        torch.manual_seed(generation.seed)
     start = time.perf_counter()
-    raw = assistant.generate_with_ends(queries, args.max_new_tokens, adapters=adapters, **generation_options(args))
+    raw = assistant.generate_with_ends(queries, generation.max_new_tokens, adapters=adapters, **generation.options())
     if assistant.device.type == "cuda":
         torch.cuda.synchronize()
     latency = time.perf_counter() - start

@@ -3,7 +3,6 @@ is written, and the checks that keep it from taking another evaluation's place."
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -15,32 +14,41 @@ from support.cli import UsageError
 from support.run_dir import EVAL
 
 from . import evaluation
-from .assistant import BASE, Assistant, generation_options
+from .assistant import BASE, Assistant, Generation
 from .grounding import AccountStore
 
 
-def write_report(assistant: Assistant, rows: list[dict], store: AccountStore, args: argparse.Namespace) -> dict:
-    """Base (adapter disabled) against fine-tuned on `rows`, or against each adapter when there are several;
-    writes the report as JSON and markdown (`report_paths`), prints the table.
+def write_report(
+    assistant: Assistant,
+    rows: list[dict],
+    store: AccountStore,
+    generation: Generation,
+    batch_size: int,
+    samples: int,
+    paths: tuple[Path, Path],
+) -> dict:
+    """Base (adapter disabled) against fine-tuned on `rows`, or against each adapter when there are several,
+    `batch_size` rows at a time; writes the report as JSON and markdown to `paths` (`report_paths`), with
+    `samples` example answers, and prints the table.
 
     A response's intent is that of the most similar response in the data the adapters were trained on
     (their runs' --data), or in the bundled training split for an adapter that did not come from train.py.
     """
     intent_data = list(dict.fromkeys(config.get("data") or str(TRAIN_FILE) for config in assistant.training_configs))
     matcher = evaluation.IntentMatcher([row for path in intent_data for row in load_examples(path)])
-    options = generation_options(args)
+    options = generation.options()
     models = [BASE, *assistant.names]  # one adapter is "fine_tuned"; several are named by --adapter NAME=DIR
 
     def generate(queries: list[str], model: str) -> list[str]:
-        return assistant.generate(queries, args.max_new_tokens, adapters=[model] * len(queries), **options)
+        return assistant.generate(queries, generation.max_new_tokens, adapters=[model] * len(queries), **options)
 
     report = {
         "adapter": evaluated_adapters(assistant.adapters),
         "base_model": assistant.base_path,
         "intent_reference": ", ".join(intent_data),
-        **evaluation.evaluate(generate, rows, store, matcher, args.batch_size, args.samples, models),
+        **evaluation.evaluate(generate, rows, store, matcher, batch_size, samples, models),
     }
-    json_path, markdown_path = report_paths(args)
+    json_path, markdown_path = paths
     json_path.parent.mkdir(parents=True, exist_ok=True)
     print(evaluation.metrics_markdown(report))  # shown before the write, which a full disk can fail
     atomic_write_all(
@@ -69,20 +77,20 @@ def evaluated_adapters(adapters: dict[str, Path]) -> str | dict[str, str]:
     return paths if len(paths) > 1 else next(iter(paths.values()))
 
 
-def report_paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    """Where --eval writes: eval_report.json and .md in --report-dir (default: the first adapter's eval/);
+def report_paths(report_dir: Path | None, adapters: dict[str, Path]) -> tuple[Path, Path]:
+    """Where --eval writes: eval_report.json and .md in `report_dir` (default: the first adapter's eval/);
     with several adapters, named after them (eval_report.retail+business.json), so that they never take
     the place of the first adapter's own report."""
-    directory = args.report_dir or next(iter(args.adapters.values())) / EVAL
-    stem = "eval_report" if len(args.adapters) == 1 else "eval_report." + "+".join(args.adapters)
+    directory = report_dir or next(iter(adapters.values())) / EVAL
+    stem = "eval_report" if len(adapters) == 1 else "eval_report." + "+".join(adapters)
     return directory / f"{stem}.json", directory / f"{stem}.md"
 
 
-def check_report_place(args: argparse.Namespace) -> None:
+def check_report_place(report_dir: Path | None, adapters: dict[str, Path]) -> None:
     """The report is never written through a symbolic link the user did not choose (the default eval/, or a
     report file); one there already is replaced only by a new evaluation of the same adapters."""
-    json_path, markdown_path = report_paths(args)
-    chosen = [] if args.report_dir is None else [args.report_dir]
+    json_path, markdown_path = report_paths(report_dir, adapters)
+    chosen = [] if report_dir is None else [report_dir]
     for path in (json_path.parent, json_path, markdown_path):
         if path.is_symlink() and path not in chosen:
             raise UsageError(
@@ -101,7 +109,7 @@ def check_report_place(args: argparse.Namespace) -> None:
             return {name: str(Path(path).resolve()) for name, path in adapters.items()}
         return str(Path(adapters).resolve()) if isinstance(adapters, str) else adapters
 
-    if resolved(previous) != resolved(evaluated_adapters(args.adapters)):
+    if resolved(previous) != resolved(evaluated_adapters(adapters)):
         raise UsageError(
             f"{json_path} holds the report of another evaluation (of {previous or 'unknown adapters'}); pass "
             "--report-dir to write this one elsewhere, or move that report away."

@@ -18,13 +18,12 @@ import torch
 from data import IGNORE_INDEX, TRAIN_FILE, collate, encode_examples, load_examples
 from lora import LoRALinear, count_parameters, inject_lora, set_base_dtype
 from support.architectures import flan_t5_architecture
-from support.checkpoint_streaming import allocate_adapters, quantize_while_loading
 from support.fast_modules import use_fast_modules
-from support.fsdp import VIEW_WARNING, local, materialize, shard_model
+from support.fsdp import VIEW_WARNING, local, shard_model
 from support.memory import enable_activation_checkpointing
 from support.metrics import peak_memory_mib
-from support.models import load_model_and_tokenizer, resolve_model_path
-from support.precision import allow_tf32, nf4_dtype, training_dtype
+from support.models import RANDOM, load_base_shards, load_model_and_tokenizer, load_with_lora, resolve_model_path
+from support.precision import allow_tf32, training_dtype
 from support.step import train_step as train_py_step
 from support.tiny_model import TINY
 
@@ -58,40 +57,36 @@ def hardware() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU)"
 
 
+def model_name(name: str) -> str:
+    """bench.py's --model as support.models names it: `tiny`, or a flan-t5 size with random weights."""
+    return name if name == TINY else f"{RANDOM}{name}"
+
+
 def build_model(name: str):
-    """A flan-t5 size's architecture with random weights (the real checkpoint's layout), or the tiny model."""
-    torch.manual_seed(0)
-    return flan_t5_architecture(name.removeprefix("flan-t5-")) if name != TINY else load_model_and_tokenizer(TINY)[0]
+    """The base model, through the one build path (support/models.py); random weights for a flan-t5 size."""
+    return load_model_and_tokenizer(model_name(name))[0]
 
 
-def build_nf4_lora_model(name: str, dtype: torch.dtype):
-    """train.py --base-dtype nf4's model with random weights: LoRA (r=16 on q, v) injected on the meta device,
-    then each frozen weight drawn and quantised in turn (lora/nf4.py), so the full-precision model is never
-    in memory; `dtype` is what the base computes in."""
-    model = model_shapes(name)
-    generator = torch.Generator().manual_seed(0)
-    frozen = [(key, param.shape) for key, param in model.named_parameters() if not param.requires_grad]
-    drawn = ((key, torch.randn(shape, generator=generator) * 0.05) for key, shape in frozen)
-    torch.manual_seed(0)
-    quantize_while_loading(model, drawn, dtype)
+def build_nf4_lora_model(name: str, dev: torch.device):
+    """train.py --base-dtype nf4's model: LoRA (r=16 on q, v) injected on the meta device, then each frozen
+    weight read (or, for a flan-t5 size, drawn) and quantised in turn, so the full-precision model is never in
+    memory."""
+    model = load_with_lora(model_name(name), "nf4", dev, inject_lora)[0]
     use_fast_modules(model)
     return model
 
 
 def build_fsdp_lora_model(name: str, dev: torch.device):
-    """train.py --fsdp's model with random weights: LoRA (r=16 on q, v) injected on the meta device, sharded,
-    then this rank's shards of each frozen weight cut from it drawn whole, one at a time (support/fsdp.py,
-    materialize), as from a checkpoint; (model, AdamW over the sharded A and B). Joins the process group."""
+    """train.py --fsdp's model: LoRA (r=16 on q, v) injected on the meta device, sharded, then this rank's
+    shards of each frozen weight cut from it as it is read (or drawn), one at a time; (model, AdamW over the
+    sharded A and B). Joins the process group."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo" if dev.type == "cpu" else "nccl")
-    model = model_shapes(name)
-    allocate_adapters(model)
+    model = load_with_lora(model_name(name), "fp32", dev, inject_lora, on_meta=True)[0]
     use_fast_modules(model)
     shard_model(model, dev, dist.get_world_size())
-    generator = torch.Generator().manual_seed(0)
-    frozen = [(key, param.shape) for key, param in model.named_parameters() if not param.requires_grad]
-    materialize(model, ((key, torch.randn(shape, generator=generator) * 0.05) for key, shape in frozen), dev)
+    load_base_shards(model, model_name(name), dev)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
@@ -197,7 +192,7 @@ def worker(spec: dict) -> dict:
     allow_tf32(dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
     with PeakRSS() as load_rss:  # building the model (and quantising it), apart from the steps
         if spec.get("base_dtype") == "nf4":  # QLoRA, as train.py --base-dtype nf4 builds it
-            model = build_nf4_lora_model(spec["model"], nf4_dtype(dev)).to(dev).train()
+            model = build_nf4_lora_model(spec["model"], dev).to(dev).train()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         elif spec.get("parallel") == "fsdp":  # no rank builds the whole base
             warnings.filterwarnings("ignore", message=VIEW_WARNING)  # this worker's process: see view_warnings_silenced

@@ -21,6 +21,7 @@ from .dataset import (
     load_examples,
     sequential_batches,
     training_data,
+    training_splits,
     warn_if_unreadable,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "load_examples",
     "sequential_batches",
     "training_data",
+    "training_splits",
     "warn_if_unreadable",
 ]

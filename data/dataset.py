@@ -166,6 +166,35 @@ def hold_out(rows: Sequence, share: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+VALIDATION_SHARE = 0.1  # of the user's own rows held out for validation, when no validation file is given
+
+
+def training_splits(
+    data: str | Path, val_data: str, seed: int, world_size: int = 1
+) -> tuple[list[dict], list[dict], str]:
+    """The training rows of `data`, the validation rows, and a line that says where the latter come from.
+
+    `val_data` is a file, "none", or "auto": the bundled validation split beside the bundled training data,
+    else a tenth of `data`'s rows held out by `seed` (none when that tenth is empty)."""
+    rows = load_examples(data)
+    if len(rows) < world_size:
+        raise DataError(f"{data} has {len(rows)} rows, fewer than the {world_size} processes to share them.")
+    if val_data.lower() == "none":
+        return rows, [], "validation: none (--val-data none)"
+    if val_data != "auto":
+        return rows, load_examples(val_data), f"validation: {val_data}"
+    if Path(data).resolve() == TRAIN_FILE.resolve():
+        return rows, load_examples(VALIDATION_FILE), f"validation: the bundled split {VALIDATION_FILE}"
+    train_rows, held_out = hold_out(rows, VALIDATION_SHARE, seed)
+    if not held_out:
+        return rows, [], f"validation: none ({len(rows)} rows are too few to hold out a tenth; pass --val-data FILE)"
+    note = (
+        f"validation: {len(held_out)} of the {len(rows)} rows of {data} held out (seed {seed}); "
+        "pass --val-data FILE or none to choose"
+    )
+    return train_rows, held_out, note
+
+
 def sequential_batches(
     rows: Sequence[EncodedExample], batch_size: int, pad_token_id: int, pad_to_multiple_of=None, rank=0, world_size=1
 ) -> list[dict]:

@@ -103,18 +103,29 @@ def fsdp_gathered_bytes(model: torch.nn.Module) -> int:
     return 2 * max(sizes, default=0)
 
 
-def refusal(plan: MemoryPlan, free_bytes: int, args) -> str | None:
+@dataclass(frozen=True)
+class RunShape:
+    """What of a training run the plan and its refusal depend on (train.py's options of the same names)."""
+
+    batch_size: int
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    base_dtype: str = "auto"
+    skip_memory_check: bool = False
+
+
+def refusal(plan: MemoryPlan, free_bytes: int, run: RunShape) -> str | None:
     """A sentence saying why the plan does not fit in `free_bytes` and what would make it fit, or None."""
     if plan.total_bytes <= free_bytes:
         return None
     options = []
-    if not args.gradient_checkpointing:
+    if not run.gradient_checkpointing:
         options.append("--gradient-checkpointing")
-    if args.base_dtype not in ("bf16", "fp16", "nf4"):
+    if run.base_dtype not in ("bf16", "fp16", "nf4"):
         options.append("--base-dtype bf16 (or nf4)")
-    elif args.base_dtype != "nf4":
+    elif run.base_dtype != "nf4":
         options.append("--base-dtype nf4")
-    options.append(f"a smaller --batch-size with a larger --grad-accum (now {args.batch_size} x {args.grad_accum})")
+    options.append(f"a smaller --batch-size with a larger --grad-accum (now {run.batch_size} x {run.grad_accum})")
     return (
         f"this run needs about {plan.total_bytes / 2**30:.1f} GiB of GPU memory but {free_bytes / 2**30:.1f} GiB "
         f"is free; try {', '.join(options)}, or pass --skip-memory-check to start anyway."
@@ -125,15 +136,15 @@ class MemoryPlanError(RuntimeError):
     """The run would not fit in the GPU's free memory."""
 
 
-def check_plan(model, train_set, compute_dtype: torch.dtype, device: torch.device, args) -> MemoryPlan:
+def check_plan(model, train_set, compute_dtype: torch.dtype, device: torch.device, run: RunShape) -> MemoryPlan:
     """The plan for the run's largest batch (its longest source and target; the buckets put the longest rows
-    together); on CUDA, refuse a plan larger than the free memory unless --skip-memory-check."""
+    together); on CUDA, refuse a plan larger than the free memory unless run.skip_memory_check."""
     source_len = max(len(example.input_ids) for example in train_set)
     target_len = max(len(example.labels) for example in train_set)
-    largest_batch = min(args.batch_size, len(train_set))  # a --batch-size past the data makes no larger batch
-    plan = plan_memory(model, largest_batch, source_len, target_len, compute_dtype, args.gradient_checkpointing)
-    if device.type == "cuda" and not args.skip_memory_check:
-        problem = refusal(plan, torch.cuda.mem_get_info(device)[0], args)
+    largest_batch = min(run.batch_size, len(train_set))  # a --batch-size past the data makes no larger batch
+    plan = plan_memory(model, largest_batch, source_len, target_len, compute_dtype, run.gradient_checkpointing)
+    if device.type == "cuda" and not run.skip_memory_check:
+        problem = refusal(plan, torch.cuda.mem_get_info(device)[0], run)
         if problem:
             raise MemoryPlanError(problem)
     return plan

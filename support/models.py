@@ -1,6 +1,10 @@
 """The one place that turns `--model` into a model and tokenizer: `tiny` (support/tiny_model.py), a local
 directory or a hub name; in the dtype the run stores its base in, with LoRA injected, and for QLoRA or
-FSDP read tensor by tensor (support/checkpoint_streaming.py) so that the full model is never in memory."""
+FSDP read tensor by tensor (support/checkpoint_streaming.py) so that the full model is never in memory.
+
+`random:flan-t5-base` (any flan-t5 size) is that architecture with random weights and no tokenizer, built
+through the same paths with its frozen tensors drawn one at a time where a checkpoint's would be read: what
+the benchmarks time and measure offline, where weight values do not matter."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import FLAN_T5_SIZES, flan_t5_architecture
 from .checkpoint_streaming import (
     allocate_adapters,
     build_on_meta,
@@ -19,6 +24,8 @@ from .checkpoint_streaming import (
 )
 from .cli import UsageError
 from .tiny_model import TINY, ModelLoadError, tiny_model_dir
+
+RANDOM = "random:"  # "random:flan-t5-base": the architecture with random weights
 
 __all__ = ["TINY", "ModelLoadError", "load_model_and_tokenizer", "load_with_lora", "same_base_model"]
 
@@ -53,6 +60,8 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype | None = None, qlora_
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if name.startswith(RANDOM):
+        return _random_model(name, dtype, qlora_inject, on_meta), None, name
     path = resolve_model_path(name)
     local_only = Path(path).expanduser().is_dir() or _in_hub_cache(path)
     if not local_only:
@@ -140,10 +149,40 @@ def load_base_shards(model, name: str, device: torch.device) -> None:
     its shard is cut from it), and A and B as they were."""
     from .fsdp import materialize
 
+    if name.startswith(RANDOM):
+        materialize(model, random_tensors(model), device)
+        return
     try:
-        materialize(model, checkpoint_tensors(checkpoint_files(name, local_only=True)), device)
+        materialize(model, checkpoint_tensors(checkpoint_files(resolve_model_path(name), local_only=True)), device)
     except (OSError, ValueError) as err:
         raise _could_not_load(name, err) from None
+
+
+def _random_model(name: str, dtype: torch.dtype | None, qlora_inject, on_meta: bool):
+    """load_model_and_tokenizer's model for `random:flan-t5-SIZE`: built from a seed, or on the meta device and
+    filled from random_tensors where a checkpoint's tensors would be read (QLoRA)."""
+    size = name.removeprefix(RANDOM).removeprefix("flan-t5-")
+    if size not in FLAN_T5_SIZES:
+        sizes = ", ".join(f"{RANDOM}flan-t5-{size}" for size in FLAN_T5_SIZES)
+        raise ModelLoadError(f"no architecture called {name!r}; the random-weight ones are {sizes}.")
+    if qlora_inject is None and not on_meta:
+        torch.manual_seed(0)
+        model = flan_t5_architecture(size)
+        return model if dtype is None else model.to(dtype)
+    model = flan_t5_architecture(size, device="meta")
+    if qlora_inject is not None:
+        qlora_inject(model)
+        quantize_while_loading(model, random_tensors(model), dtype)
+    return model
+
+
+def random_tensors(model, seed: int = 0, std: float = 0.05):
+    """(name, tensor) for every frozen parameter of `model`, drawn N(0, std²) from `seed` one at a time, in the
+    order a checkpoint's would be read: a checkpoint's stand-in for timings and memory."""
+    generator = torch.Generator().manual_seed(seed)
+    frozen = [(key, param.shape) for key, param in model.named_parameters() if not param.requires_grad]
+    for key, shape in frozen:
+        yield key, torch.randn(shape, generator=generator) * std
 
 
 def _could_not_load(name: str, err: Exception) -> ModelLoadError:

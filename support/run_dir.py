@@ -16,7 +16,6 @@ the new run has checked its arguments, read its data and built its model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -111,14 +110,13 @@ class OutputDirLock:
             shutil.rmtree(self.output_dir, ignore_errors=True)  # refused before any work: leave no trace
 
 
-def prepare_output_dir(args: argparse.Namespace, config: dict) -> Path | None:
-    """Check the directory against the policy, touching nothing; return the checkpoint to resume from.
-    (Symbolic links were refused by OutputDirLock.acquire, which runs first.)"""
-    out = args.output_dir
-    if args.resume:
+def prepare_output_dir(out: Path, resume: bool, overwrite: bool, config: dict) -> Path | None:
+    """Check the directory `out` against the policy (--resume, --overwrite), touching nothing; return the
+    checkpoint to resume from. (Symbolic links were refused by OutputDirLock.acquire, which runs first.)"""
+    if resume:
         return resume_checkpoint(out, config)
     entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
-    if entries and not args.overwrite:
+    if entries and not overwrite:
         raise UsageError(
             f"{out} already holds files (a previous run?); pass --resume to continue it, --overwrite "
             "to replace it, or choose another --output-dir."

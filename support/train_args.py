@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TRAIN_FILE, VALIDATION_FILE, DataError, hold_out, load_examples
+from data import MAX_SOURCE_LEN, MAX_TARGET_LEN, TRAIN_FILE
 from lora import check_lora_hyperparameters
 from lora.pissa import pissa_niter
 
@@ -18,8 +18,6 @@ from .cli import UsageError
 from .files import file_sha256
 from .precision import default_device, resolve_dtype
 from .tiny_model import TINY
-
-VALIDATION_SHARE = 0.1  # of the user's own rows, when --data is theirs and --val-data is left at auto
 
 T5_LINEAR_NAMES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo", "lm_head")
 # The tiny model is randomly initialised: at flan-t5's learning rate a 1-minute smoke run learns nothing.
@@ -284,30 +282,6 @@ def check_fsdp(args: argparse.Namespace) -> None:
         )
     if args.compile:
         raise UsageError("--fsdp and --compile cannot be combined yet: drop one of them.")
-
-
-def read_data(args: argparse.Namespace, world_size: int = 1) -> tuple[list[dict], list[dict], str]:
-    """The training rows, the validation rows, and a line that says where the validation rows come from."""
-    rows = load_examples(args.data)
-    if len(rows) < world_size:
-        raise DataError(f"{args.data} has {len(rows)} rows, fewer than the {world_size} processes to share them.")
-    if args.val_data.lower() == "none":
-        return rows, [], "validation: none (--val-data none)"
-    if args.val_data != "auto":
-        return rows, load_examples(args.val_data), f"validation: {args.val_data}"
-    if Path(args.data).resolve() == TRAIN_FILE.resolve():
-        return rows, load_examples(VALIDATION_FILE), f"validation: the bundled split {VALIDATION_FILE}"
-    train_rows, held_out = hold_out(rows, VALIDATION_SHARE, args.seed)
-    if not held_out:
-        return rows, [], f"validation: none ({len(rows)} rows are too few to hold out a tenth; pass --val-data FILE)"
-    return (
-        train_rows,
-        held_out,
-        (
-            f"validation: {len(held_out)} of the {len(rows)} rows of {args.data} held out (seed {args.seed}); "
-            "pass --val-data FILE or none to choose"
-        ),
-    )
 
 
 def run_config(args: argparse.Namespace, world_size: int) -> dict:

@@ -15,6 +15,7 @@ from conftest import randomize_adapter, toy_t5
 
 import banking.assistant
 import infer
+from banking.assistant import Generation
 from banking.grounding import CUT_OFF, DEFAULT_ACCOUNTS, UNAVAILABLE, AccountStore
 from data import TEST_FILE, load_examples
 from lora import inject_lora, save_adapter
@@ -108,9 +109,8 @@ def test_answers_never_show_an_invented_figure():
                 ("I'm sorry to hear that. Please call us at [SU", False),
             ]
 
-    args = infer.parse_args([])
     queries = ["Transfer 500 to Mom"] * 2 + ["savings balance?", "I lost my card"]
-    results = infer.answer(FakeAssistant(), store, queries, args)
+    results = infer.answer(FakeAssistant(), store, queries, Generation())
     assert results[0]["response"] == UNAVAILABLE and results[0]["raw_response"].startswith("I can help")
     assert "250" in results[0]["withheld_because"][0]
     assert results[1]["response"] == "I can help you send $500 to Mom." and "withheld_because" not in results[1]

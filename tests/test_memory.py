@@ -1,6 +1,6 @@
 """The memory plan against what autograd really keeps, and the refusal it leads to on CUDA."""
 
-import argparse
+import dataclasses
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from conftest import toy_t5
 
 from lora import inject_lora, set_base_dtype
 from support.fast_modules import use_fast_modules
-from support.memory import MemoryPlan, activation_bytes, plan_memory, refusal
+from support.memory import MemoryPlan, RunShape, activation_bytes, plan_memory, refusal
 
 TOLERANCE = {torch.float32: 0.03, torch.bfloat16: 0.08}  # measured on these shapes: within 2.1%; 2.2-5.5% under
 
@@ -74,15 +74,15 @@ def test_plan_counts_weights_and_adapter_state_exactly():
 
 def test_refusal_names_the_options_that_are_not_in_use_yet():
     plan = MemoryPlan(frozen_bytes=10 * 2**30, adapter_bytes=2**30, activation_bytes=9 * 2**30)
-    args = argparse.Namespace(gradient_checkpointing=False, base_dtype="fp32", batch_size=8, grad_accum=1)
+    args = RunShape(batch_size=8, grad_accum=1, gradient_checkpointing=False, base_dtype="fp32")
     message = refusal(plan, 16 * 2**30, args)
     assert message.startswith("this run needs about 20.0 GiB of GPU memory but 16.0 GiB is free; try ")
     assert "--gradient-checkpointing, --base-dtype bf16 (or nf4), a smaller --batch-size" in message
     assert "--skip-memory-check" in message
-    args.gradient_checkpointing, args.base_dtype = True, "bf16"
+    args = dataclasses.replace(args, gradient_checkpointing=True, base_dtype="bf16")
     on_bf16 = refusal(plan, 16 * 2**30, args)
     assert "--gradient-checkpointing" not in on_bf16 and "try --base-dtype nf4, a smaller" in on_bf16
-    args.base_dtype = "nf4"
+    args = dataclasses.replace(args, base_dtype="nf4")
     assert "--base-dtype" not in refusal(plan, 16 * 2**30, args)
     assert refusal(plan, 21 * 2**30, args) is None
 
@@ -95,15 +95,13 @@ def test_check_plan_refuses_on_cuda_when_the_free_memory_is_short(monkeypatch):
 
     model = toy_t5()
     inject_lora(model, r=4, alpha=8)
-    args = argparse.Namespace(
-        gradient_checkpointing=False, base_dtype="auto", batch_size=8, grad_accum=1, skip_memory_check=False
-    )
+    args = RunShape(batch_size=8, grad_accum=1, gradient_checkpointing=False, base_dtype="auto")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))  # 1 MiB free
     with pytest.raises(MemoryPlanError, match="this run needs about .* but 0.0 GiB is free"):
         check_plan(model, [Row()], torch.bfloat16, torch.device("cuda"), args)
-    args.skip_memory_check = True
+    args = dataclasses.replace(args, skip_memory_check=True)
     assert check_plan(model, [Row()], torch.bfloat16, torch.device("cuda"), args).total_bytes > 2**20
-    args.skip_memory_check = False  # on the CPU there is nothing to refuse
+    args = dataclasses.replace(args, skip_memory_check=False)  # on the CPU there is nothing to refuse
     assert check_plan(model, [Row()], torch.float32, torch.device("cpu"), args).total_bytes > 2**20
 
 
@@ -118,7 +116,7 @@ def test_the_plan_is_for_the_largest_real_batch_not_a_batch_size_past_the_data()
     inject_lora(model, r=4, alpha=8)
 
     def plan(batch_size):
-        args = argparse.Namespace(gradient_checkpointing=False, batch_size=batch_size, skip_memory_check=False)
+        args = RunShape(batch_size=batch_size)
         return check_plan(model, [Row()] * 3, torch.float32, torch.device("cpu"), args).total_bytes
 
     assert plan(2) < plan(3) == plan(100_000)
