@@ -129,10 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--base-dtype",
-        choices=["auto", "dense", "nf4"],
+        choices=["auto", "fp32", "bf16", "nf4"],
         default="auto",
-        help="nf4: the base model's linear layers in 4 bits (QLoRA), the adapter unmerged; dense: as loaded, in "
-        "--precision; auto (default): nf4 for an adapter trained with --base-dtype nf4, else dense",
+        help="how the frozen base is stored, as in train.py: fp32 or bf16, or nf4, its linear layers in 4 bits "
+        "(QLoRA) computing in --precision's dtype, the adapter unmerged; auto (default): nf4 for an adapter "
+        "trained with --base-dtype nf4, else --precision's dtype",
     )
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch for --file and --eval (default: 16)")
     g = p.add_argument_group("decoding (greedy by default)")

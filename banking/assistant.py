@@ -55,6 +55,13 @@ class Assistant:
         if (Path(name) / "adapter_config.json").is_file() and not (Path(name) / "config.json").is_file():
             raise UsageError(f"{name} is an adapter directory, not a base model: pass it as --adapter.")
         self.device = default_device()
+        if base_dtype in ("fp32", "bf16"):  # a dense base computes in the dtype it is stored in
+            if precision not in ("auto", base_dtype):
+                raise UsageError(
+                    f"--base-dtype {base_dtype} and --precision {precision} disagree: a dense base computes in the "
+                    "dtype it is stored in; give one of them."
+                )
+            precision = base_dtype
         dtype = resolve_dtype(precision, self.device)
         configs = [training_config_for(directory) or {} for directory in self.adapters.values()]
         self.training_configs = configs
@@ -76,7 +83,7 @@ class Assistant:
                 if config.get("use_dora") or config.get("init", "lora") != "lora":
                     raise UsageError(
                         f"{directory} is a DoRA or PiSSA adapter, which reads the base's dense weights: an NF4 base "
-                        "takes plain LoRA; drop --base-dtype nf4 (or pass --base-dtype dense)."
+                        "takes plain LoRA; drop --base-dtype nf4 (or pass --base-dtype fp32 or bf16)."
                     )
         self.model, self.tokenizer, self.base_path = load_model_and_tokenizer(name)
         for adapter_name, directory in self.adapters.items():

@@ -182,6 +182,25 @@ def time_steps(model, optimizer, batches, warmup: int, dtype=torch.float32) -> l
     return times
 
 
+def build_for(spec: dict, dev: torch.device):
+    """(the T5, what the steps call, its optimizer) for a configuration, built as train.py builds it."""
+    if spec.get("base_dtype") == "nf4":  # QLoRA, as train.py --base-dtype nf4 builds it
+        model = build_nf4_lora_model(spec["model"], dev).to(dev).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    elif spec.get("parallel") == "fsdp":  # no rank builds the whole base
+        warnings.filterwarnings("ignore", message=VIEW_WARNING)  # this worker's process: see view_warnings_silenced
+        model, optimizer = build_fsdp_lora_model(spec["model"], dev)
+        model.train()
+    else:
+        model = build_model(spec["model"]).to(dev).train()
+        model, optimizer = prepare_training(model, spec["mode"])
+    if spec.get("base_dtype") == "bf16":
+        set_base_dtype(model, torch.bfloat16)  # A and B stay fp32, as train.py --base-dtype bf16
+    if spec.get("parallel") == "ddp":  # under torchrun
+        return (model, *data_parallel(model, dev))
+    return model, model, optimizer
+
+
 def worker(spec: dict) -> dict:
     from transformers import T5ForConditionalGeneration  # noqa: F401  (imported before the runtime is measured)
 
@@ -191,21 +210,7 @@ def worker(spec: dict) -> dict:
     dtype = training_dtype(spec.get("precision", "fp32"), dev)
     allow_tf32(dev)  # as train.py: fp32 matmuls run as TF32 on CUDA
     with PeakRSS() as load_rss:  # building the model (and quantising it), apart from the steps
-        if spec.get("base_dtype") == "nf4":  # QLoRA, as train.py --base-dtype nf4 builds it
-            model = build_nf4_lora_model(spec["model"], dev).to(dev).train()
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        elif spec.get("parallel") == "fsdp":  # no rank builds the whole base
-            warnings.filterwarnings("ignore", message=VIEW_WARNING)  # this worker's process: see view_warnings_silenced
-            model, optimizer = build_fsdp_lora_model(spec["model"], dev)
-            model.train()
-        else:
-            model = build_model(spec["model"]).to(dev).train()
-            model, optimizer = prepare_training(model, spec["mode"])
-        if spec.get("base_dtype") == "bf16":
-            set_base_dtype(model, torch.bfloat16)  # A and B stay fp32, as train.py --base-dtype bf16
-        step_model = model  # what the steps call; `model` stays the T5 itself
-        if spec.get("parallel") == "ddp":  # under torchrun
-            step_model, optimizer = data_parallel(model, dev)
+        model, step_model, optimizer = build_for(spec, dev)
     if spec.get("checkpointing"):
         enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)

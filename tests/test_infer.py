@@ -332,3 +332,15 @@ def test_sigterm_stops_infer_with_a_word_and_status_130(trained_run, tmp_path):
         process.kill()
     err += process.stderr.read()
     assert code == 130 and "interrupted: SIGTERM" in err and "Traceback" not in err
+
+
+def test_base_dtype_means_what_it_means_in_training(trained_run, capsys):
+    """infer.py's --base-dtype takes train.py's storage dtypes; a dense one and a different --precision are
+    refused before the model loads, as is a choice only the other script has."""
+    code, _, err = run_infer(capsys, "--adapter", trained_run, "--base-dtype", "fp32", "--precision", "bf16", "Hi")
+    assert code == 2 and err.startswith("error: --base-dtype fp32 and --precision bf16 disagree")
+    with pytest.raises(SystemExit) as exit_status:
+        infer.parse_args(["--adapter", str(trained_run), "--base-dtype", "dense", "Hi"])
+    assert exit_status.value.code == 2
+    code, out, err = run_infer(capsys, "--adapter", trained_run, "--base-dtype", "fp32", "I lost my card")
+    assert code == 0 and out.strip(), err
