@@ -1,28 +1,14 @@
-"""The adapter files' writing and reading: each file written atomically (a crash mid-write leaves the old file,
-or none, never a half-written one), and JSON read so that any malformed text is one JSONDecodeError."""
+"""The adapter files' writing and reading: files written atomically as a set (a crash mid-write leaves the old
+files, or none, never a half-written one), and JSON read so that any malformed text is one JSONDecodeError."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    tmp = temporary_beside(path)
-    try:
-        with naming_failures(path):
-            write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: others could not read the file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def temporary_beside(path: Path) -> str:
@@ -47,10 +33,6 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_write_all(contents: dict[Path, bytes | str]) -> None:

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write
+from support.files import atomic_write
+
 from .layer import lora_scaling
 from .load import read_adapter
 from .save import KEY_PREFIX, AdapterError

@@ -1,12 +1,15 @@
-"""A lock file that keeps two processes from doing the same work at once, and a file's SHA-256 (atomic
-writes: lora/files.py)."""
+"""Atomic writes of one file, a lock file that keeps two processes from doing the same work at once, and a
+file's SHA-256 (several files written atomically as a set: lora/files.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from lora.files import current_umask, naming_failures, temporary_beside
 
 
 @contextmanager
@@ -37,3 +40,21 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    tmp = temporary_beside(path)
+    try:
+        with naming_failures(path):
+            write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: others could not read the file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from data import IGNORE_INDEX
-from lora.files import atomic_write, atomic_write_text
+
+from .files import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_loss.png"

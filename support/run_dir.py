@@ -23,12 +23,12 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
-from lora.files import atomic_write_text, loads_json
+from lora.files import loads_json
 from lora.save import CONFIG_NAME, WEIGHTS_NAME
 
 from .checkpoints import CHECKPOINT_NAME, CHECKPOINTS, CHECKSUMS_FILE, STATE_FILE, latest_checkpoint
 from .cli import UsageError
-from .files import file_lock
+from .files import atomic_write_text, file_lock
 from .metrics import METRICS_FILE, PLOT_FILE
 
 RUN_CONFIG = "training_config.json"
@@ -210,7 +210,7 @@ def foreign_entries(out: Path) -> list[str]:
 
 
 def _atomic_leftover(path: Path) -> bool:
-    """A temporary file of an atomic write cut short (lora.files.atomic_write names them .NAME.*.tmp)."""
+    """A temporary file of an atomic write cut short (support.files.atomic_write and lora.files.atomic_write_all name them .NAME.*.tmp)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
