@@ -210,7 +210,8 @@ def foreign_entries(out: Path) -> list[str]:
 
 
 def _atomic_leftover(path: Path) -> bool:
-    """A temporary file of an atomic write cut short (support.files.atomic_write and lora.files.atomic_write_all name them .NAME.*.tmp)."""
+    """A temporary file of an atomic write cut short (support.files.atomic_write and lora.files.atomic_write_all
+    name them .NAME.*.tmp)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
