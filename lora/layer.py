@@ -30,13 +30,12 @@ class LoRALinear(nn.Module):
 
     `weight` and `bias` keep nn.Linear's names, so a base checkpoint loads into an injected model and a
     merged state dict into a plain nn.Linear. Dropout touches the LoRA branch's input only, in train mode.
-    Merging is explicit (`merge()`/`unmerge()`); `.train()` and `.eval()` never merge. W0 may be bf16 or
-    fp16 (`set_base_dtype`) while A and B stay fp32: the branch computes in A's dtype, then casts.
+    Merging is explicit (`merge()`/`unmerge()`); `.train()` and `.eval()` never merge. W0 may be bf16
+    (`set_base_dtype`) while A and B stay fp32: the branch computes in A's dtype, then casts.
     """
 
     lora_layer = True  # what lora_layers() finds
-    # W0 x + b. support/fast_modules.py gives a layer a faster product of the same values where PyTorch's is slow.
-    base_product = staticmethod(F.linear)
+    base_product = staticmethod(F.linear)  # W0 x + b; an NF4 base (lora/nf4.py) or a faster one may replace it
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, bias: bool = False, device=None, dtype=None) -> None:  # fmt: skip
@@ -59,13 +58,11 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
-        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias, which it freezes. The adapter
-        is fp32 over a bf16 or fp16 weight: the dtype the optimizer updates it in."""
+        """Wrap `linear`, sharing (not copying) its weight and bias, frozen; A and B are fp32 over a bf16 weight."""
         layer = cls(linear.in_features, linear.out_features, r, alpha, dropout, use_rslora,
                     bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype)  # fmt: skip
         layer.weight, layer.bias = linear.weight, linear.bias
-        for param in [p for p in (layer.weight, layer.bias) if p is not None]:  # frozen, as if built from scratch
-            param.requires_grad_(False)
+        layer.requires_grad_(False)  # the base is frozen; A and B, allocated next, are trained
         dtype = torch.float32 if linear.weight.dtype in (torch.bfloat16, torch.float16) else linear.weight.dtype
         for name, param in layer.adapter_params().items():  # built on "meta": allocate them beside the weight
             setattr(layer, name, nn.Parameter(torch.empty_like(param, device=linear.weight.device, dtype=dtype)))
@@ -73,7 +70,6 @@ class LoRALinear(nn.Module):
         return layer
 
     def reset_lora_parameters(self) -> None:
-        """A as nn.Linear's default (kaiming-uniform, a=sqrt(5)), B zero: an injected model starts as its base."""
         _lora_a_init_params(self.lora_A)
         _lora_b_init_params(self.lora_B)
 
@@ -100,6 +96,10 @@ class LoRALinear(nn.Module):
         """W0 + scaling·B@A, (out, in), in fp32: the one weight that computes this layer's output."""
         return self.weight.float() + self.delta_weight()
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """W0 again from a merged `weight`, in fp32: the inverse of `merged_weight` (DoRA's differs)."""
+        return self.weight.float() - self.delta_weight()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into `weight` (idempotent), rounding once into its dtype. Afterwards the forward
@@ -115,7 +115,7 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         """Take the update out of `weight` again (idempotent): the inverse of `merge`."""
         if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.weight.copy_(self.unmerged_weight().to(self.weight.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:
