@@ -47,6 +47,7 @@ class Check:
     error: float | None = None
     bound: float | None = None
     mistake: str = ""  # for a failure, the likely mistake; for a skip, why
+    convention: bool = False  # a layout or dtype a project may or may not want, not LoRA's math
 
 
 @dataclass
@@ -56,11 +57,17 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(check.passed is not False for check in self.checks)
+        """Every check of LoRA's math passed (the forward, the gradients, the frozen base, dropout, merge)."""
+        return all(check.passed is not False for check in self.checks if not check.convention)
 
-    def add(self, name: str, error: float | None, bound: float | None, mistake: str) -> bool:
+    @property
+    def conventions_kept(self) -> bool:
+        """Every convention check passed: a merged state dict in nn.Linear's layout, a bf16 base."""
+        return all(check.passed is not False for check in self.checks if check.convention)
+
+    def add(self, name: str, error: float | None, bound: float | None, mistake: str, convention=False) -> bool:
         passed = error is not None and bound is not None and error <= bound
-        self.checks.append(Check(name, passed, error, bound, "" if passed else mistake))
+        self.checks.append(Check(name, passed, error, bound, "" if passed else mistake, convention))
         return passed
 
     def skip(self, name: str, why: str) -> None:
@@ -69,10 +76,11 @@ class Report:
     def __str__(self) -> str:
         lines = ["| check | result | error | bound | likely mistake |", "|---|---|---|---|---|"]
         for c in self.checks:
-            result = {True: "passed", False: "FAILED", None: "n/a"}[c.passed]
+            result = {True: "passed", False: "not kept" if c.convention else "FAILED", None: "n/a"}[c.passed]
             error = "" if c.error is None else f"{c.error:.3g}"
             bound = "" if c.bound is None else f"{c.bound:.3g}"
-            lines.append(f"| {c.name} | {result} | {error} | {bound} | {c.mistake} |")
+            name = f"{c.name} (convention)" if c.convention else c.name
+            lines.append(f"| {name} | {result} | {error} | {bound} | {c.mistake} |")
         return "\n".join(lines)
 
 
@@ -155,6 +163,8 @@ def check_lora_layer(
     layer.eval()
     with torch.no_grad():
         at_init = layer(x)
+    if not _returns_one_tensor(report, at_init, (x.shape[0], out_features)):
+        return report
     if zero_init:
         report.add(
             "at initialisation the layer is its base", _err(at_init, expected_base), FP32_TOLERANCE,
@@ -173,13 +183,43 @@ def check_lora_layer(
         m_value = reference_weight(w0, A_value, B_value, scaling).norm(dim=1) * row_scale
     factors = Factors(A, B, M, A_value, B_value, m_value, scaling)
     factors.set()
-    _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora)
-    _check_gradients(report, layer, x, w0, b0, factors, generator, _scale_mistakes(alpha, r, use_rslora))
-    _check_dropout(report, layer, x, expected_base, factors, w0)
-    factors.set()
-    _check_merge(report, layer, x, w0, b0, factors)
-    _check_bf16_base(report, make_layer, base, x, r, alpha, factors)
+    groups = [
+        ("forward", _check_forward, (layer, x, w0, b0, factors, alpha, r, use_rslora, at_init)),
+        ("gradients", _check_gradients, (layer, x, w0, b0, factors, generator, _scale_mistakes(alpha, r, use_rslora))),
+        ("dropout", _check_dropout, (layer, x, expected_base, factors, w0)),
+        ("merge and unmerge", _check_merge, (layer, x, w0, b0, factors)),
+        ("bf16 base, fp32 A and B", _check_bf16_base, (make_layer, base, x, r, alpha, factors)),
+    ]
+    for name, check, arguments in groups:
+        factors.set()  # the known values, whatever the group before did to them
+        try:
+            check(report, *arguments)
+        except Exception as err:  # noqa: BLE001  (the layer's code may raise anything: it is this group's failure)
+            report.add(name, None, None, _raised(err), convention=name.startswith("bf16"))
     return report
+
+
+def _returns_one_tensor(report: Report, output, shape: tuple[int, int]) -> bool:
+    """The forward returns one tensor of the base's output shape, as nn.Linear does (T5 calls q(x))."""
+    if isinstance(output, torch.Tensor) and tuple(output.shape) == shape:
+        return report.add("the forward returns one tensor (batch, out)", 0.0, 0.0, "")
+    what = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+    return report.add(
+        "the forward returns one tensor (batch, out)", 1.0, 0.0,
+        f"the forward returns {what}, not one tensor of shape {shape}: return h alone, as nn.Linear does "
+        "(T5 calls q(x) and uses what it returns as a tensor).",
+    )  # fmt: skip
+
+
+def _raised(err: Exception) -> str:
+    """A check group the layer's code broke: what it raised, and the likely mistake where the error says."""
+    sentence = f"the layer raised {type(err).__name__} ({str(err).strip()[:150]})"
+    if isinstance(err, RuntimeError) and "does not require grad" in str(err):
+        return (
+            f"{sentence}: no gradient reaches A or B, so the forward computes the update from something "
+            "other than A and B (a cached or detached copy); compute s·B A x from them in every forward."
+        )
+    return sentence + "."
 
 
 @dataclass
@@ -214,10 +254,11 @@ class Factors:
         return reference_weight(w0, self.A_value, self.B_value, scaling, self.m_value)
 
 
-def assert_lora_layer(make_layer, **options) -> Report:
-    """check_lora_layer, raising AssertionError with the report when a check fails (for a user's pytest)."""
+def assert_lora_layer(make_layer, strict: bool = False, **options) -> Report:
+    """check_lora_layer, raising AssertionError with the report when a check of LoRA's math fails (with
+    `strict`, a convention too) (for a user's pytest)."""
     report = check_lora_layer(make_layer, **options)
-    if not report.passed:
+    if not report.passed or (strict and not report.conventions_kept):
         raise AssertionError("the LoRA layer failed checks:\n" + str(report))
     return report
 
@@ -228,7 +269,7 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item() / scale
 
 
-def _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora) -> None:
+def _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora, at_init) -> None:
     with torch.no_grad():
         got = layer(x)
     scaling, dora = factors.scaling, factors.M is not None
@@ -248,6 +289,10 @@ def _check_forward(report, layer, x, w0, b0, factors, alpha, r, use_rslora) -> N
     for wrong, sentence in wrong_outputs:
         if wrong is not None and _err(got, wrong) <= FP32_TOLERANCE and error > FP32_TOLERANCE:
             mistake = sentence
+    if error > FP32_TOLERANCE and _err(got, at_init) <= FP32_TOLERANCE:
+        mistake = ("the output did not change when A and B were given new values: the layer computes its update "
+                   "once and keeps it (or keeps copies of A and B); compute s·B A x from lora_A and lora_B in every "
+                   "forward.")  # fmt: skip
     report.add(f"forward: {formula} (eval mode)", error, FP32_TOLERANCE, mistake)
 
 
@@ -393,7 +438,8 @@ def _check_merge(report, layer, x, w0, b0, factors) -> None:
     report.add(
         "a merged state dict loads into nn.Linear", 0.0 if loads else 1.0, 0.0,
         f"nn.Linear cannot take the merged layer's state dict (missing {missing or 'nothing'}, or other outputs): "
-        "keep the base weight under the key 'weight' (and 'bias').",
+        "the base weight is not under the key 'weight' (and 'bias'), as a base checkpoint has it.",
+        convention=True,
     )  # fmt: skip
     with torch.no_grad():
         layer.unmerge()
@@ -417,7 +463,9 @@ def _check_bf16_base(report, make_layer, base, x, r, alpha, factors) -> None:
             x16 = x.to(torch.bfloat16)
             got = layer(x16)
     except RuntimeError as err:
-        report.add("bf16 base, fp32 A and B", None, None, f"the layer fails on a bf16 base: {str(err)[:120]}")
+        report.add("bf16 base, fp32 A and B", None, None, f"the layer does not run on a bf16 base ({str(err)[:120]}): "
+                   "fine for a layer used in fp32 only; set_base_dtype(model, torch.bfloat16) needs it.",
+                   convention=True)  # fmt: skip
         return
     with torch.no_grad():
         w16, b16 = base.weight.to(torch.bfloat16), base.bias.to(torch.bfloat16)
@@ -429,7 +477,7 @@ def _check_bf16_base(report, make_layer, base, x, r, alpha, factors) -> None:
     )
     if any(check.name.startswith("forward") and check.passed is False for check in report.checks):
         mistake = "the forward is wrong in fp32 already (its row above says how): this follows from it."
-    report.add("bf16 base, fp32 A and B", _err(got, expected), bound, mistake)
+    report.add("bf16 base, fp32 A and B", _err(got, expected), bound, mistake)  # it runs: its values are math
 
 
 def check_adapter_dir(directory, base: nn.Module | str) -> Report:
@@ -560,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nonzero-init", action="store_true", help="the layer's init is not B = 0 (PiSSA, OLoRA...)")
     p.add_argument("--dora", action="store_true", help="the layer is DoRA's, its magnitude m as lora_magnitude")
     p.add_argument("--timeout", type=float, default=600, help="seconds the checks may take (default: 600)")
+    p.add_argument("--strict", action="store_true", help="a convention not kept (nn.Linear's state-dict layout, "
+                   "a bf16 base) fails the run too; by default only LoRA's math does")  # fmt: skip
     args = p.parse_args(argv)
     if (args.factory is None) == (args.adapter is None):
         p.error("give a MODULE:FACTORY or --adapter DIR (one of them)")
@@ -584,9 +634,14 @@ def main(argv: list[str] | None = None) -> int:
               "check counts as failed.", file=sys.stderr)  # fmt: skip
         return 1
     print(report)
-    failed = sum(check.passed is False for check in report.checks)
-    print(f"\n{'all checks passed' if not failed else f'{failed} check(s) failed'}")
-    return 1 if failed else 0
+    failed = sum(check.passed is False and not check.convention for check in report.checks)
+    not_kept = sum(check.passed is False and check.convention for check in report.checks)
+    verdict = "all checks of LoRA's math passed" if not failed else f"{failed} check(s) of LoRA's math failed"
+    if not_kept:
+        verdict += f"; {not_kept} convention(s) not kept" + (" (--strict: they fail the run)" if args.strict
+                                                             else " (--strict would fail the run)")  # fmt: skip
+    print(f"\n{verdict}")
+    return 1 if failed or (args.strict and not_kept) else 0
 
 
 class CheckTimeout(Exception):

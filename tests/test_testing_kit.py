@@ -286,7 +286,7 @@ def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
         [sys.executable, "-m", "lora.testing", spec], capture_output=True, text=True, timeout=120
     )
     good, bad, missing = run(f"{layer_file}:make_layer"), run(f"{layer_file}:wrong"), run(f"{layer_file}:nothing")
-    assert good.returncode == 0 and "all checks passed" in good.stdout and "| check |" in good.stdout
+    assert good.returncode == 0 and "all checks of LoRA's math passed" in good.stdout and "| check |" in good.stdout
     assert bad.returncode == 1 and "scaled by alpha, not alpha / r" in bad.stdout
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
 
@@ -294,11 +294,7 @@ def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
 LAYERS_THAT_BREAK = {
     "exits": "import sys\n\ndef make_layer(base, r, alpha):\n    sys.exit(0)\n",
     "hangs": "def make_layer(base, r, alpha):\n    while True:\n        pass\n",
-    "returns a tuple": (
-        "from lora import LoRALinear\n\nclass Pair(LoRALinear):\n    def forward(self, x):\n"
-        "        return super().forward(x), None\n\ndef make_layer(base, r, alpha):\n"
-        "    return Pair.from_linear(base, r, alpha)\n"
-    ),
+    "raises": "def make_layer(base, r, alpha):\n    raise KeyError('lora_A')\n",
 }
 
 
@@ -307,19 +303,99 @@ LAYERS_THAT_BREAK = {
     [
         ("exits", "the layer's code called sys.exit(0) while it was checked"),
         ("hangs", "the checks did not finish within 1 s (--timeout)"),
-        ("returns a tuple", "the layer raised AttributeError while it was checked"),
+        ("raises", "the layer raised KeyError while it was checked"),
     ],
 )
 def test_a_layer_that_exits_hangs_or_breaks_fails_in_one_sentence(tmp_path, capsys, case, message):
     """A factory calling sys.exit(0) made the kit exit 0 with no output (a CI gate passed), one that never
-    returned ran until killed, and a forward returning a tuple ended in a traceback: each is now a failure,
-    exit 1, said in one sentence."""
+    returned ran until killed, one that raised ended in a traceback: each is now a failure, exit 1, said in one
+    sentence."""
     from lora.testing import main
 
     (tmp_path / "my_lora.py").write_text(LAYERS_THAT_BREAK[case])
     assert main([f"{tmp_path / 'my_lora.py'}:make_layer", "--timeout", "1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err
+
+
+class ReturnsATuple(StudentLoRA):
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class CachesItsUpdate(StudentLoRA):
+    """Computes s·B A once, at its first forward, and keeps it: stale once A or B change, and gradient-free."""
+
+    def forward(self, x):
+        if not hasattr(self, "delta"):
+            with torch.no_grad():
+                self.delta = self.scaling * self.lora_B @ self.lora_A
+        return F.linear(x, self.weight + self.delta, self.bias)
+
+
+def test_a_tuple_forward_and_a_cached_update_are_failed_checks_with_their_mistakes():
+    """A forward returning a tuple ended in AttributeError, and a layer caching its update in 'element 0 of
+    tensors does not require grad': each is a failed row of the report, naming the likely mistake."""
+    tuple_rows = failed(check_lora_layer(lambda base, r, alpha: ReturnsATuple(base, r, alpha)))
+    assert list(tuple_rows) == ["the forward returns one tensor (batch, out)"]
+    assert "returns tuple, not one tensor of shape (5, 16)" in tuple_rows["the forward returns one tensor (batch, out)"]
+    cached = failed(check_lora_layer(lambda base, r, alpha: CachesItsUpdate(base, r, alpha, dropout=0.0)))
+    assert "did not change when A and B were given new values" in cached["forward: W0 x + b + s·B A x (eval mode)"]
+    assert "no gradient reaches A or B" in cached["gradients"] and "cached or detached" in cached["gradients"]
+
+
+class BaseLayerInside(StudentLoRA):
+    """PEFT's and litgpt's shape: the base kept whole as a submodule (`base_layer.weight`), correct math."""
+
+    def __init__(self, base, r, alpha, dropout=0.2):
+        super().__init__(base, r, alpha, dropout)
+        del self.weight, self.bias
+        self.base_layer = base.requires_grad_(False)
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        return result if self.merged else result + self.update(x).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base_layer.weight += self.scaling * self.lora_B @ self.lora_A
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight -= self.scaling * self.lora_B @ self.lora_A
+            self.merged = False
+
+
+class Fp32Only(StudentLoRA):
+    """Correct in fp32; its update multiplies x by A as they come, so a bf16 x and an fp32 A do not mix."""
+
+    def update(self, x):
+        return self.scaling * (x @ self.lora_A.T) @ self.lora_B.T
+
+
+@pytest.mark.parametrize(
+    "layer, convention",
+    [(BaseLayerInside, "a merged state dict loads into nn.Linear"), (Fp32Only, "bf16 base, fp32 A and B")],
+)
+def test_correct_layers_of_other_conventions_pass_and_strict_names_the_convention(capsys, layer, convention):
+    """A correct layer in another state-dict layout, or for fp32 only, was called wrong: LoRA's math passes,
+    the convention is reported as not kept, and only --strict makes that fail the run."""
+    report = check_lora_layer(lambda base, r, alpha: layer(base, r, alpha))
+    assert report.passed and not report.conventions_kept
+    assert [c.name for c in report.checks if c.passed is False] == [convention]
+    assert_lora_layer(lambda base, r, alpha: layer(base, r, alpha))
+    with pytest.raises(AssertionError, match="failed checks"):
+        assert_lora_layer(lambda base, r, alpha: layer(base, r, alpha), strict=True)
+    from lora.testing import main
+
+    spec = f"test_testing_kit:{layer.__name__}"  # the class is a factory: layer(base, r, alpha)
+    assert main([spec]) == 0
+    out = capsys.readouterr().out
+    assert f"| {convention} (convention) | not kept |" in out and "1 convention(s) not kept" in out
+    assert main([spec, "--strict"]) == 1
 
 
 # --- adapter directories from any tool -----------------------------------------------------------------
