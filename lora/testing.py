@@ -547,12 +547,13 @@ def check_adapter_dir(directory, base: nn.Module | str) -> Report:
     except (AdapterError, ValueError) as err:
         report.add("loads here", 1.0, 0.0, str(err))
         return report
-    try:
-        from peft import PeftModel
-    except ImportError:
-        report.skip("PEFT's logits equal ours", "peft is not installed")
-        return report
-    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+    with quiet_oracle():
+        try:
+            from peft import PeftModel
+        except ImportError:
+            report.skip("PEFT's logits equal ours", "peft is not installed")
+            return report
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
     generator = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
     inputs = {"input_ids": torch.randint(2, vocab, (2, 7), generator=generator),
@@ -561,6 +562,25 @@ def check_adapter_dir(directory, base: nn.Module | str) -> Report:
         error = _err(ours(**inputs).logits, theirs(**inputs).logits)
     report.add("PEFT's logits equal ours", error, FP32_TOLERANCE * 10, "PEFT computes other logits from these files.")
     return report
+
+
+@contextmanager
+def quiet_oracle() -> Iterator[None]:
+    """Inside the block, peft's import and load print nothing of their own: bitsandbytes, which peft imports,
+    logs a warning when an optional CPU kernel is missing, and transformers warns of its own deprecations
+    when peft calls them; neither is about the adapter. Both settings are restored on exit."""
+    import logging
+    import warnings
+
+    bitsandbytes = logging.getLogger("bitsandbytes")
+    level = bitsandbytes.level
+    bitsandbytes.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        bitsandbytes.setLevel(level)
 
 
 def load_factory(spec: str) -> Callable:

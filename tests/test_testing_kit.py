@@ -476,3 +476,35 @@ def test_the_layer_of_several_adapters_passes_for_each_adapter(active):
         return layer
 
     assert_lora_layer(make)
+
+
+def test_checking_an_adapter_prints_nothing_but_its_report(tmp_path, capsys, tiny_model_path):
+    """`--adapter DIR` printed a transformers FutureWarning (and, on CPUs with AVX-512 BF16, bitsandbytes'
+    missing-kernel warning) before its report: the oracle's own noise, silenced for its import and load only."""
+    import logging
+    import warnings
+
+    from conftest import randomize_adapter
+
+    from lora import inject_lora, save_adapter
+    from lora.testing import quiet_oracle
+    from support.models import load_model_and_tokenizer
+
+    model = load_model_and_tokenizer("tiny")[0]
+    inject_lora(model, ("q", "v"), r=4, alpha=8)
+    randomize_adapter(model)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
+    result = subprocess.run(
+        [sys.executable, "-m", "lora.testing", "--adapter", str(tmp_path / "adapter")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and "PEFT's logits equal ours | passed" in result.stdout, result.stderr
+    assert result.stderr == ""
+    noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with quiet_oracle(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        noisy.warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+        warnings.warn("deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("kept", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["kept"] and capsys.readouterr().err == ""
+    assert logging.getLogger("bitsandbytes").level == logging.NOTSET  # restored
