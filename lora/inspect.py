@@ -276,42 +276,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phi-module", help="module for the φ figure (default: the first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a markdown table")
     args = p.parse_args(argv)
-    from support.models import ModelLoadError, load_model_and_tokenizer
+    from support.cli import UsageError, run_cli
+    from support.models import ModelLoadError
 
-    try:
+    def refuse_before_work() -> None:
+        """What the command line and the adapter directories say wrong, before a model loads: exit 2."""
         if args.phi_module and not args.compare:
-            raise AdapterError("--phi-module picks the module of the φ figure, which needs --compare OTHER_DIR.")
+            raise UsageError("--phi-module picks the module of the φ figure, which needs --compare OTHER_DIR.")
         if args.out and args.out.exists() and not args.out.is_dir():
-            raise AdapterError(f"--out {args.out} is a file: pass a directory for the figures.")
+            raise UsageError(f"--out {args.out} is a file: pass a directory for the figures.")
         links = [args.out / name for name in FIGURES if (args.out / name).is_symlink()] if args.out else []
         if links:  # --out itself may be a link: the user chose it; a figure's own link was not chosen for this
-            raise AdapterError(
+            raise UsageError(
                 f"{links[0]} is a symbolic link (to {os.readlink(links[0])}); lora.inspect never writes in a link's "
                 "place: remove it, or pass another --out."
             )
-        read_adapter(args.adapter)  # a directory that is no adapter is refused before a model loads
-        base = load_model_and_tokenizer(args.base)[0] if args.base else None
-        report = inspect_adapter(args.adapter, base, args.compare)
-        modules = [row["module"] for row in report["modules"]]
-        if args.phi_module and args.phi_module not in modules:
-            raise AdapterError(
-                f"--phi-module {args.phi_module} is not a module of the adapter (its first is {modules[0]})."
-            )
-        if args.out:
-            for path in write_figures(report, args.out, args.phi_module):
-                print(f"wrote {path}", file=sys.stderr)
-    except (AdapterError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # --out read-only, full, or under a file
-        print(
-            f"error: could not write the figures in {args.out} ({err.strerror or err}); pass --out a directory "
-            "you can write to.",
-            file=sys.stderr,
+        for directory in filter(None, (args.adapter, args.compare)):
+            try:
+                read_adapter(directory)
+            except AdapterError as err:
+                raise UsageError(str(err)) from None
+
+    def work() -> None:
+        refuse_before_work()
+        run(args)
+
+    return run_cli(work, failures=(AdapterError, ModelLoadError, FiguresNotWritten))
+
+
+class FiguresNotWritten(RuntimeError):
+    """--out could not take the figures: read-only, full, or under a file."""
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load, analyse, print the report and write the figures (the command's work, after its checks)."""
+    from support.models import load_model_and_tokenizer
+
+    base = load_model_and_tokenizer(args.base)[0] if args.base else None
+    report = inspect_adapter(args.adapter, base, args.compare)
+    modules = [row["module"] for row in report["modules"]]
+    if args.phi_module and args.phi_module not in modules:
+        raise AdapterError(
+            f"--phi-module {args.phi_module} is not a module of the adapter (its first is {modules[0]})."
         )
-        return 1
+    if args.out:
+        try:
+            written = write_figures(report, args.out, args.phi_module)
+        except OSError as err:
+            raise FiguresNotWritten(
+                f"could not write the figures in {args.out} ({err.strerror or err}); pass --out a directory you "
+                "can write to."
+            ) from None
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
-    return 0
 
 
 if __name__ == "__main__":

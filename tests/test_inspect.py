@@ -120,16 +120,18 @@ def test_errors_are_one_sentence(tmp_path, capsys):
     inject_lora(dora, ("q", "v"), r=4, alpha=8, use_dora=True)
     save_adapter(dora, tmp_path / "dora")
     capsys.readouterr()
-    for argv, message in [
-        ([str(tmp_path)], "adapter_config.json is missing"),
-        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "q")], "adapt different modules"),
-        ([str(tmp_path / "qv"), "--base", str(tmp_path / "wide")], "but the adapter's update is"),
-        ([str(tmp_path / "qv"), "--phi-module", "q"], "needs --compare OTHER_DIR"),
-        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "qv"), "--phi-module", "nosuch.module"], "not a module"),
-        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "zero")], "is zero (B = 0: untrained?)"),
-        ([str(tmp_path / "dora")], "is a DoRA adapter, whose update"),
+    for argv, status, message in [  # 2: refused before any work; 1: met while loading or analysing
+        ([str(tmp_path)], 2, "adapter_config.json is missing"),
+        ([str(tmp_path / "qv"), "--compare", str(tmp_path)], 2, "adapter_config.json is missing"),
+        ([str(tmp_path / "qv"), "--phi-module", "q"], 2, "needs --compare OTHER_DIR"),
+        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "q")], 1, "adapt different modules"),
+        ([str(tmp_path / "qv"), "--base", str(tmp_path / "wide")], 1, "but the adapter's update is"),
+        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "qv"), "--phi-module", "nosuch.module"], 1, "not a module"),
+        ([str(tmp_path / "qv"), "--compare", str(tmp_path / "zero")], 1, "is zero (B = 0: untrained?)"),
+        ([str(tmp_path / "dora")], 1, "is a DoRA adapter, whose update"),
+        ([str(tmp_path / "qv"), "--base", str(tmp_path / "nosuch")], 1, "does not exist"),
     ]:
-        assert main(argv) == 1
+        assert main(argv) == status, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -167,7 +169,7 @@ def test_a_figure_that_is_a_symbolic_link_is_refused_before_any_work(tmp_path, c
     figures.mkdir()
     elsewhere.write_bytes(b"my own picture")
     (figures / "spectra.png").symlink_to(elsewhere)
-    assert main([str(tmp_path / "qv"), "--out", str(figures)]) == 1
+    assert main([str(tmp_path / "qv"), "--out", str(figures)]) == 2
     err = capsys.readouterr().err
     assert (
         err == f"error: {figures / 'spectra.png'} is a symbolic link (to {elsewhere}); lora.inspect never "
