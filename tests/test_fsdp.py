@@ -370,3 +370,29 @@ def test_the_slurm_script_runs_two_nodes_that_train_what_one_node_of_two_process
     two_nodes, one_node = adapter_tensors(out), adapter_tensors(three_steps / "fsdp")
     for key in one_node:
         torch.testing.assert_close(two_nodes[key], one_node[key], rtol=0, atol=1e-6)
+
+
+def test_a_node_that_never_joins_ends_the_slurm_job_after_the_join_timeout_with_one_sentence(tmp_path):
+    """A job of 2 nodes where only one torchrun starts: it waits RDZV_JOIN_TIMEOUT seconds (the script passes
+    it as torchrun's join_timeout; unset, torchrun's default 600 s), torchrun ends with its
+    RendezvousTimeoutError, and the script's last line says what that means and what to do."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\n"$@"\n')  # one node of the two starts
+    (bin_dir / "torchrun").write_text(f'#!/bin/bash\nexec {sys.executable} -m torch.distributed.run "$@"\n')
+    for stand_in in bin_dir.iterdir():
+        stand_in.chmod(0o755)
+    port = free_port()
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "8",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_SUBMIT_DIR": str(ROOT),
+           "RDZV_PORT": str(port), "RDZV_JOIN_TIMEOUT": "3"}  # fmt: skip
+    command = ["bash", str(ROOT / "scripts" / "train.sbatch"), *COMMON, "--output-dir", str(tmp_path / "run")]
+    code, _, stderr = run_to_the_end(command, work_done="never", env=env, timeout=120)
+    assert code == 1 and "RendezvousTimeoutError" in stderr
+    assert stderr.rstrip().splitlines()[-1] == (
+        f"error: the job's torchrun ended with status 1; if it says RendezvousTimeoutError above, not all 2 nodes "
+        f"reached 127.0.0.1:{port} within 3 s (RDZV_JOIN_TIMEOUT): open that port between the nodes and resubmit "
+        "(with --resume if a checkpoint was written)."
+    )
+    assert not (tmp_path / "run").exists()  # train.py never started
