@@ -26,6 +26,7 @@ import faulthandler
 import importlib
 import importlib.util
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -653,14 +654,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the layer raised {type(err).__name__} while it was checked ({str(err)[:200]}); every "
               "check counts as failed.", file=sys.stderr)  # fmt: skip
         return 1
-    print(report)
     failed = sum(check.passed is False and not check.convention for check in report.checks)
     not_kept = sum(check.passed is False and check.convention for check in report.checks)
     verdict = "all checks of LoRA's math passed" if not failed else f"{failed} check(s) of LoRA's math failed"
     if not_kept:
         verdict += f"; {not_kept} convention(s) not kept" + (" (--strict: they fail the run)" if args.strict
                                                              else " (--strict would fail the run)")  # fmt: skip
-    print(f"\n{verdict}")
+    try:
+        for path, norm in report.norms.items():
+            print(f"{path}: ‖s·B A‖_F = {norm:.4g}")
+        print(f"{report}\n\n{verdict}", flush=True)
+    except BrokenPipeError:  # `... | head`: the reader left; end quietly, as cat does (status 128 + SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return 1 if failed or (args.strict and not_kept) else 0
 
 
@@ -690,10 +696,7 @@ def time_limit(seconds: float) -> Iterator[None]:
 def run_checks(args: argparse.Namespace) -> Report:
     """The command line's checks: of an adapter directory, or of the layer a factory builds."""
     if args.adapter is not None:
-        report = check_adapter_dir(args.adapter, args.model or _config_base(args.adapter))
-        for path, norm in report.norms.items():
-            print(f"{path}: ‖s·B A‖_F = {norm:.4g}")
-        return report
+        return check_adapter_dir(args.adapter, args.model or _config_base(args.adapter))
     factory = load_factory(args.factory)
     return check_lora_layer(
         factory,

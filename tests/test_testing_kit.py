@@ -508,3 +508,25 @@ def test_checking_an_adapter_prints_nothing_but_its_report(tmp_path, capsys, tin
         warnings.warn("kept", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["kept"] and capsys.readouterr().err == ""
     assert logging.getLogger("bitsandbytes").level == logging.NOTSET  # restored
+
+
+@pytest.mark.parametrize("tool", ["lora.testing", "lora.inspect"])
+def test_a_reader_that_goes_away_ends_the_tools_quietly(tmp_path, tool):
+    """`python -m lora.testing ... | head -1`: the reader closes the pipe before the report; the tool ends as
+    cat does (status 141), without a BrokenPipeError traceback or an 'error:' about a broken pipe."""
+    from conftest import saved_random_adapter
+
+    (tmp_path / "my_lora.py").write_text(
+        "from lora import LoRALinear\n\ndef make_layer(base, r, alpha):\n"
+        "    return LoRALinear.from_linear(base, r, alpha)\n"
+    )
+    saved_random_adapter(tmp_path / "adapter")
+    argument = f"{tmp_path / 'my_lora.py'}:make_layer" if tool == "lora.testing" else str(tmp_path / "adapter")
+    process = subprocess.Popen([sys.executable, "-m", tool, argument], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    process.stdout.close()  # gone before the report
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 141 and err == "", err[-2000:]
