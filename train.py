@@ -37,7 +37,7 @@ from support.checkpoints import (
 )
 from support.cli import UsageError, run_cli, stop_requests
 from support.fast_modules import use_fast_modules
-from support.lost_rank import LostRankError, naming_a_lost_rank
+from support.lost_rank import LostRankError, naming_a_lost_rank, sigterm_ignored
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
 from support.memory import MemoryPlanError, RunShape, check_plan, enable_activation_checkpointing
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
@@ -119,12 +119,16 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
             with fsdp.view_warnings_silenced() if args.fsdp else nullcontext():
                 aborted = fit(run, progress)
 
-        with fsdp.full_adapter(model):  # under --fsdp every rank gathers; rank 0 writes
-            if env.is_main:
-                save_adapter(model, args.output_dir, base_path, pissa_as_lora=True)  # PiSSA: for the original base
-                write_metrics_and_plot(args.output_dir, progress.history)
-        steps_run, time_s = progress.step - first_step, time.perf_counter() - start_time
-        summary = run_summary(model, progress, steps_run, time_s, run.validating, env.device)
+        # From here every rank must reach the meeting below: one that fails makes torchrun end the others, and
+        # the survivors are to say which rank was lost, not die in silence (sigterm_ignored).
+        with naming_a_lost_rank(lambda: latest_checkpoint(args.output_dir), args.dist_timeout), sigterm_ignored():
+            with fsdp.full_adapter(model):  # under --fsdp every rank gathers; rank 0 writes
+                if env.is_main:
+                    save_adapter(model, args.output_dir, base_path, pissa_as_lora=True)  # PiSSA: for the original base
+                    write_metrics_and_plot(args.output_dir, progress.history)
+            steps_run, time_s = progress.step - first_step, time.perf_counter() - start_time
+            summary = run_summary(model, progress, steps_run, time_s, run.validating, env.device)
+            dist.every_rank(True, env.device)  # every rank got here: only then does the run say it succeeded
         env.log("\n" + summary_line(summary, args.output_dir))
         summary.update(output_dir=str(args.output_dir), aborted=aborted)
         if aborted:

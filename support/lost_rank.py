@@ -93,3 +93,18 @@ def naming_a_lost_rank(last_checkpoint: Callable[[], Path | None], timeout_s: fl
         raise LostRankError(
             f"rank {rank}: {who} ({reason}); {where}: once every process is back, continue with --resume."
         ) from None
+
+
+@contextmanager
+def sigterm_ignored():
+    """Inside the block SIGTERM is ignored (restored on exit): while the ranks meet at the end of a run,
+    torchrun's SIGTERM, sent to the survivors as soon as it sees a worker exit, would end this rank before its
+    failed collective can name the lost one (torchrun's SIGKILL follows 30 s later in any case)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -666,6 +666,35 @@ def test_processes_started_with_other_settings_are_refused_before_any_work(tmp_p
     assert "trainable parameters" not in stdout and not (tmp_path / "run").exists()
 
 
+RANK_1_CRASHES_AFTER_ITS_WORK = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import train
+if os.environ["RANK"] == "1":  # rank 1 dies between the adapter's save and the run's last words
+    summary = train.run_summary
+    def crash(*args, **kwargs):
+        summary(*args, **kwargs)
+        os._exit(1)
+    train.run_summary = crash
+raise SystemExit(train.main(sys.argv[2:]))
+"""
+
+
+def test_a_run_that_fails_on_any_rank_never_prints_its_success_line(tmp_path):
+    """Rank 1 dies after the training and the save, before the end: rank 0 printed 'adapter in ...' as if the
+    run had succeeded, then died in the teardown's barrier with gloo's traceback. Every rank now meets before
+    the success line, and rank 0 names the lost rank in one sentence instead."""
+    script = tmp_path / "rank_1_crashes.py"
+    script.write_text(RANK_1_CRASHES_AFTER_ITS_WORK)
+    argv = [*FAST, "--batch-size", "8", "--max-steps", "2", "--output-dir", str(tmp_path / "run")]
+    code, stdout, stderr = run_to_the_end([*TORCHRUN, str(script), str(ROOT), *argv], work_done="error: ",
+                                          env=ONE_THREAD, timeout=120)  # fmt: skip
+    assert code != 0 and "adapter in" not in stdout, stdout[-2000:]
+    sentences = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(sentences) == 1 and sentences[0].startswith("error: rank 0: rank 1 stopped answering"), stderr[-3000:]
+    assert "Traceback" not in stderr.split("failed (exitcode")[0]  # what follows is torchrun's own report
+
+
 def test_a_run_that_outlives_its_work_fails_and_its_whole_process_group_ends(tmp_path):
     """The guard of the torchrun tests: a command that lingers after its work fails the test, and its
     children (torchrun's workers) end with it, rather than living on, reparented to init."""
