@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lora import load_adapter, save_adapter
+from lora.save import CONFIG_NAME, WEIGHTS_NAME
 
 from .files import file_sha256
 
@@ -141,18 +142,40 @@ def save_checkpoint(
 
 def check_checksums(path: Path) -> None:
     """Every file of the checkpoint as it was written: a byte changed on disk since (a bad sector, a copy cut
-    short, an edit) is refused before anything is read. A checkpoint of an older train.py has no checksums."""
+    short, an edit), a file added, lost or left unlisted, is refused before anything is read. Only a checkpoint
+    of an older train.py, which recorded its epoch in the progress and wrote no checksums, goes unchecked."""
     if not (path / CHECKSUMS_FILE).exists():
+        if not _predates_checksums(path):
+            raise damaged(path, f"{CHECKSUMS_FILE} is missing, so its files cannot be checked")
         return
     with readable(path):
         checksums = json.loads((path / CHECKSUMS_FILE).read_text(encoding="utf-8"))
+        if not isinstance(checksums, dict):
+            raise ValueError(f"{CHECKSUMS_FILE} holds no object of file names")
+        unlisted = sorted({CONFIG_NAME, WEIGHTS_NAME, STATE_FILE} - checksums.keys())  # what a resume reads
+        if unlisted:
+            raise damaged(path, f"{unlisted[0]} is not listed in {CHECKSUMS_FILE}")
+        lost = sorted(name for name in checksums if not (path / name).is_file())
+        if lost:
+            raise damaged(path, f"{lost[0]}, listed in {CHECKSUMS_FILE}, is gone")
         changed = [name for name, digest in checksums.items() if file_sha256(path / name) != digest]
     if changed:
-        raise CheckpointError(
-            f"checkpoint {path} is damaged: {changed[0]} is not the file it was written as (its SHA-256 differs "
-            "from the one recorded in checksums.json); delete that directory to resume from the one before it, "
-            "or pass --overwrite to start afresh."
-        )
+        raise damaged(path, f"{changed[0]} is not the file it was written as (its SHA-256 differs from the one "
+                            f"recorded in {CHECKSUMS_FILE})")  # fmt: skip
+
+
+def damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is damaged: {what}; delete that directory to resume from the one before it, or pass "
+        "--overwrite to start afresh."
+    )
+
+
+def _predates_checksums(path: Path) -> bool:
+    """Whether the checkpoint is an older train.py's: its progress records the epoch (see check_position)."""
+    with readable(path):
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    return "epoch" in state.get("progress", {})
 
 
 def load_checkpoint_adapter(path: Path, model) -> None:
@@ -212,6 +235,8 @@ def readable(path: Path):
     """A checkpoint is written atomically, so damage came from outside: say which, in one sentence."""
     try:
         yield
+    except CheckpointError:
+        raise
     except Exception as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(

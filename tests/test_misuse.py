@@ -199,6 +199,34 @@ def test_a_checkpoint_whose_bytes_changed_is_refused_before_it_is_read(run_copy,
     assert f"checkpoint {step} is damaged: {damaged} is not the file it was written as" in err
 
 
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ("checksums.json deleted", "checksums.json is missing, so its files cannot be checked"),
+        ("checksums.json emptied", "adapter_config.json is not listed in checksums.json"),
+        ("a listed file deleted", "adapter_model.safetensors, listed in checksums.json, is gone"),
+        ("checksums.json a list", "cannot be read (checksums.json holds no object of file names)"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_checked_is_refused(run_copy, small_data, capsys, damage, says):
+    """Deleting checksums.json (or emptying it) resumed without checking a byte: only a checkpoint of the older
+    train.py, which predates the checksums (test_train's), goes unchecked."""
+    step = run_copy / "checkpoints" / "step-00000002"
+    if damage == "checksums.json deleted":
+        (step / "checksums.json").unlink()
+    elif damage == "checksums.json emptied":
+        (step / "checksums.json").write_text("{}")
+    elif damage == "a listed file deleted":
+        (step / "adapter_model.safetensors").unlink()
+    else:
+        (step / "checksums.json").write_text("[]")
+    code, _, err = run_train(
+        capsys, "--data", small_data, "--max-steps", "2", "--save-every", "1", "--output-dir", run_copy, "--resume"
+    )
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: checkpoint {step} ") and says in err
+
+
 def test_rotation_and_resume_leave_the_users_own_directories_in_checkpoints_alone(run_copy, small_data, capsys):
     """A backup the user made beside the checkpoints (step-00000001.bak) and a directory called step-final
     are neither taken for the newest checkpoint nor rotated away, and --overwrite refuses to delete them:
