@@ -16,6 +16,7 @@ from lora.adapters import active_adapter, mixed_adapters
 from lora.load import read_adapter
 from lora.named_adapter_io import load_named_adapter
 from lora.nf4 import quantize_base
+from lora.save import AdapterError
 from support.cli import UsageError
 from support.models import load_model_and_tokenizer, same_base_model
 from support.precision import default_device, resolve_dtype
@@ -99,7 +100,10 @@ class Assistant:
     def _base_model_name(self, model: str | None) -> str:
         """`model`, else the base model the adapters' configs name (refused if they name different ones).
         Each adapter's config is read and checked here, before any model loads."""
-        recorded = {name: read_adapter(d)[0].get("base_model_name_or_path") for name, d in self.adapters.items()}
+        try:  # a directory that is no usable adapter is refused before any work
+            recorded = {name: read_adapter(d)[0].get("base_model_name_or_path") for name, d in self.adapters.items()}
+        except AdapterError as err:
+            raise UsageError(str(err)) from None
         if model:
             for name, base in recorded.items():
                 if base and not same_base_model(model, base):

@@ -64,12 +64,12 @@ def test_unusable_query_file_is_refused_before_the_model_loads(tmp_path, capsys,
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_missing_or_incomplete_adapter_is_a_clear_error(tmp_path, capsys, monkeypatch):
+def test_missing_or_incomplete_adapter_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         banking.assistant, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded first")
     )
     code, _, err = run_infer(capsys, "--adapter", tmp_path / "missing", "hi")
-    assert code == 1 and "does not exist" in err and "Traceback" not in err
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
     (tmp_path / "half").mkdir()
     config = {
         "peft_type": "LORA",
@@ -80,7 +80,7 @@ def test_missing_or_incomplete_adapter_is_a_clear_error(tmp_path, capsys, monkey
     }
     (tmp_path / "half" / "adapter_config.json").write_text(json.dumps(config))
     code, _, err = run_infer(capsys, "--adapter", tmp_path / "half", "hi")
-    assert code == 1 and "adapter_model.safetensors is missing" in err
+    assert code == 2 and "adapter_model.safetensors is missing" in err
 
 
 def test_adapter_of_another_base_model_is_refused(tmp_path, capsys):

@@ -316,7 +316,7 @@ def test_a_non_finite_adapter_is_never_saved_nor_loaded(tmp_path, capsys, tiny_m
     for extra in ([], ["--no-merge"]):
         code = infer.main(["--adapter", str(tmp_path / "damaged"), *extra, "hello"])
         err = capsys.readouterr().err
-        assert code == 1 and "NaN or infinite values: the adapter is damaged" in err and "Traceback" not in err
+        assert code == 2 and "NaN or infinite values: the adapter is damaged" in err and "Traceback" not in err
 
 
 # --- the LoRA library -------------------------------------------------------------------------------------
