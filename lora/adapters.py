@@ -25,6 +25,7 @@ from .dora import DoRALinear
 from .layer import LoRALinear, check_lora_hyperparameters
 from .model import inject_lora, lora_layers
 from .multi_layer import LowRank, MultiLoRALinear
+from .nf4 import LinearNF4, NF4Weight
 
 SINGLE = "default"  # the name of a model's one adapter when it was given none (PEFT's too)
 PEFT_BASE = "__base__"  # PEFT's name for a row that wants the base model alone; ours is None
@@ -83,6 +84,13 @@ def add_adapter(
     plain = {path for path, module in model.named_modules() if type(module) is nn.Linear}
     paths = [path for path in [*layers, *plain] if path.rsplit(".", 1)[-1] in targets]
     unmatched = targets - {path.rsplit(".", 1)[-1] for path in paths}
+    in_nf4 = sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, LinearNF4)})
+    if unmatched & set(in_nf4):
+        raise ValueError(
+            f"target module(s) {sorted(unmatched & set(in_nf4))} are stored in NF4 without an adapter "
+            "(lora.nf4.quantize_base ran first): add every adapter before quantising the base, or target only the "
+            "layers that hold one."
+        )
     if unmatched:
         raise ValueError(f"target module(s) {sorted(unmatched)} match no linear layer of the model.")
     for path, layer in layers.items():  # one adapter so far: its layers become layers of several
@@ -120,21 +128,32 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if merged:
         raise ValueError(f"layer {merged[0]} is merged: unmerge_lora(model) before deleting an adapter.")
     was_active = name == active_name(model)
+    emptied = {  # each layer left with no adapter, and the plain layer that takes its place: built before any change
+        path: _plain_layer(layer)
+        for path, layer in layers.items()
+        if not isinstance(layer, MultiLoRALinear) or set(layer.adapters) <= {name}
+    }
     for path, layer in layers.items():
-        if isinstance(layer, MultiLoRALinear):
-            if name in layer.adapters:
-                del layer.adapters[name]
-            if layer.adapters:
-                continue
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight, linear.bias = layer.weight, layer.bias
-        _replace(model, path, linear.train(layer.training))
+        if isinstance(layer, MultiLoRALinear) and name in layer.adapters:
+            del layer.adapters[name]
+        if path in emptied:
+            _replace(model, path, emptied[path])
     if hasattr(model, "lora_adapter_name") and not lora_layers(model):
         del model.lora_adapter_name
     remaining = adapter_names(model)
     if was_active and remaining:
         warnings.warn(f"adapter '{name}' was active and is deleted: '{remaining[0]}' is active now.", stacklevel=2)
         set_active_adapter(model, remaining[0])
+
+
+def _plain_layer(layer: nn.Module) -> nn.Module:
+    """The layer a LoRA layer was before its adapters: an nn.Linear, or a LinearNF4 over an NF4 base, holding
+    the same weight and bias."""
+    if isinstance(layer.weight, NF4Weight):
+        return LinearNF4.holding(layer.weight, layer.bias).train(layer.training)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight, linear.bias = layer.weight, layer.bias
+    return linear.train(layer.training)
 
 
 def active_name(model: nn.Module) -> str | None:

@@ -244,6 +244,15 @@ class LinearNF4(nn.Module):
         self.weight = NF4Weight(weight, dtype, double_quant)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
+    @classmethod
+    def holding(cls, weight: NF4Weight, bias: nn.Parameter | None) -> LinearNF4:
+        """A LinearNF4 around a weight already in NF4: a LoRA layer's W0 once its last adapter is deleted."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = weight.shape
+        layer.weight, layer.bias = weight, bias
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.weight, self.bias)
 

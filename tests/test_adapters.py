@@ -9,6 +9,7 @@ from lora.adapters import (
     accept_adapter_names,
     active_adapter,
     adapter_names,
+    add_adapter,
     delete_adapter,
     mixed_adapters,
     set_active_adapter,
@@ -86,6 +87,35 @@ def test_a_mixed_batch_on_an_nf4_base_gives_each_row_its_adapter_alone(two_adapt
     with torch.no_grad():
         torch.testing.assert_close(model(**t5_batch, adapter_names=names).logits, mixed, rtol=0, atol=0)
     assert not torch.allclose(mixed[0], mixed[2])
+
+
+def test_on_an_nf4_base_deleting_every_adapter_gives_the_4_bit_base_back_and_nf4_layers_take_none(
+    two_adapters, t5_batch
+):
+    """Deleting the last adapter of an NF4 layer raised TypeError half-way, one adapter already gone; adding
+    one to a layer quantised without an adapter said it 'matches no linear layer'. Now the layers become
+    LinearNF4 again around the same 4-bit weights (the quantised base's own outputs), and the addition is
+    refused in one sentence, the model unchanged."""
+    from lora.nf4 import LinearNF4, quantize_base
+
+    model = model_with(*two_adapters)
+    quantize_base(model, torch.float32)
+    with active_adapter(model, None):
+        base_logits = logits(model, t5_batch)
+    weights = {path: layer.weight for path, layer in lora_layers(model).items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"target module\(s\) \['wo'\] are stored in NF4 without an adapter"):
+        add_adapter(model, "wholesale", ("wo",), r=2, alpha=4)
+    assert adapter_names(model) == ["retail", "business"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.warns(UserWarning, match="is active now"):
+        delete_adapter(model, "retail")
+    delete_adapter(model, "business")
+    assert lora_layers(model) == {} and adapter_names(model) == []
+    for path, weight in weights.items():
+        layer = model.get_submodule(path)
+        assert isinstance(layer, LinearNF4) and layer.weight is weight
+    torch.testing.assert_close(logits(model, t5_batch), base_logits, rtol=0, atol=0)
 
 
 def test_mixed_batch_equals_peft_s_and_peft_loads_ours_by_name(two_adapters, t5_batch):
