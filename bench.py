@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from benchmarks.training import bench_ours_vs_peft, bench_throughput, bench_trai
 from benchmarks.variants import bench_variants
 from data import LengthBucketSampler, bucket_key
 from support.cli import EXIT_USAGE
+from support.files import atomic_write_text
 from support.tiny_model import TINY
 
 
@@ -164,7 +166,14 @@ def count_problem(args: argparse.Namespace) -> str | None:
     for name in ("batch_size", "reps", "epoch_sample", "new_tokens"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}."
-    return f"--warmup must be 0 or more, got {args.warmup}." if args.warmup < 0 else None
+    if args.warmup < 0:
+        return f"--warmup must be 0 or more, got {args.warmup}."
+    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
+        what = "is a directory" if args.output.is_dir() else "is in a directory that does not exist"
+        return f"--output {args.output} {what}: name a JSON file in an existing directory."
+    if args.output is not None and not os.access(args.output.parent, os.W_OK):
+        return f"--output {args.output}: its directory is not writable; name a file you can write."
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         heading = section.heading.format(new_tokens=args.new_tokens)
         print(f"## {heading}\n\n{table(results[section.key], section.columns)}\n", flush=True)
     if args.output:
-        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
+        except OSError as err:  # the tables above are printed: say what was not written
+            print(
+                f"error: could not write {args.output} ({err.strerror or err}); the results are above.", file=sys.stderr
+            )
+            return 1
     return 0
 
 

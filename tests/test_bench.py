@@ -73,3 +73,14 @@ def test_model_flops_match_pytorchs_count_of_the_linear_layers(targets):
     linear_flops = sum(v for op, v in counted.items() if str(op) in ("aten.mm", "aten.addmm"))
     assert linear_flops > 0
     assert bench.forward_matmul_flops(model, source_tokens=21, target_tokens=15) == linear_flops
+
+
+@pytest.mark.parametrize("where", ["a directory", "under a missing directory"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_benchmark(tmp_path, capsys, monkeypatch, where):
+    """--output was written after every section had run, non-atomically: a directory, or a path under a
+    missing one, lost the whole run's JSON at its end. It is refused first, in one sentence."""
+    monkeypatch.setattr(bench, "encoded_rows", lambda *a: pytest.fail("a benchmark ran"))
+    output = tmp_path if where == "a directory" else tmp_path / "missing" / "bench.json"
+    assert bench.main(["--quick", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {output} ") and err.count("\n") == 1
