@@ -35,7 +35,6 @@ from data import MAX_TARGET_LEN, TEST_FILE, DataError, check_text, load_examples
 from lora import AdapterError
 from lora.files import loads_json
 from support.cli import UsageError, run_cli, terminate_as_interrupt
-from support.models import ModelLoadError
 
 DEFAULT_ADAPTER = Path("banking_assistant_lora")
 MAX_NEW_TOKENS = 1024  # past this an answer is a ramble, and generation runs for minutes
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM stops it as Ctrl-C does: the answers printed so far stand, and it says it was stopped."""
     args = parse_args(argv)
     with terminate_as_interrupt():
-        return run_cli(lambda: run(args), failures=(AdapterError, ModelLoadError, DataError))
+        return run_cli(lambda: run(args), failures=(AdapterError,), refusals=(DataError,))  # ModelLoadError: 2
 
 
 def run(args: argparse.Namespace) -> None:
@@ -57,9 +56,9 @@ def run(args: argparse.Namespace) -> None:
     file_queries = read_queries(args.file, args.use, args.adapters) if args.file is not None else None
     # Merging makes answers as cheap as the base model's, but only while one adapter answers everything.
     # Evaluation keeps the adapter apart, so lora_disabled gives the base weights exactly, not W0 + ΔW - ΔW.
-    asked = {name for _, name in file_queries} if file_queries else {args.use}
+    asked = {name for _, name, _ in file_queries} if file_queries else {args.use}
     merge = len(args.adapters) == 1 and BASE not in asked and not (args.no_merge or args.eval)
-    assistant = Assistant(args.adapters, args.model, merge, args.precision, args.base_dtype)
+    assistant = Assistant(args.adapters, args.model, merge, args.precision, args.base_dtype, args.grounding)
     generation = Generation(
         args.max_new_tokens, args.num_beams, args.sample, args.temperature, args.top_p, args.top_k, args.seed
     )
@@ -68,10 +67,10 @@ def run(args: argparse.Namespace) -> None:
         write_report(assistant, eval_rows, store, generation, args.batch_size, args.samples, paths)
     elif file_queries is not None:
         for i in range(0, len(file_queries), args.batch_size):
-            queries, names = zip(*file_queries[i : i + args.batch_size])
-            show(answer(assistant, store, list(queries), generation, list(names)), args.json)
+            queries, names, contexts = zip(*file_queries[i : i + args.batch_size])
+            show(answer(assistant, store, list(queries), generation, list(names), list(contexts)), args.json)
     elif args.query is not None:
-        show(answer(assistant, store, [args.query.strip()], generation, [args.use]), args.json)
+        show(answer(assistant, store, [args.query.strip()], generation, [args.use], [args.context]), args.json)
     else:
         interactive(assistant, store, generation, args.use, args.json)
 
@@ -97,21 +96,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"the adapter that answers the query, the prompt's questions and the query file's lines that name "
         f"none (default: the first --adapter; '{BASE}': the base model alone)",
     )
+    p.add_argument("--model", help="base model: 'tiny', a directory or a hub name (default: the adapter's own)")
+    p.add_argument("--context", help="the query's context, as a training row's 'input' or 'context' gives one")
+    p.add_argument("--file", type=Path, help='answer each non-empty line: a question, or JSON {"query": ...} lines '
+                   '(optional "context" and "adapter")')  # fmt: skip
+    p.add_argument("--json", action="store_true", help="one JSON object per answer: query, adapter, grounding, "
+                   "response, raw_response, complete, latency_s (the batch's time), batch_size")  # fmt: skip
     p.add_argument(
-        "--model",
-        default=None,
-        help="base model: 'tiny', a directory or a hub name (default: the adapter's base_model_name_or_path)",
-    )
-    p.add_argument(
-        "--file",
-        type=Path,
-        help='answer each non-empty line of this file: a question, or JSON {"query": ..., "adapter": ...}',
-    )
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object per answer: query, adapter, response, raw_response, latency_s (the batch's time), "
-        "batch_size",
+        "--grounding",
+        choices=["auto", "banking", "none"],
+        default="auto",
+        help="banking: fill account figures from --accounts and withhold invented ones; none: show answers as the "
+        "model writes them; auto (default): banking for adapters trained on the account placeholders (their "
+        "training_config.json says so) and for adapters without that record, none for the others",
     )
     p.add_argument(
         "--accounts", type=Path, default=DEFAULT_ACCOUNTS, help="account store JSON (default: bundled demo customer)"
@@ -121,12 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the adapter apart from the weights (slower; --eval always does, to compare with the exact base)",
     )
-    p.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="auto: bf16 on a CUDA GPU that has it, else fp32",
-    )
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on a CUDA GPU that has it, else fp32")  # fmt: skip
     p.add_argument(
         "--base-dtype",
         choices=["auto", "fp32", "bf16", "nf4"],
@@ -209,8 +202,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--samples must be 0 or more, got {args.samples}.")
     if args.sample and not (0 < args.temperature < float("inf") and 0 < args.top_p <= 1):
         raise UsageError("--temperature must be positive and finite, and --top-p in (0, 1].")
+    if args.context is not None and args.query is None:
+        raise UsageError('--context goes with a query on the command line (in a --file, give a line its "context").')
     if args.query is not None:
-        check_text(args.query, "the query", UsageError)
+        check_text(args.query + (args.context or ""), "the query", UsageError)
     if args.query is not None and not args.query.strip():
         raise UsageError('the query is empty: ask a question, e.g. python infer.py "I lost my card".')
     if sum(x is not None and x is not False for x in (args.query, args.file, args.eval or None)) > 1:
@@ -230,9 +225,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--eval-limit must be positive, got {args.eval_limit}.")
 
 
-def read_queries(path: Path, default_adapter: str, adapters: dict[str, Path]) -> list[tuple[str, str]]:
-    """(query, adapter name) for each non-empty line of a query file: a question (answered by
-    `default_adapter`), or, when the first line is a JSON object, JSON lines {"query": ..., "adapter": ...}."""
+def read_queries(path: Path, default_adapter: str, adapters: dict[str, Path]) -> list[tuple[str, str, str | None]]:
+    """(query, adapter name, context) for each non-empty line of a query file: a question (answered by
+    `default_adapter`), or, when the first line is a JSON object, JSON lines {"query", "context"?, "adapter"?}."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
@@ -243,7 +238,7 @@ def read_queries(path: Path, default_adapter: str, adapters: dict[str, Path]) ->
     if not lines[0][1].startswith("{"):  # T5's vocabulary has no "{": no question starts with one
         for number, line in lines:
             check_text(line, f"line {number} of {path}", UsageError)
-        return [(line, default_adapter) for _, line in lines]
+        return [(line, default_adapter, None) for _, line in lines]
     queries = []
     for number, line in lines:
         where = f"line {number} of {path}"
@@ -253,13 +248,15 @@ def read_queries(path: Path, default_adapter: str, adapters: dict[str, Path]) ->
             raise UsageError(f"{where} is not JSON ({err.msg}), as the file's first line is.") from None
         if not isinstance(record, dict) or not isinstance(record.get("query"), str) or not record["query"].strip():
             raise UsageError(f'{where} is not an object with a non-empty "query" string, as in {{"query": "Hi"}}.')
-        if record.keys() - {"query", "adapter"}:
-            raise UsageError(f'{where} has a key other than "query" and "adapter": {sorted(record.keys())}.')
-        check_text(record["query"], f"the query on {where}", UsageError)
+        if record.keys() - {"query", "context", "adapter"}:
+            raise UsageError(f'{where} has a key other than "query", "context" and "adapter": {sorted(record)}.')
+        if not isinstance(record.get("context", ""), str):
+            raise UsageError(f'{where}: "context" must be a string.')
+        check_text(record["query"] + record.get("context", ""), f"the query on {where}", UsageError)
         adapter = record.get("adapter", default_adapter)
         if adapter not in (*adapters, BASE):
             raise UsageError(f"{where} asks for adapter {adapter!r}; use {', '.join(adapters)} or {BASE}.")
-        queries.append((record["query"].strip(), adapter))
+        queries.append((record["query"].strip(), adapter, record.get("context") or None))
     return queries
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from banking.grounding import grounding_for
 from data import IGNORE_INDEX, DataError, TrainingData, training_data, training_splits, warn_if_unreadable
 from lora import AdapterError, inject_lora, lora_param_groups, save_adapter
 from support import distributed as dist
@@ -41,7 +42,7 @@ from support.lost_rank import LostRankError, naming_a_lost_rank, sigterm_ignored
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
 from support.memory import MemoryPlanError, RunShape, check_plan, enable_activation_checkpointing
 from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
-from support.models import ModelLoadError, load_base_shards, load_with_lora
+from support.models import load_base_shards, load_with_lora
 from support.precision import allow_tf32, autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
 from support.step import sequence_loss_sum, train_step
@@ -54,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(
         lambda: train(args),
         failures=(
-            DataError,
-            ModelLoadError,
             AdapterError,
             CheckpointError,
             MemoryPlanError,
@@ -64,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         interrupted="the latest checkpoint (if any) is in the output directory; continue with --resume.",
         after_write_failure=" with --resume, which continues from the last checkpoint",
+        refusals=(DataError,),  # ModelLoadError is a UsageError: both refuse before any work
     )
 
 
@@ -86,6 +86,7 @@ def train(args: argparse.Namespace, prepare_model=None) -> dict:
         splits = training_splits(args.data, args.val_data, args.seed, env.world_size)  # refused before a model loads
         train_rows, val_rows, val_note = splits
         env.log(val_note)
+        config["grounding"] = grounding_for(row["response"] for row in train_rows)  # what infer.py grounds
 
         model, tokenizer, base_path = build_lora_model(args, env)
         if prepare_model is not None:

@@ -22,7 +22,7 @@ from support.models import load_model_and_tokenizer, same_base_model
 from support.precision import default_device, resolve_dtype
 from support.run_dir import training_config_for
 
-from .grounding import AccountStore, ground
+from .grounding import AccountStore, shown
 
 BASE = "base"  # the name a query gives to be answered by the base model alone, never an adapter's
 FINE_TUNED = "fine_tuned"  # the name of the one adapter, when the assistant is given one directory
@@ -48,6 +48,7 @@ class Assistant:
         merge: bool = True,
         precision: str = "auto",
         base_dtype: str = "auto",
+        grounding: str = "auto",
     ) -> None:
         self.adapters = (
             {k: Path(v) for k, v in adapters.items()} if isinstance(adapters, dict) else {FINE_TUNED: Path(adapters)}
@@ -73,6 +74,12 @@ class Assistant:
                     f"from train.py); prompts are cut at {MAX_SOURCE_LEN} tokens."
                 )
         self.max_source_len = max(config.get("max_source_len") or MAX_SOURCE_LEN for config in configs)
+        # The banking grounding for adapters trained on the account store's placeholders (train.py records
+        # "grounding" in training_config.json), and for adapters without such a record; `grounding` overrides.
+        self.grounding = {
+            name: (config.get("grounding", "banking") if grounding == "auto" else grounding) == "banking"
+            for name, config in zip(self.adapters, configs)
+        }
         # Long enough for the longest answer an adapter was trained on (plus its </s>).
         self.max_new_tokens = max(config.get("longest_target_tokens") or MAX_TARGET_LEN for config in configs)
         # NF4 (QLoRA): the base the adapters were trained on, when their runs say so; it stays unmerged,
@@ -130,17 +137,21 @@ class Assistant:
         """Raw model outputs (placeholders unfilled) for a batch of queries; base=True bypasses the adapter."""
         return [text for text, _ in self.generate_with_ends(queries, max_new_tokens, base, **options)]
 
+    def grounded(self, name: str) -> bool:
+        """Whether the answers of adapter `name` go through the banking grounding (`grounding`'s rule)."""
+        return self.grounding[self.names[0] if name == BASE else name]
+
     @torch.inference_mode()
     def generate_with_ends(
-        self, queries, max_new_tokens=None, base=False, adapters: list[str] | None = None, **generation
+        self, queries, max_new_tokens=None, base=False, adapters: list[str] | None = None, contexts=None, **generation
     ) -> list[tuple[str, bool]]:
         """(raw output, whether it ended by itself rather than at the token limit) for each query.
 
         adapters[i] names the adapter that answers query i ("base": the base model); by default the
-        first adapter answers every query, or none with base=True.
+        first adapter answers every query, or none with base=True. contexts[i], if given, is query i's context.
         """
         names = [BASE] * len(queries) if base else adapters or [self.names[0]] * len(queries)
-        prompts = [build_prompt(q) for q in queries]
+        prompts = [build_prompt(q, c) for q, c in zip(queries, contexts or [None] * len(queries))]
         lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
         for query, length in zip(queries, lengths):
             if length > self.max_source_len:
@@ -195,30 +206,44 @@ class Generation:
 
 
 def answer(
-    assistant: Assistant, store: AccountStore, queries: list[str], generation: Generation, adapters=None
+    assistant: Assistant,
+    store: AccountStore,
+    queries: list[str],
+    generation: Generation,
+    adapters=None,
+    contexts=None,
 ) -> list[dict]:
-    """Answers for one batch of queries, grounded in the store; adapters[i] answers query i (default: the first).
+    """Answers for one batch of queries, each grounded in the store where its adapter is (Assistant.grounded);
+    adapters[i] answers query i (default: the first), with contexts[i] as its context if given.
 
     latency_s is the time until the answer was ready: the whole batch's generation, since a batch's
     answers arrive together (batch_size says how many shared it).
     """
     adapters = adapters or [assistant.names[0]] * len(queries)
+    contexts = contexts or [None] * len(queries)
     if generation.sample:
         torch.manual_seed(generation.seed)
     start = time.perf_counter()
-    raw = assistant.generate_with_ends(queries, generation.max_new_tokens, adapters=adapters, **generation.options())
+    options = generation.options()
+    raw = assistant.generate_with_ends(
+        queries, generation.max_new_tokens, adapters=adapters, contexts=contexts, **options
+    )
     if assistant.device.type == "cuda":
         torch.cuda.synchronize()
     latency = time.perf_counter() - start
     results = []
-    for query, adapter, (output, complete) in zip(queries, adapters, raw):
-        grounded = ground(output, query, store, complete)
+    for query, context, adapter, (output, complete) in zip(queries, contexts, adapters, raw):
+        grounding = assistant.grounded(adapter)
+        grounded = shown(output, query, store, complete, grounding)
         results.append(
             {
                 "query": query,
+                **({"context": context} if context else {}),
                 "adapter": adapter,
+                "grounding": "banking" if grounding else "none",
                 "response": grounded.response,
                 "raw_response": output,
+                "complete": complete,
                 "latency_s": round(latency, 4),
                 "batch_size": len(queries),
                 **({"withheld_because": grounded.problems} if grounded.problems else {}),

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from .grounding import AccountStore, ground
+from .grounding import AccountStore, ground, shown
 
 REFUSAL_MARKER = "i can only help with banking"  # every out-of-domain answer in the dataset says this
 NOTES = {
@@ -85,27 +85,33 @@ def score(rows: list[dict], outputs: list[str], store: AccountStore, matcher: In
 
 
 def evaluate(
-    generate: Callable[[list[str], str], list[str]],
+    generate: Callable[[list[dict], str], list[str]],
     rows: list[dict],
     store: AccountStore,
     matcher: IntentMatcher,
     batch_size: int,
     sample_count: int,
     models: Sequence[str],
+    grounded: dict[str, bool] | None = None,
 ) -> dict:
-    """Generate with each of `models` (generate(queries, model)) and score each; the report's data."""
+    """Generate with each of `models` (generate(rows, model)) and score each; the report's data. The samples
+    show each model's answers as a user sees them: grounded where `grounded` says so (by default, all)."""
     outputs = {name: [] for name in models}
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     for batch in tqdm(batches, desc="evaluating", unit="batch", file=sys.stderr):
-        queries = [row["instruction"] for row in batch]
         for name in models:
-            outputs[name] += generate(queries, name)
+            outputs[name] += generate(batch, name)
     samples = [
         {
             "query": rows[i]["instruction"],
             "intent": rows[i].get("intent"),
             "reference": rows[i]["response"],
-            **{name: ground(outputs[name][i], rows[i]["instruction"], store).response for name in models},
+            **{
+                name: shown(
+                    outputs[name][i], rows[i]["instruction"], store, grounded=(grounded or {}).get(name, True)
+                ).response
+                for name in models
+            },
         }
         for i in _sample_indices(rows, sample_count)
     ]

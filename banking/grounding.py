@@ -11,7 +11,13 @@ What a figure in an answer may be, checked on the model's raw output:
 Numbers are read in digits and in English words, with "k", "grand", "million", cents and currency signs
 (banking/amounts.py); a numeral outside ASCII's 0-9 ("²", "½", "５") is never shown. Anything else
 withholds the whole answer, with a reply that says why: a figure the store lacks, a number nobody gave,
-or an answer that came out malformed or cut off. Nothing is guessed.
+or an answer that came out malformed or cut off. Nothing is guessed. A refusal of an off-topic question ends
+with the advice for the question's topic, chosen by this code from the question's words (OFF_TOPIC_ADVICE).
+
+Which answers are grounded: those of an adapter trained on the account store's placeholders ("grounding":
+"banking" in its run's training_config.json, which train.py records from the training answers:
+grounding_for), and of an adapter without that record (PEFT's, any tool's); an adapter trained on other
+data ("grounding": "none") is shown as the model writes it. infer.py --grounding overrides.
 """
 
 from __future__ import annotations
@@ -37,7 +43,47 @@ GARBLED = "I'm sorry, my answer came out garbled, so I won't show it. Please ask
 CUT_OFF = (
     "I'm sorry, my answer was cut off before it ended, so I won't show it. Please ask again, or ask a shorter question."
 )
+REPEATING = (
+    "I'm sorry, my answer went round in circles, so I won't show it. Please rephrase your question, or ask our "
+    "support line."
+)
 EMPTY = "I'm sorry, I have no answer to that. Please rephrase your question, or ask our support line."
+# The placeholders the account store fills: an adapter whose training answers hold them is grounded.
+ACCOUNT_PLACEHOLDER = re.compile(
+    r"\[(?:[A-Z0-9_]+_(?:BALANCE|RECENT_TRANSACTIONS|LOAN_RATE|FEE)|SUPPORT_PHONE|ROUTING_NUMBER|BRANCH_HOURS)\]"
+)
+# The bundled data's advice after "I'm sorry, I can only help with banking questions...", by topic, each with
+# the words that mark a question of it (checked in this order; a question of none gets the general advice).
+OFF_TOPIC_ADVICE = {
+    "medical": (
+        "please ask a doctor or pharmacist",
+        r"doctor|medic|symptom|fever|flu\b|cold\b|cough|headache|migraine|pain|ache\b|ankle|rash|sick|ill\b|"
+        r"ibuprofen|aspirin|paracetamol|pill|dose|sleep|diagnos|allerg|injur|vaccin|blood|pregnan|disease|"
+        r"infect|sprain|hospital|dentist|tooth|teeth",
+    ),
+    "legal": (
+        "please ask a qualified lawyer",
+        r"lawyer|attorney|legal|law\b|laws\b|sue\b|court|divorce|custody|(?:a|my) will\b|contract|rights\b|"
+        r"landlord|evict|tenant|lease|fired\b|lawsuit|arrest|patent|copyright|visa\b",
+    ),
+    "cooking": (
+        "please ask a recipe site or cookbook",
+        r"cook|bake|baking|recipe|bread|sourdough|cake|pancake|oven|boil|fry|roast|pasta|lasagna|curry|rice\b|"
+        r"soup|egg|wine|ingredient|dinner|vegan|dessert|cookie|grill|salmon|chicken",
+    ),
+    "coding": (
+        "please ask a programming forum or documentation",
+        r"code\b|coding|python|javascript|java\b|css|html|sql|program|bug\b|function|recursion|compile|null "
+        r"pointer|api\b|git\b|linux|\bdiv\b|algorithm|debug|segfault|exception",
+    ),
+    "sports": (
+        "please ask a sports news site",
+        r"football|soccer|basketball|baseball|cricket|tennis|golf|hockey|rugby|score|match\b|team|player|league|"
+        r"world cup|olympic|lakers|nba\b|nfl\b|fantasy|tournament",
+    ),
+}
+GENERAL_ADVICE = ("general knowledge", "please ask a search engine or encyclopedia")
+ADVICE = re.compile(r"For [a-z ]+ questions, please ask [^.]*\.")
 MAX_AMOUNT = Decimal(10) ** 15  # larger is no account figure: a typo, or a file that is not an account store
 PLACEHOLDER = re.compile(r"\[([^\[\]]*)\]")
 PLACEHOLDER_NAME = re.compile(r"[A-Z0-9_]+")
@@ -66,7 +112,8 @@ class Grounded:
     """What the user may see for one raw model output."""
 
     response: str
-    reason: str | None = None  # None (shown), "missing_figure", "invented_figure", "malformed", "cut_off" or "empty"
+    reason: str | None = None  # None (shown), "missing_figure", "invented_figure", "malformed", "cut_off",
+    # "repeating" or "empty"
     problems: list[str] = field(default_factory=list)
 
 
@@ -188,10 +235,44 @@ def numbers_in(text: str) -> list[Decimal]:
     return [figure.value for figure in figures_in(text)]
 
 
+def grounding_for(responses) -> str:
+    """ "banking" when training answers hold the account store's placeholders (the adapter will write them and
+    needs the store to fill them), else "none": what train.py records in training_config.json."""
+    return "banking" if any(ACCOUNT_PLACEHOLDER.search(response) for response in responses) else "none"
+
+
+def shown(raw: str, query: str, store: AccountStore, complete: bool = True, grounded: bool = True) -> Grounded:
+    """What the user sees: the banking grounding's answer, or (an adapter of another domain) the model's own
+    text, only its control characters dropped."""
+    return ground(raw, query, store, complete) if grounded else Grounded(clean(raw))
+
+
+def repeats_itself(text: str, times: int = 3) -> bool:
+    """Whether `text` ends in a run of one to four words said `times` times over ("We We We", "so so so"),
+    its last word possibly cut short: what a model that has not learned an answer writes to the token limit."""
+    words = text.split()
+    for tail in (words, words[:-1]):
+        for n in range(1, 5):
+            units = {tuple(tail[len(tail) - n * (k + 1) : len(tail) - n * k]) for k in range(times)}
+            if len(tail) >= n * times and len(units) == 1:
+                return True
+    return False
+
+
+def off_topic_advice(query: str) -> str:
+    """The advice sentence for an off-topic question, by its topic (OFF_TOPIC_ADVICE)."""
+    for topic, (advice, words) in OFF_TOPIC_ADVICE.items():
+        if re.search(rf"\b(?:{words})", query, re.IGNORECASE):
+            return f"For {topic} questions, {advice}."
+    return f"For {GENERAL_ADVICE[0]} questions, {GENERAL_ADVICE[1]}."
+
+
 def ground(raw: str, query: str, store: AccountStore, complete: bool = True) -> Grounded:
     """What the user may see for the model's raw output `raw` (see the module's docstring)."""
     if not raw.strip():  # nothing to show, whether it stopped at once or ran to the limit on blank tokens
         return Grounded(EMPTY, "empty", ["the model's answer was empty"])
+    if not complete and repeats_itself(raw):
+        return Grounded(REPEATING, "repeating", ["the answer repeated itself until the token limit"])
     if not complete:
         return Grounded(CUT_OFF, "cut_off", ["the answer was cut off at the token limit"])
     outside = PLACEHOLDER.sub(" ", raw)  # the text around the placeholders
@@ -224,7 +305,7 @@ def ground(raw: str, query: str, store: AccountStore, complete: bool = True) -> 
             return Grounded(
                 UNAVAILABLE, "invented_figure", [f"the user's {figure.text!r} is presented as a figure of the store"]
             )
-    return Grounded(response)
+    return Grounded(ADVICE.sub(lambda _: off_topic_advice(query), response))
 
 
 def _touches_word(text: str, start: int, end: int) -> bool:

@@ -39,14 +39,18 @@ def write_report(
     options = generation.options()
     models = [BASE, *assistant.names]  # one adapter is "fine_tuned"; several are named by --adapter NAME=DIR
 
-    def generate(queries: list[str], model: str) -> list[str]:
-        return assistant.generate(queries, generation.max_new_tokens, adapters=[model] * len(queries), **options)
+    def generate(rows: list[dict], model: str) -> list[str]:
+        queries, contexts = [row["instruction"] for row in rows], [row.get("context") for row in rows]
+        return assistant.generate(queries, generation.max_new_tokens, adapters=[model] * len(rows), contexts=contexts,
+                                  **options)  # fmt: skip
 
     report = {
         "adapter": evaluated_adapters(assistant.adapters),
         "base_model": assistant.base_path,
         "intent_reference": ", ".join(intent_data),
-        **evaluation.evaluate(generate, rows, store, matcher, batch_size, samples, models),
+        **evaluation.evaluate(
+            generate, rows, store, matcher, batch_size, samples, models, {m: assistant.grounded(m) for m in models}
+        ),
     }
     json_path, markdown_path = paths
     json_path.parent.mkdir(parents=True, exist_ok=True)

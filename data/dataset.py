@@ -41,15 +41,31 @@ def check_text(value: str, where: str, error: type[Exception] = ValueError) -> N
         ) from None
 
 
-def build_prompt(query: str) -> str:
-    """The encoder input for a user query, the one format used by training and inference alike."""
-    return f"Instruction: {query.strip()}"
+def build_prompt(instruction: str, context: str | None = None) -> str:
+    """The encoder input for a request, the one format used by training and inference alike: the instruction,
+    then its context when a row has one (Alpaca's `input`, Dolly's `context`)."""
+    prompt = f"Instruction: {instruction.strip()}"
+    return f"{prompt} Context: {context.strip()}" if context and context.strip() else prompt
+
+
+# A row's fields: what becomes the prompt, what the target, and the labels the project reads but never trains on.
+# Alpaca's {"instruction", "input", "output"} and Dolly's {"instruction", "context", "response", "category"}
+# are read as they are: `input` is the context, `output` the response.
+TARGET_FIELDS = ("response", "output")
+CONTEXT_FIELDS = ("context", "input")
+LABEL_FIELDS = ("intent", "template")  # the evaluation's intent, the bundled data's phrasing template
+NEAR_MISSES = {  # a field users name otherwise, and the one it is read as once renamed
+    "instruction": ("question", "prompt", "query", "text", "user"),
+    "response": ("answer", "completion", "target", "reply", "assistant"),
+}
 
 
 def load_examples(path: str | Path) -> list[dict]:
-    """Read rows {"instruction", "response", "intent"?} from JSONL or from a JSON array (the original format).
+    """Read rows from JSONL or from a JSON array: ours {"instruction", "response"}, Alpaca's {"instruction",
+    "input", "output"} or Dolly's {"instruction", "context", "response"}, each as read_row puts it.
 
-    Every row is checked; a bad one is a DataError naming the file and the line (JSONL) or index (array).
+    Every row is checked; a bad one is a DataError naming the file and the line (JSONL) or index (array). A
+    field no row format reads is named in a warning, never dropped in silence.
     """
     path = Path(path)
     if path.is_dir():
@@ -79,24 +95,58 @@ def load_examples(path: str | Path) -> list[dict]:
         raise DataError(
             f'{path} holds no rows: expected JSONL or a JSON array of {{"instruction": ..., "response": ...}} objects.'
         )
-    examples = []
+    examples, unused = [], {}
     for where, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path}, {where}: expected an object with 'instruction' and 'response', got {type(row).__name__}."
-            )
-        for field in ("instruction", "response"):
-            value = row.get(field)
-            if not isinstance(value, str):
-                problem = "is missing" if field not in row else f"must be a string, got {type(value).__name__}"
-                raise DataError(f"{path}, {where}: '{field}' {problem}.")
-            if not value.strip():
-                raise DataError(f"{path}, {where}: '{field}' is empty.")
-            check_text(value, f"{path}, {where}: '{field}'", DataError)
-        if "intent" in row and not isinstance(row["intent"], str):
-            raise DataError(f"{path}, {where}: 'intent' must be a string, got {type(row['intent']).__name__}.")
-        examples.append(row)
+        examples.append(read_row(row, f"{path}, {where}"))
+        for field in row.keys() - {"instruction", *TARGET_FIELDS, *CONTEXT_FIELDS, *LABEL_FIELDS}:
+            unused[field] = unused.get(field, 0) + 1
+    if unused:
+        named = ", ".join(f"'{field}' ({count} rows)" for field, count in sorted(unused.items()))
+        warnings.warn(
+            f"{path}: field(s) {named} are not read: only 'instruction', 'input' or 'context', 'response' or "
+            "'output', and the labels 'intent' and 'template' are (see docs/your-data.md).",
+            stacklevel=2,
+        )
     return examples
+
+
+def read_row(row, where: str) -> dict:
+    """One row in the project's own form, {"instruction", "context"?, "response", "intent"?, "template"?}, from
+    ours, Alpaca's or Dolly's; a field missing, of the wrong type, empty, or given twice is a DataError."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with 'instruction' and 'response', got {type(row).__name__}.")
+    targets = [field for field in TARGET_FIELDS if field in row]
+    contexts = [field for field in CONTEXT_FIELDS if field in row]
+    for given, what in ((targets, "answer"), (contexts, "context")):
+        if len(given) > 1:
+            raise DataError(f"{where}: '{given[0]}' and '{given[1]}' both give the {what}: keep one of them.")
+    example = {}
+    for field, name in (("instruction", "instruction"), (targets[0] if targets else "response", "response")):
+        value = row.get(field)
+        if not isinstance(value, str):
+            if field not in row:
+                near = [other for other in NEAR_MISSES[name] if other in row]
+                hint = f"; '{near[0]}' found: rename it to '{field}'" if near else ""
+                problem = f"is missing{hint}" if name == "instruction" else f"is missing (nor is 'output'){hint}"
+                raise DataError(f"{where}: '{field}' {problem}.")
+            raise DataError(f"{where}: '{field}' must be a string, got {type(value).__name__}.")
+        if not value.strip():
+            raise DataError(f"{where}: '{field}' is empty.")
+        check_text(value, f"{where}: '{field}'", DataError)
+        example[name] = value
+    if contexts:
+        context = row[contexts[0]]
+        if not isinstance(context, str):
+            raise DataError(f"{where}: '{contexts[0]}' must be a string, got {type(context).__name__}.")
+        check_text(context, f"{where}: '{contexts[0]}'", DataError)
+        if context.strip():  # Alpaca's rows without one carry "input": ""
+            example["context"] = context
+    for label in LABEL_FIELDS:
+        if label in row:
+            if not isinstance(row[label], str):
+                raise DataError(f"{where}: '{label}' must be a string, got {type(row[label]).__name__}.")
+            example[label] = row[label]
+    return example
 
 
 @dataclass
@@ -114,7 +164,7 @@ def encode_examples(
     """
     if not examples:
         return [], 0
-    sources = tokenizer([build_prompt(ex["instruction"]) for ex in examples]).input_ids
+    sources = tokenizer([build_prompt(ex["instruction"], ex.get("context")) for ex in examples]).input_ids
     targets = tokenizer([ex["response"] for ex in examples]).input_ids
     encoded, truncated = [], 0
     for source, target in zip(sources, targets):

@@ -1,9 +1,9 @@
 """One error convention for every script.
 
 A problem the user can fix is one line on stderr, `error: <what is wrong and what to do>`, and an exit
-status: 2 for a command line, input or directory refused before any work (UsageError), 1 for a failure
-met while working (a data file, a model, an adapter, a run that stopped), 130 for Ctrl-C. Never a
-traceback for these. A reader of the output that goes away (`infer.py --json ... | head -1`) ends the
+status: 2 for a command line, data file, model, adapter directory or output directory refused before any
+work (UsageError and the refusals each script names), 1 for a failure met while working (an adapter that does
+not fit the model, a damaged checkpoint, a lost rank, a full disk), 130 for Ctrl-C. Never a traceback for these. A reader of the output that goes away (`infer.py --json ... | head -1`) ends the
 command quietly with 141, the status of `cat` killed by SIGPIPE.
 """
 
@@ -39,9 +39,12 @@ def run_cli(
     failures: tuple[type[BaseException], ...] = (),
     interrupted: str | None = None,
     after_write_failure: str = "",
+    refusals: tuple[type[BaseException], ...] = (),
 ) -> int:
-    """Run `work()` and turn the errors a user can meet into one line on stderr and an exit status;
-    `after_write_failure` ends the sentence for a full disk or missing permissions (how to go on)."""
+    """Run `work()` and turn the errors a user can meet into one line on stderr and an exit status: 2 for a
+    UsageError and the `refusals` (errors of layers below this one that refuse an input before any work, such
+    as data.DataError), 1 for the `failures`; `after_write_failure` ends the sentence for a full disk or
+    missing permissions (how to go on)."""
     try:
         work()
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit, where Python would print it
@@ -49,7 +52,7 @@ def run_cli(
         # Python would flush stdout once more at exit and fail again: what is left goes nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except UsageError as err:
+    except (UsageError, *refusals) as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses alike: rank 0 says it
             print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,6 +21,7 @@ import torch
 from data import TRAIN_FILE, build_prompt, load_examples
 from lora.files import current_umask
 
+from .cli import UsageError
 from .files import file_lock
 
 TINY = "tiny"
@@ -40,8 +41,8 @@ TINY_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_c
 BUILT_MARKER = ".complete"  # written last: a directory without it was never finished
 
 
-class ModelLoadError(RuntimeError):
-    """A --model that could not be loaded (or, for `tiny`, built)."""
+class ModelLoadError(UsageError):
+    """A --model that could not be loaded (or, for `tiny`, built): refused before any work."""
 
 
 def cache_dir() -> Path:

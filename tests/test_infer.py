@@ -101,6 +101,9 @@ def test_answers_never_show_an_invented_figure():
         device = torch.device("cpu")
         names = ["fine_tuned"]
 
+        def grounded(self, name):
+            return True
+
         def generate_with_ends(self, queries, max_new_tokens, **options):
             return [
                 ("I can help you send $250 to Mom.", True),

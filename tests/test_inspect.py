@@ -129,7 +129,7 @@ def test_errors_are_one_sentence(tmp_path, capsys):
         ([str(tmp_path / "qv"), "--compare", str(tmp_path / "qv"), "--phi-module", "nosuch.module"], 1, "not a module"),
         ([str(tmp_path / "qv"), "--compare", str(tmp_path / "zero")], 1, "is zero (B = 0: untrained?)"),
         ([str(tmp_path / "dora")], 1, "is a DoRA adapter, whose update"),
-        ([str(tmp_path / "qv"), "--base", str(tmp_path / "nosuch")], 1, "does not exist"),
+        ([str(tmp_path / "qv"), "--base", str(tmp_path / "nosuch")], 2, "does not exist"),
     ]:
         assert main(argv) == status, argv
         err = capsys.readouterr().err

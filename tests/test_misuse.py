@@ -70,9 +70,9 @@ def run_copy(small_run, tmp_path):
 @pytest.mark.parametrize(
     "extra, code, message",
     [
-        (["--data", "NOTJSON"], 1, "invalid JSON"),
+        (["--data", "NOTJSON"], 2, "invalid JSON"),
         (["--target-modules", "q", "wi"], 2, "['wi'] match no nn.Linear"),
-        (["--model", "/nonexistent/model"], 1, "does not exist"),
+        (["--model", "/nonexistent/model"], 2, "does not exist"),
         (["--lr", "inf"], 2, "--lr must be positive"),
     ],
 )
@@ -365,7 +365,7 @@ def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_values(
     code = train.main(["--model", str(broken), "--base-dtype", base_dtype, "--max-steps", "1", "--val-data", "none",
                        "--output-dir", str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err.strip()
-    assert code == 1 and err.count("\n") == 0, err
+    assert code == 2 and err.count("\n") == 0, err
     assert f"could not load model '{broken}' (the checkpoint has no tensor for {MISSING_TENSOR});" in err
 
 
@@ -376,14 +376,14 @@ def test_train_refusals_that_used_to_be_tracebacks(tmp_path, small_data, capsys,
     code, _, err = run_train(capsys, "--data", small_data, "--output-dir", tmp_path / "a-file" / "run")
     assert code == 2 and "cannot write to --output-dir" in err  # a place no directory can be made in
     code, _, err = run_train(capsys, "--data", tmp_path, "--output-dir", tmp_path / "out")
-    assert code == 1 and "is a directory" in err
+    assert code == 2 and "is a directory" in err
 
     one_row = tmp_path / "one.jsonl"
     one_row.write_text(TRAIN_FILE.read_text().splitlines()[0] + "\n")
     monkeypatch.setattr(train.dist, "setup_distributed", lambda _: distributed.Distributed(0, 2, torch.device("cpu")))
     monkeypatch.setattr(train, "load_with_lora", lambda *a, **k: pytest.fail("model loaded"))
     code, _, err = run_train(capsys, "--data", one_row, "--val-data", "none", "--output-dir", tmp_path / "two")
-    assert code == 1 and "fewer than the 2 processes to share them" in err
+    assert code == 2 and "fewer than the 2 processes to share them" in err
 
 
 def test_a_full_disk_while_saving_is_one_sentence_and_keeps_the_last_checkpoint(
@@ -494,7 +494,7 @@ def test_data_no_one_expects_is_one_sentence(tmp_path, capsys, text, message):
     data = tmp_path / "rows.jsonl"
     data.write_text(text)
     code, _, err = run_train(capsys, "--data", data, "--val-data", "none", "--output-dir", tmp_path / "run")
-    assert code == 1 and message in err and "Traceback" not in err and err.count("\n") == 1
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

@@ -324,7 +324,7 @@ def test_a_checkpoint_saved_quantized_by_bitsandbytes_is_refused_in_one_sentence
     config["quantization_config"] = quantization.to_dict()
     (base / "config.json").write_text(json.dumps(config))
     argv = ["--model", str(base), "--base-dtype", base_dtype, "--output-dir", str(tmp_path / "run")]
-    assert train.main(argv) == 1
+    assert train.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
     assert "was saved quantised by bitsandbytes (its config.json has a quantization_config)" in err

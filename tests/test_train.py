@@ -76,12 +76,12 @@ def test_empty_data_file_is_refused_before_the_model_loads(tmp_path, capsys, mon
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     code, err = run_main(FAST + ["--data", str(empty), "--output-dir", str(tmp_path / "out")], capsys)
-    assert code == 1 and f"{empty} holds no rows" in err
+    assert code == 2 and f"{empty} holds no rows" in err
 
 
 def test_unloadable_model_gets_one_clear_message(tmp_path, capsys):
     code, err = run_main(["--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out")], capsys)
-    assert code == 1 and "--model tiny" in err and "Traceback" not in err
+    assert code == 2 and "--model tiny" in err and "Traceback" not in err
 
 
 def test_a_target_that_matches_no_layer_is_refused(tmp_path, capsys):
