@@ -22,7 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from banking.grounding import grounding_for
-from data import IGNORE_INDEX, DataError, TrainingData, training_data, training_splits, warn_if_unreadable
+from data import (
+    IGNORE_INDEX,
+    DataError,
+    TrainingData,
+    training_data,
+    training_splits,
+    warn_if_leaking,
+    warn_if_unreadable,
+)
 from lora import AdapterError, inject_lora, lora_param_groups, save_adapter
 from support import distributed as dist
 from support import fsdp
@@ -41,7 +49,14 @@ from support.fast_modules import use_fast_modules
 from support.lost_rank import LostRankError, naming_a_lost_rank, sigterm_ignored
 from support.lr_schedule import step_schedule, warmup_then_linear_decay
 from support.memory import MemoryPlanError, RunShape, check_plan, enable_activation_checkpointing
-from support.metrics import IntervalMeter, run_summary, start_line, summary_line, write_metrics_and_plot
+from support.metrics import (
+    IntervalMeter,
+    few_steps_note,
+    run_summary,
+    start_line,
+    summary_line,
+    write_metrics_and_plot,
+)
 from support.models import load_base_shards, load_with_lora
 from support.precision import allow_tf32, autocast, training_dtype
 from support.run_dir import BEST, OutputDirLock, prepare_output_dir, start_run
@@ -204,9 +219,12 @@ def setup_run(args, env, model, tokenizer, base_path, train_rows, val_rows) -> R
     data = training_data(train_rows, val_rows, tokenizer, lengths, args.batch_size, pad_multiple, args.seed, *share)
     if any(data.truncated):
         env.log("note: {} training and {} validation rows were cut to the max lengths".format(*data.truncated))
-    if env.is_main:
-        warn_if_unreadable(data.train_set, tokenizer.unk_token_id, args.data)  # a script the tokenizer cannot read
+    if env.is_main:  # warnings, once: rows in a script the tokenizer cannot read; validation rows trained on
+        warn_if_unreadable(train_rows, data.train_set, tokenizer.unk_token_id, args.data)
+        warn_if_leaking(args.data, args.val_data, train_rows, val_rows)
     total_steps = args.max_steps or args.epochs * data.plan.steps_per_epoch
+    if note := few_steps_note(len(data.train_set), data.plan.steps_per_epoch, total_steps):  # too short to learn
+        env.log(note)
     warmup_steps = int(args.warmup_ratio * total_steps)
     groups = lora_param_groups(model, args.lr, args.loraplus_lr_ratio)  # A and B, or LoRA+'s faster B
     optimizer = torch.optim.AdamW(groups, args.lr, weight_decay=args.weight_decay, fused=env.device.type == "cuda")

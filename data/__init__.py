@@ -22,6 +22,7 @@ from .dataset import (
     sequential_batches,
     training_data,
     training_splits,
+    warn_if_leaking,
     warn_if_unreadable,
 )
 
@@ -48,5 +49,6 @@ __all__ = [
     "sequential_batches",
     "training_data",
     "training_splits",
+    "warn_if_leaking",
     "warn_if_unreadable",
 ]

@@ -97,7 +97,7 @@ def load_examples(path: str | Path) -> list[dict]:
         )
     examples, unused = [], {}
     for where, row in rows:
-        examples.append(read_row(row, f"{path}, {where}"))
+        examples.append({**read_row(row, f"{path}, {where}"), "row": where})  # "line 12": for the warnings
         for field in row.keys() - {"instruction", *TARGET_FIELDS, *CONTEXT_FIELDS, *LABEL_FIELDS}:
             unused[field] = unused.get(field, 0) + 1
     if unused:
@@ -112,7 +112,8 @@ def load_examples(path: str | Path) -> list[dict]:
 
 def read_row(row, where: str) -> dict:
     """One row in the project's own form, {"instruction", "context"?, "response", "intent"?, "template"?}, from
-    ours, Alpaca's or Dolly's; a field missing, of the wrong type, empty, or given twice is a DataError."""
+    ours, Alpaca's or Dolly's; a field missing, of the wrong type, empty, or given twice is a DataError.
+    (load_examples adds "row", where the row is in its file: "line 12" or "index 11".)"""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with 'instruction' and 'response', got {type(row).__name__}.")
     targets = [field for field in TARGET_FIELDS if field in row]
@@ -311,21 +312,63 @@ def training_data(
     return TrainingData(train_set, plan, val_batches, pad, (train_cut, val_cut))
 
 
-UNKNOWN_WARNING = 0.2  # the bundled data has none; a share like this means text the tokenizer cannot read
+UNREADABLE_ROW = 0.25  # a row whose answer has more <unk> tokens than this is in a script the tokenizer cannot read
 
 
-def unknown_share(rows: Sequence[EncodedExample], unk_token_id: int | None) -> float:
-    """The share of the answers' tokens (labels) that are <unk>."""
-    tokens = [token for row in rows for token in row.labels]
-    return sum(token == unk_token_id for token in tokens) / max(len(tokens), 1) if unk_token_id is not None else 0.0
+def unreadable_rows(rows: Sequence[dict], encoded: Sequence[EncodedExample], unk_token_id: int | None) -> list[str]:
+    """Where the rows whose answer is mostly the tokenizer's <unk> are ("line 12", ...), `encoded` being `rows`."""
+    if unk_token_id is None:
+        return []
+    return [
+        row.get("row", f"row {i + 1}")
+        for i, (row, example) in enumerate(zip(rows, encoded))
+        if sum(token == unk_token_id for token in example.labels) > UNREADABLE_ROW * len(example.labels)
+    ]
 
 
-def warn_if_unreadable(rows: Sequence[EncodedExample], unk_token_id: int | None, source) -> None:
-    """Warn when the answers are mostly <unk> (e.g. a script the tokenizer does not cover)."""
-    unknown = unknown_share(rows, unk_token_id)
-    if unknown > UNKNOWN_WARNING:
+def warn_if_unreadable(
+    rows: Sequence[dict], encoded: Sequence[EncodedExample], unk_token_id: int | None, source
+) -> None:
+    """Warn of training rows whose answers are mostly <unk> (a script the tokenizer does not cover), naming a few:
+    the model would learn to write <unk> for them."""
+    unreadable = unreadable_rows(rows, encoded, unk_token_id)
+    if unreadable:
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
         warnings.warn(
-            f"{unknown:.0%} of the training answers' tokens are the tokenizer's <unk> (characters it does not "
-            f"know): the model would learn to write <unk>; check --data ({source}).",
-            stacklevel=3,
+            f"{len(unreadable)} of {len(rows)} training rows ({len(unreadable) / len(rows):.0%}) have answers the "
+            f"tokenizer mostly cannot read (<unk>): {', '.join(unreadable[:3])}{more} of {source}; the model would "
+            "learn to write <unk> for them: fix or drop those rows, or use a model whose tokenizer covers the script.",
+            stacklevel=2,
+        )
+
+
+def leaking_validation(
+    data: str | Path, val_data: str, train_rows: Sequence[dict], val_rows: Sequence[dict]
+) -> str | None:
+    """Why the validation rows would measure the training rows, if they would: the same file, a byte-identical
+    copy, or a large share of rows found in the training rows too (the same instruction, context and answer)."""
+    if val_data.lower() in ("auto", "none") or not val_rows:
+        return None
+    if Path(val_data).resolve() == Path(data).resolve():
+        return f"--val-data {val_data} is the training data itself"
+    if Path(val_data).read_bytes() == Path(data).read_bytes():
+        return f"--val-data {val_data} is a byte-identical copy of the training data"
+    seen = {(row["instruction"], row.get("context"), row["response"]) for row in train_rows}
+    shared = sum((row["instruction"], row.get("context"), row["response"]) in seen for row in val_rows)
+    if shared >= LEAKING_SHARE * len(val_rows):
+        return f"{shared} of the {len(val_rows)} rows of --val-data {val_data} are training rows too"
+    return None
+
+
+LEAKING_SHARE = 0.2  # of validation rows also in the training rows: val_loss and best/ then reward memorising
+
+
+def warn_if_leaking(data: str | Path, val_data: str, train_rows: Sequence[dict], val_rows: Sequence[dict]) -> None:
+    """Warn when the validation rows would measure the training rows (leaking_validation)."""
+    leak = leaking_validation(data, val_data, train_rows, val_rows)
+    if leak:
+        warnings.warn(
+            f"{leak}: the validation loss and best/ would measure memorised rows; pass another --val-data, or "
+            "--val-data auto to hold out a tenth of --data.",
+            stacklevel=2,
         )

@@ -2,9 +2,11 @@
 
 A problem the user can fix is one line on stderr, `error: <what is wrong and what to do>`, and an exit
 status: 2 for a command line, data file, model, adapter directory or output directory refused before any
-work (UsageError and the refusals each script names), 1 for a failure met while working (an adapter that does
-not fit the model, a damaged checkpoint, a lost rank, a full disk), 130 for Ctrl-C. Never a traceback for these. A reader of the output that goes away (`infer.py --json ... | head -1`) ends the
-command quietly with 141, the status of `cat` killed by SIGPIPE.
+work (UsageError and the refusals each script names), 1 for a failure met while working (an adapter that
+does not fit the model, a damaged checkpoint, a lost rank, a full disk), 130 for Ctrl-C. Never a traceback
+for these. A warning is one line too, `warning: <what and what to do>`. A reader of the output that goes
+away (`infer.py --json ... | head -1`) ends the command quietly with 141, the status of `cat` killed by
+SIGPIPE.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -46,7 +49,9 @@ def run_cli(
     as data.DataError), 1 for the `failures`; `after_write_failure` ends the sentence for a full disk or
     missing permissions (how to go on)."""
     try:
-        work()
+        with warnings.catch_warnings():  # restored on return: the format holds for this command's work only
+            warnings.showwarning = one_line_warning
+            work()
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit, where Python would print it
     except BrokenPipeError:
         # Python would flush stdout once more at exit and fail again: what is left goes nowhere.
@@ -73,6 +78,11 @@ def run_cli(
             print(f"\ninterrupted: {str(err) or interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the user reads it, `warning: <message>`, without the file and line of the code that warned."""
+    print(f"warning: {message}", file=file or sys.stderr)
 
 
 @contextmanager

@@ -115,10 +115,26 @@ def run_summary(model, progress, steps_run: int, time_s: float, validated: bool,
         "time_s": time_s,
         "first_train_loss": progress.first_train_loss,
         "final_train_loss": next((r["train_loss"] for r in reversed(progress.history) if "train_loss" in r), None),
+        "train_loss_rows": sum("train_loss" in r for r in progress.history),
         "best_val_loss": progress.best_val_loss if validated else None,
         "peak_memory_mib": peak_memory_mib(device),
         "peak_memory_kind": "max allocated" if device.type == "cuda" else "peak RSS",
     }
+
+
+FEW_STEPS = 100  # fewer optimizer steps rarely teach a model even the form of an answer
+
+
+def few_steps_note(rows: int, steps_per_epoch: int, total_steps: int) -> str | None:
+    """A note for a run too short to learn much (a few dozen rows at the default epochs), else None."""
+    if total_steps >= FEW_STEPS:
+        return None
+    epochs = math.ceil(2 * FEW_STEPS / steps_per_epoch)
+    return (
+        f"note: {rows} training rows make {steps_per_epoch} step(s) an epoch, {total_steps} in all: too few to "
+        f"learn much (a few hundred steps is usual); pass --epochs {epochs} ({epochs * steps_per_epoch} steps) or "
+        "--max-steps, and watch the validation loss."
+    )
 
 
 def start_line(model_name: str, model, rows: int, steps: int, where: str, dtype: torch.dtype) -> str:
@@ -134,10 +150,14 @@ def start_line(model_name: str, model, rows: int, steps: int, where: str, dtype:
 def summary_line(summary: dict, output_dir: Path) -> str:
     s = summary
     resumed = f", the last {s['steps_run']} resumed here," if s["steps_run"] != s["steps"] else ""
+    if s.get("train_loss_rows", 2) > 1:
+        train_loss = f"train loss {fmt(s['first_train_loss'])} -> {fmt(s['final_train_loss'])}"
+    else:  # a run shorter than --log-every logs one interval: one mean, not a first and a last
+        train_loss = f"train loss {fmt(s['final_train_loss'])} (the mean of its one logged interval)"
     return (
         f"trainable parameters {s['trainable_parameters']:,} of {s['total_parameters']:,} "
         f"({100 * s['trainable_share']:.3f}%); {s['steps']} steps ({s['skipped_steps']} skipped){resumed} in "
-        f"{s['time_s']:.1f} s; train loss {fmt(s['first_train_loss'])} -> {fmt(s['final_train_loss'])}; "
+        f"{s['time_s']:.1f} s; {train_loss}; "
         f"best val loss {fmt(s['best_val_loss'])}; peak memory {s['peak_memory_mib']:.0f} MiB "
         f"({s['peak_memory_kind']}); adapter in {output_dir}"
     )
