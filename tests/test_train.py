@@ -797,12 +797,3 @@ def test_a_bf16_base_trains_and_its_adapter_answers_alike_on_an_fp32_base(tmp_pa
     assert agree >= 0.95, f"{agree:.1%} of the answer tokens agree"
     right = (predicted[1] == batch["labels"])[answer].float().mean().item()
     assert right > 0.3, f"the adapter predicts only {right:.1%} of the answer tokens"  # it did learn something
-
-
-def test_answers_the_tokenizer_cannot_read_are_warned_of(tmp_path):
-    data = tmp_path / "unreadable.jsonl"
-    rows = [{"instruction": f"question {i}", "response": "ᚠᚢᚦᚨᚱᚲ ᚷᚹᚺᚾ ᛁᛃᛇᛈ"} for i in range(8)]  # runes: <unk> to T5
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    argv = ["--model", "tiny", "--data", str(data), "--val-data", "none", "--max-steps", "1"]
-    with pytest.warns(UserWarning, match=r"\d+% of the training answers' tokens are the tokenizer's <unk>"):
-        train.train(train.parse_args([*argv, "--output-dir", str(tmp_path / "run")]))
