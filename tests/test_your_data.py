@@ -104,6 +104,8 @@ def test_the_readme_path_on_a_30_row_faq_trains_and_shows_its_answers(tmp_path, 
     doc = (ROOT / "docs" / "your-data.md").read_text()
     commands = re.findall(r"^python (train\.py|infer\.py) (.*)$", doc, re.MULTILINE)
     assert [script for script, _ in commands[:2]] == ["train.py", "infer.py"]
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"python {script} {arguments}" in readme for script, arguments in commands[:2])  # the same path
     out = tmp_path / "runs" / "pizza"
     for script, arguments in commands[:2]:
         argv = [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', arguments)]
