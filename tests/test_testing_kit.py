@@ -274,7 +274,11 @@ def test_each_dora_mistake_is_named(layer, check, words):
     assert named and words in named[0], failures
 
 
-def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
+def test_the_command_line_checks_a_layer_in_a_file(tmp_path, capsys):
+    """`python -m lora.testing FILE:FACTORY` as a user runs it (one subprocess), then a wrong layer and a
+    missing factory through the same main()."""
+    from lora.testing import main
+
     layer_file = tmp_path / "my_lora.py"
     layer_file.write_text(
         "from lora import LoRALinear\n\ndef make_layer(base, r, alpha):\n"
@@ -282,13 +286,14 @@ def test_the_command_line_checks_a_layer_in_a_file(tmp_path):
         "def wrong(base, r, alpha):\n    layer = LoRALinear.from_linear(base, r, alpha)\n    layer.scaling = alpha\n"
         "    return layer\n"
     )
-    run = lambda spec: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "lora.testing", spec], capture_output=True, text=True, timeout=120
+    good = subprocess.run(
+        [sys.executable, "-m", "lora.testing", f"{layer_file}:make_layer"], capture_output=True, text=True, timeout=120
     )
-    good, bad, missing = run(f"{layer_file}:make_layer"), run(f"{layer_file}:wrong"), run(f"{layer_file}:nothing")
     assert good.returncode == 0 and "all checks of LoRA's math passed" in good.stdout and "| check |" in good.stdout
-    assert bad.returncode == 1 and "scaled by alpha, not alpha / r" in bad.stdout
-    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+    assert main([f"{layer_file}:wrong"]) == 1 and "scaled by alpha, not alpha / r" in capsys.readouterr().out
+    assert main([f"{layer_file}:nothing"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
 
 
 LAYERS_THAT_BREAK = {
