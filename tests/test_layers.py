@@ -18,7 +18,7 @@ LAYERS = [  # bottom first
     ("features", lambda m: m in {"lora.adapters", "lora.multi_layer", "lora.named_adapter_io", "lora.nf4"}),
     ("data", lambda m: m.split(".")[0] == "data"),
     ("machinery", lambda m: m.split(".")[0] == "support"),
-    ("tools", lambda m: m in {"lora.inspect", "lora.testing"}),
+    ("tools", lambda m: m in {"lora.inspect", "lora.testing", "lora.experiments"}),
     ("product", lambda m: m.split(".")[0] in ("banking", "benchmarks")),
     ("entry points", lambda m: m in SCRIPTS or m.split(".")[0] == "scripts"),
 ]
