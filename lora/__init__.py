@@ -4,8 +4,8 @@
 
 Beside it, importing it and imported by name only: several adapters on one base and PEFT's `adapter_names=`
 (`lora.adapters`, `lora.named_adapter_io`, `lora.multi_layer`), QLoRA's 4-bit base (`lora.nf4`), the LoRA
-paper's analyses of what an adapter learned (`lora.inspect`) and checks of anyone's LoRA layer against the
-formula (`lora.testing`)."""
+paper's analyses of what an adapter learned (`lora.inspect`), checks of anyone's LoRA layer against the
+formula (`lora.testing`), and experiments with known answers (`lora.experiments`)."""
 
 from .dora import DoRALinear
 from .layer import LoRALinear, check_lora_hyperparameters
