@@ -70,7 +70,8 @@ def tiny_runs(report_dir: Path, dry_run: bool) -> list[dict]:
 
 
 def throughput(dry_run: bool) -> tuple[dict, list[dict]]:
-    """bench.py's worker (a fresh process per configuration) over the configurations in the docstring."""
+    """bench.py's worker (a fresh process per configuration; in this one for a dry run) over the
+    configurations in the docstring."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = next((value for key, value in harness.PEAK_BF16_FLOPS if key in name), None)
     if dry_run:  # both kinds of batch, with and without checkpointing, tiny, in fp32 on the CPU
@@ -99,7 +100,7 @@ def throughput(dry_run: bool) -> tuple[dict, list[dict]]:
             spec["pad_multiple"] = 8
         row = {"shape": shape_name, "precision": precision, "compile": compiled, "checkpointing": checkpointing}
         try:
-            out = harness.run_worker(spec)
+            out = harness.run_worker(spec, in_process=dry_run)  # a dry run's figures mean nothing
         except RuntimeError as err:
             check["ok"], check["tail"] = False, check["tail"] + f"\n{row}: {str(err)[-600:]}"
             results.append({**row, "error": str(err).splitlines()[0]})
