@@ -214,7 +214,7 @@ def _returns_one_tensor(report: Report, output, shape: tuple[int, int]) -> bool:
 
 def _raised(err: Exception) -> str:
     """A check group the layer's code broke: what it raised, and the likely mistake where the error says."""
-    sentence = f"the layer raised {type(err).__name__} ({str(err).strip()[:150]})"
+    sentence = f"the layer raised {type(err).__name__} ({str(err).strip()[:300]})"
     if isinstance(err, RuntimeError) and "does not require grad" in str(err):
         return (
             f"{sentence}: no gradient reaches A or B, so the forward computes the update from something "
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
               "finish; every check counts as failed.", file=sys.stderr)  # fmt: skip
         return 1
     except Exception as err:  # noqa: BLE001  (the layer's code may raise anything)
-        print(f"error: the layer raised {type(err).__name__} while it was checked ({str(err)[:200]}); every "
+        print(f"error: the layer raised {type(err).__name__} while it was checked ({str(err)[:300]}); every "
               "check counts as failed.", file=sys.stderr)  # fmt: skip
         return 1
     failed = sum(check.passed is False and not check.convention for check in report.checks)

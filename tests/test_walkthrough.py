@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 WALKTHROUGH = Path(__file__).resolve().parents[1] / "docs" / "lora-from-scratch.md"
 
 
@@ -24,3 +26,36 @@ def test_the_experiments_figures_are_drawn_by_their_script(tmp_path, capsys):
     for name in ("intrinsic_rank.png", "rank_scaling.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
         assert (WALKTHROUGH.parent / "figures" / name).is_file() and f"figures/{name}" in WALKTHROUGH.read_text()
+
+
+EXERCISES = WALKTHROUGH.parent / "exercises" / "lora_exercises.py"
+
+
+@pytest.mark.parametrize(
+    "number, stub, method, solution",
+    [
+        (1, "Exercise1Forward", "lora_update", "LoRALinear"),
+        (2, "Exercise2Init", "reset_lora_parameters", "LoRALinear"),
+        (3, "Exercise3Merge", "merge", "LoRALinear"),
+        (4, "Exercise4DoRANorm", "weight_norm", "DoRALinear"),
+    ],
+)
+def test_each_exercise_stub_fails_the_kit_with_its_hint_and_its_solution_passes(capsys, number, stub, method, solution):
+    """docs/exercises: the kit, run as the exercise says, stops on the stub with the exercise's hint; the
+    stub with the project's own method in its place (the solution) passes every check."""
+    import importlib.util
+
+    import lora
+    from lora.testing import assert_lora_layer, main
+
+    spec = importlib.util.spec_from_file_location("lora_exercises", EXERCISES)
+    exercises = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exercises)
+    factory = next(name for name in vars(exercises) if name.startswith(f"exercise_{number}_"))
+    assert f"lora_exercises.py:{factory}" in EXERCISES.read_text()  # the command the docstring gives
+    dora = number == 4
+    assert main([f"{EXERCISES}:{factory}", *(["--dora"] if dora else [])]) == 1
+    out, err = capsys.readouterr()
+    assert f"Exercise {number}, " in out + err and "Traceback" not in err
+    solved = type("Solved", (getattr(exercises, stub),), {method: vars(getattr(lora, solution))[method]})
+    assert_lora_layer(lambda base, r, alpha: solved.from_linear(base, r, alpha, dropout=0.1), dora=dora)
