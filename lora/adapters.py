@@ -69,10 +69,10 @@ def add_adapter(
     existing = adapter_names(model)
     if name in existing:
         raise ValueError(f"the model already has an adapter named '{name}': delete_adapter it first, or pick another.")
-    accept_adapter_names(model)
     if not existing:
         replaced = inject_lora(model, target_modules, r, alpha, dropout, use_rslora)
         model.lora_adapter_name = name
+        accept_adapter_names(model)
         return replaced
     check_lora_hyperparameters(r, alpha, dropout)
     layers = lora_layers(model)
@@ -84,14 +84,13 @@ def add_adapter(
     plain = {path for path, module in model.named_modules() if type(module) is nn.Linear}
     paths = [path for path in [*layers, *plain] if path.rsplit(".", 1)[-1] in targets]
     unmatched = targets - {path.rsplit(".", 1)[-1] for path in paths}
-    in_nf4 = sorted({path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, LinearNF4)})
-    if unmatched & set(in_nf4):
-        raise ValueError(
-            f"target module(s) {sorted(unmatched & set(in_nf4))} are stored in NF4 without an adapter "
-            "(lora.nf4.quantize_base ran first): add every adapter before quantising the base, or target only the "
-            "layers that hold one."
-        )
     if unmatched:
+        in_nf4 = unmatched & {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, LinearNF4)}
+        if in_nf4:
+            raise ValueError(
+                f"target module(s) {sorted(in_nf4)} are stored in NF4 without an adapter (lora.nf4.quantize_base "
+                "ran first): add every adapter before quantising the base, or target only the layers that hold one."
+            )
         raise ValueError(f"target module(s) {sorted(unmatched)} match no linear layer of the model.")
     for path, layer in layers.items():  # one adapter so far: its layers become layers of several
         if isinstance(layer, LoRALinear):
@@ -113,6 +112,7 @@ def add_adapter(
         if name in adapter_names(model):
             delete_adapter(model, name)
         raise
+    accept_adapter_names(model)  # the model holds named adapters now
     return paths
 
 
