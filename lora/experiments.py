@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inspect import subspace_similarity
+from .inspect import save_figure, subspace_similarity
 from .layer import LoRALinear
 
 SCALINGS = {"alpha": lambda alpha, r: alpha, "alpha/r": lambda alpha, r: alpha / r,
@@ -148,8 +148,6 @@ def write_figures(out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from support.files import atomic_write
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
     rows = intrinsic_rank()
@@ -160,8 +158,7 @@ def write_figures(out: Path) -> list[Path]:
     ax.axvline(3, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="r (the update's rank k = 3)", ylabel="‖s·B A − ΔW‖ / ‖ΔW‖", title="Intrinsic rank")
     ax.legend()
-    fig.tight_layout()
-    written.append(_save(fig, out / "intrinsic_rank.png", atomic_write, plt))
+    written.append(save_figure(fig, out / "intrinsic_rank.png", plt))
     ranks = (4, 16, 64, 256)
     sizes = first_step_sizes(ranks)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -169,15 +166,8 @@ def write_figures(out: Path) -> list[Path]:
         ax.loglog(ranks, values, "o-", label=f"s = {name}")
     ax.set(xlabel="r", ylabel="‖ΔW‖ after one AdamW step", title="What the scaling does to the step as r grows")
     ax.legend()
-    fig.tight_layout()
-    written.append(_save(fig, out / "rank_scaling.png", atomic_write, plt))
+    written.append(save_figure(fig, out / "rank_scaling.png", plt))
     return written
-
-
-def _save(fig, path: Path, atomic_write, plt) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,7 +217,7 @@ def write_figures(report: dict, out: Path, phi_module: str | None = None) -> lis
     ax.set_ylabel("layer")
     ax.set_title(f"‖ΔW‖_F of each adapted module (r={report['r']})")
     fig.colorbar(image, ax=ax, label="‖ΔW‖_F")
-    written.append(_save(fig, out / FIGURES[0], plt))
+    written.append(save_figure(fig, out / FIGURES[0], plt))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
@@ -227,7 +227,7 @@ def write_figures(report: dict, out: Path, phi_module: str | None = None) -> lis
     ax.set_ylabel("singular value σ_k of ΔW")
     ax.set_title(f"Singular-value spectra of ΔW, one line per module ({len(rows)} modules)")
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out / FIGURES[1], plt))
+    written.append(save_figure(fig, out / FIGURES[1], plt))
 
     with_phi = [r for r in rows if "phi" in r]
     if with_phi:
@@ -240,7 +240,7 @@ def write_figures(report: dict, out: Path, phi_module: str | None = None) -> lis
         ax.set_ylabel("i (directions of this adapter's A)")
         ax.set_title(f"Subspace similarity φ(i, j)\n{chosen['module']}")
         fig.colorbar(image, ax=ax, label="φ")
-        written.append(_save(fig, out / FIGURES[2], plt))
+        written.append(save_figure(fig, out / FIGURES[2], plt))
     return written
 
 
@@ -252,7 +252,7 @@ def _layer_order(layer: str):
     return (side != "encoder", int(index) if index.isdigit() else 0)
 
 
-def _save(fig, path: Path, plt) -> Path:
+def save_figure(fig, path: Path, plt) -> Path:
     fig.tight_layout()
     try:  # atomically: a full disk leaves the previous figure, not an empty or half-written one
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

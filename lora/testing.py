@@ -26,7 +26,6 @@ import faulthandler
 import importlib
 import importlib.util
 import math
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -664,9 +663,10 @@ def main(argv: list[str] | None = None) -> int:
         for path, norm in report.norms.items():
             print(f"{path}: ‖s·B A‖_F = {norm:.4g}")
         print(f"{report}\n\n{verdict}", flush=True)
-    except BrokenPipeError:  # `... | head`: the reader left; end quietly, as cat does (status 128 + SIGPIPE)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+    except BrokenPipeError:  # `... | head`: the reader left; end quietly
+        from support.cli import reader_gone
+
+        return reader_gone()
     return 1 if failed or (args.strict and not_kept) else 0
 
 

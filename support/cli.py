@@ -54,9 +54,7 @@ def run_cli(
             work()
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit, where Python would print it
     except BrokenPipeError:
-        # Python would flush stdout once more at exit and fail again: what is left goes nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return reader_gone()
     except (UsageError, *refusals) as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses alike: rank 0 says it
             print(f"error: {err}", file=sys.stderr)
@@ -78,6 +76,13 @@ def run_cli(
             print(f"\ninterrupted: {str(err) or interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def reader_gone() -> int:
+    """After a BrokenPipeError on stdout: what is left goes nowhere (Python would flush stdout once more at exit
+    and fail again), and the command ends as `cat` does when its reader leaves."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
