@@ -2,6 +2,7 @@
 domains shown as the model writes them, the warnings a careful user wants, and exit statuses that follow the
 README's rule (2: refused before any work; 1: failed while working)."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -46,7 +47,8 @@ class RecordingTokenizer:
 @pytest.mark.parametrize("name, context_field", [("alpaca.jsonl", "input"), ("dolly.jsonl", "context")])
 def test_alpaca_and_dolly_rows_put_their_context_in_the_prompt_the_model_sees(name, context_field):
     raw = [json.loads(line) for line in (EXAMPLES / name).read_text().splitlines()]
-    with pytest.warns(UserWarning, match="'category' \\(3 rows\\) are not read") if name == "dolly.jsonl" else _none():
+    dolly_labels = pytest.warns(UserWarning, match="'category' \\(3 rows\\) are not read")
+    with dolly_labels if name == "dolly.jsonl" else contextlib.nullcontext():
         rows = load_examples(EXAMPLES / name)
     tokenizer = RecordingTokenizer()
     encode_examples(rows, tokenizer)
@@ -56,12 +58,6 @@ def test_alpaca_and_dolly_rows_put_their_context_in_the_prompt_the_model_sees(na
         if row[context_field]:  # Alpaca's rows without an input carry "input": ""
             assert prompt.endswith(f" Context: {row[context_field]}")
         assert target == row.get("output", row.get("response"))
-
-
-def _none():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def test_the_prompt_format_with_and_without_context():
