@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inspect import save_figure, subspace_similarity
+from .inspect import check_figure_place, save_figure, subspace_similarity
 from .layer import LoRALinear
 
+FIGURES = ("intrinsic_rank.png", "rank_scaling.png")
 SCALINGS = {"alpha": lambda alpha, r: alpha, "alpha/r": lambda alpha, r: alpha / r,
             "alpha/sqrt(r)": lambda alpha, r: alpha / math.sqrt(r)}  # fmt: skip
 
@@ -158,7 +159,7 @@ def write_figures(out: Path) -> list[Path]:
     ax.axvline(3, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="r (the update's rank k = 3)", ylabel="‖s·B A − ΔW‖ / ‖ΔW‖", title="Intrinsic rank")
     ax.legend()
-    written.append(save_figure(fig, out / "intrinsic_rank.png", plt))
+    written.append(save_figure(fig, out / FIGURES[0], plt))
     ranks = (4, 16, 64, 256)
     sizes = first_step_sizes(ranks)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -166,7 +167,7 @@ def write_figures(out: Path) -> list[Path]:
         ax.loglog(ranks, values, "o-", label=f"s = {name}")
     ax.set(xlabel="r", ylabel="‖ΔW‖ after one AdamW step", title="What the scaling does to the step as r grows")
     ax.legend()
-    written.append(save_figure(fig, out / "rank_scaling.png", plt))
+    written.append(save_figure(fig, out / FIGURES[1], plt))
     return written
 
 
@@ -177,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from support.cli import run_cli
 
-    return run_cli(lambda: print(*(f"wrote {path}" for path in write_figures(args.out)), sep="\n", file=sys.stderr))
+    def work() -> None:
+        check_figure_place(args.out, FIGURES, "lora.experiments")
+        print(*(f"wrote {path}" for path in write_figures(args.out)), sep="\n", file=sys.stderr)
+
+    return run_cli(work)
 
 
 if __name__ == "__main__":

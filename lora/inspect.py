@@ -261,6 +261,21 @@ def save_figure(fig, path: Path, plt) -> Path:
     return path
 
 
+def check_figure_place(out: Path, names, tool: str) -> None:
+    """Refuse, before any work, an --out that is a file, or a figure's place in it that is a symbolic link
+    (--out itself may be one: the user chose it; a figure's own link was not chosen for this)."""
+    from support.cli import UsageError
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: pass a directory for the figures.")
+    links = [out / name for name in names if (out / name).is_symlink()]
+    if links:
+        raise UsageError(
+            f"{links[0]} is a symbolic link (to {os.readlink(links[0])}); {tool} never writes in a link's place: "
+            "remove it, or pass another --out."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m lora.inspect" if sys.argv[0].endswith(".py") else None,  # else lora-t5-inspect
@@ -282,14 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         """What the command line and the adapter directories say wrong, before a model loads: exit 2."""
         if args.phi_module and not args.compare:
             raise UsageError("--phi-module picks the module of the φ figure, which needs --compare OTHER_DIR.")
-        if args.out and args.out.exists() and not args.out.is_dir():
-            raise UsageError(f"--out {args.out} is a file: pass a directory for the figures.")
-        links = [args.out / name for name in FIGURES if (args.out / name).is_symlink()] if args.out else []
-        if links:  # --out itself may be a link: the user chose it; a figure's own link was not chosen for this
-            raise UsageError(
-                f"{links[0]} is a symbolic link (to {os.readlink(links[0])}); lora.inspect never writes in a link's "
-                "place: remove it, or pass another --out."
-            )
+        if args.out:
+            check_figure_place(args.out, FIGURES, "lora.inspect")
         for directory in filter(None, (args.adapter, args.compare)):
             try:
                 read_adapter(directory)

@@ -59,3 +59,21 @@ def test_each_exercise_stub_fails_the_kit_with_its_hint_and_its_solution_passes(
     assert f"Exercise {number}, " in out + err and "Traceback" not in err
     solved = type("Solved", (getattr(exercises, stub),), {method: vars(getattr(lora, solution))[method]})
     assert_lora_layer(lambda base, r, alpha: solved.from_linear(base, r, alpha, dropout=0.1), dora=dora)
+
+
+def test_the_experiments_refuse_an_out_that_is_a_file_or_holds_a_figure_link(tmp_path, capsys):
+    """--out a file ended in FileExistsError's traceback, and a figure's link was replaced: both are refused
+    before any work, in one sentence, as lora.inspect refuses them; the link and its file stay as they were."""
+    from lora.experiments import main
+
+    (tmp_path / "a_file").write_text("")
+    assert main(["--out", str(tmp_path / "a_file")]) == 2
+    refusal = f"error: --out {tmp_path / 'a_file'} is a file: pass a directory for the figures.\n"
+    assert capsys.readouterr().err == refusal
+    figures, mine = tmp_path / "figures", tmp_path / "mine.png"
+    figures.mkdir()
+    mine.write_bytes(b"my own picture")
+    (figures / "rank_scaling.png").symlink_to(mine)
+    assert main(["--out", str(figures)]) == 2
+    assert "rank_scaling.png is a symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in figures.iterdir()) == ["rank_scaling.png"] and mine.read_bytes() == b"my own picture"
