@@ -8,7 +8,13 @@ from helpers import randomize_adapter, saved_random_adapter, toy_t5  # noqa: F40
 # One tiny-model cache per test session, inherited by the subprocesses tests start.
 os.environ.setdefault("LORA_T5_CACHE", tempfile.mkdtemp(prefix="lora-t5-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (-n 2, setup.cfg) two workers share the cores: each, and every process it starts, computes
+# on one thread, since two thread pools spinning on the same cores would slow each other tenfold.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
