@@ -48,7 +48,7 @@ from lora.files import loads_json  # noqa: E402
 from lora.inspect import check_figure_place, save_figure  # noqa: E402
 from lora.save import WEIGHTS_NAME  # noqa: E402
 from support.checkpoints import latest_checkpoint  # noqa: E402
-from support.cli import UsageError, run_cli  # noqa: E402
+from support.cli import UsageError, run_cli, terminate_as_interrupt  # noqa: E402
 from support.files import atomic_write_text  # noqa: E402
 from support.memory import plan_memory  # noqa: E402
 from support.metrics import METRICS_FILE  # noqa: E402
@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     def work():
         status.append(sweep(*parse_args(sys.argv[1:] if argv is None else argv)))
 
-    return run_cli(work, interrupted="the sweep stopped; run the same command again to resume it") or status[0]
+    with terminate_as_interrupt():  # SIGTERM stops the running cell with a checkpoint, as Ctrl-C does
+        return run_cli(work, interrupted="the sweep stopped; run the same command again to resume it") or status[0]
 
 
 if __name__ == "__main__":

@@ -58,15 +58,16 @@ def test_a_grid_stopped_in_its_first_cell_resumes_and_gives_the_figures_of_a_run
     grid = ["--ranks", "2", "4", "--targets", "qv", "all", "--lrs", "3e-3"]
     first = out / "runs" / "r2-qv-lr0.003"
 
-    # Ctrl-C reaches the sweep alone (the run is in a session of its own): it passes it on, and the cell
-    # saves a checkpoint and stops.
+    # SIGTERM (or Ctrl-C) reaches the sweep alone, the run being in a session of its own: the sweep passes it
+    # on, and the cell finishes its step, saves a checkpoint and stops.
     process = subprocess.Popen(sweep_command(out, grid, train_args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not list((first / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the sweep ended before its first cell wrote a checkpoint"
             time.sleep(0.02)
-        os.kill(process.pid, signal.SIGINT)
+        os.kill(process.pid, signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
         kill_tree(process.pid)
