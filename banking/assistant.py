@@ -141,7 +141,6 @@ class Assistant:
         """Whether the answers of adapter `name` go through the banking grounding (`grounding`'s rule)."""
         return self.grounding[self.names[0] if name == BASE else name]
 
-    @torch.inference_mode()
     def generate_with_ends(
         self, queries, max_new_tokens=None, base=False, adapters: list[str] | None = None, contexts=None, **generation
     ) -> list[tuple[str, bool]]:
@@ -151,22 +150,40 @@ class Assistant:
         first adapter answers every query, or none with base=True. contexts[i], if given, is query i's context.
         """
         names = [BASE] * len(queries) if base else adapters or [self.names[0]] * len(queries)
-        prompts = [build_prompt(q, c) for q, c in zip(queries, contexts or [None] * len(queries))]
-        lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
-        for query, length in zip(queries, lengths):
+        contexts = contexts or [None] * len(queries)
+        for query, length in zip(queries, self.prompt_lengths(queries, contexts)):
             if length > self.max_source_len:
                 warn(
                     f"the query is {length} tokens long; only its first {self.max_source_len} are read: "
                     f"{query[:40]!r}..."
                 )
+        limits = [max_new_tokens or self.max_new_tokens] * len(queries)
+        rows = self.generate_rows(queries, names, contexts, limits, **generation)
+        return [(row.text, row.complete) for row in rows]
+
+    def prompt_lengths(self, queries: list[str], contexts: list[str | None]) -> list[int]:
+        """Each query's prompt in tokens, </s> included: what max_source_len is compared with."""
+        return [len(ids) for ids in self.tokenizer([build_prompt(q, c) for q, c in zip(queries, contexts)]).input_ids]
+
+    @torch.inference_mode()
+    def generate_rows(self, queries, adapters, contexts, limits, **generation) -> list[GeneratedRow]:
+        """One batch, row i answered by adapter adapters[i] within limits[i] new tokens. The batch runs to the
+        largest limit and each row is cut at its own: a row's tokens do not depend on how long the batch runs,
+        so each equals what generating it with its own limit gives (the server batches rows of other limits)."""
+        prompts = [build_prompt(q, c) for q, c in zip(queries, contexts)]
         inputs = self.tokenizer(
             prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_source_len
         ).to(self.device)
-        with self._answering_with(names):
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, **generation)
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        ended = [bool((row[1:] == self.tokenizer.eos_token_id).any()) for row in output]
-        return [(text.strip(), end) for text, end in zip(texts, ended)]
+        with self._answering_with(adapters):
+            output = self.model.generate(**inputs, max_new_tokens=max(limits), **generation)
+        rows = []
+        for ids, limit in zip(output[:, 1:].tolist(), limits):  # [:, 1:]: past the decoder's start token
+            ids = ids[:limit]
+            complete = self.tokenizer.eos_token_id in ids
+            tokens = ids.index(self.tokenizer.eos_token_id) + 1 if complete else len(ids)
+            text = self.tokenizer.decode(ids[:tokens], skip_special_tokens=True).strip()
+            rows.append(GeneratedRow(text, complete, tokens))
+        return rows
 
     def _answering_with(self, names: list[str]):
         """The context in which row i is answered by adapter names[i]: one adapter for the whole batch
@@ -183,6 +200,16 @@ class Assistant:
         if len(set(names)) == 1:
             return active_adapter(self.model, names[0])
         return mixed_adapters(self.model, [None if name == BASE else name for name in names])
+
+
+@dataclass(frozen=True)
+class GeneratedRow:
+    """One row of a generated batch: its raw text, whether it ended by itself (</s>) before its token limit,
+    and the tokens it generated (</s> included)."""
+
+    text: str
+    complete: bool
+    tokens: int
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ SCRIPTS = Path(sysconfig.get_path("scripts"))  # where pip put this environment'
         ("lora-t5-train", "Fine-tune a T5 with LoRA"),
         ("lora-t5-infer", "Answer banking questions"),
         ("lora-t5-inspect", "What an adapter learned"),
+        ("lora-t5-serve", "Serve the assistant over HTTP"),
     ],
 )
 def test_the_installed_commands_answer_help(command, says):

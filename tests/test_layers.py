@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train", "infer", "bench"}
+SCRIPTS = {"train", "infer", "serve", "bench"}
 CORE = {"lora", "lora.layer", "lora.dora", "lora.pissa", "lora.model", "lora.save", "lora.load", "lora.files"}
 LAYERS = [  # bottom first
     ("core", lambda m: m in CORE),
@@ -19,7 +19,7 @@ LAYERS = [  # bottom first
     ("data", lambda m: m.split(".")[0] == "data"),
     ("machinery", lambda m: m.split(".")[0] == "support"),
     ("tools", lambda m: m in {"lora.inspect", "lora.testing", "lora.experiments"}),
-    ("product", lambda m: m.split(".")[0] in ("banking", "benchmarks")),
+    ("product", lambda m: m.split(".")[0] in ("banking", "serving", "benchmarks")),
     ("entry points", lambda m: m in SCRIPTS or m.split(".")[0] == "scripts"),
 ]
 # What the core may import from outside the project.

@@ -1,0 +1,1 @@
+"""The assistant as an HTTP service (serve.py): one base model, its adapters, requests batched across adapters."""
