@@ -251,8 +251,13 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
 
 
 def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
+    gathered: dict[str, torch.Tensor] = {}  # the stacked factors and each row's slot, built at the first call
+
     def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Each row's own adapter's update, the rows grouped by adapter: one low-rank product per adapter."""
+        """Each row's own adapter's update. Without gradients (inference), the way S-LoRA and Punica batch
+        adapters: every adapter's A and B stacked once, each row's gathered by one index, two batched
+        products for the whole batch whatever the number of adapters. With gradients (training), the rows
+        grouped by adapter: one low-rank product per adapter, each reaching that adapter's A and B."""
         if layer.merged:  # merged inside the block: the base product would hold one adapter's update for all
             raise ValueError("a layer was merged inside a mixed batch: merge only outside mixed_adapters.")
         result = layer.base_product(x, layer.weight, layer.bias)  # (batch, ..., out)
@@ -265,6 +270,15 @@ def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
                 "rows: give one name per row."
             )
         dtype = next(iter(adapters.values())).lora_A.dtype
+        if not torch.is_grad_enabled() and not any(adapter.training for adapter in adapters.values()):
+            if not gathered:
+                gathered.update(_stacked_factors(batch, adapters, layer.in_features, layer.out_features))
+            slot = gathered["slot"].repeat_interleave(repeats)  # (batch,)
+            rows = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+            low_rank = torch.bmm(rows, gathered["A"][slot].transpose(1, 2))  # (batch, tokens, r)
+            update = torch.bmm(low_rank, gathered["B"][slot].transpose(1, 2))  # (batch, tokens, out)
+            update = gathered["scaling"][slot].view(-1, 1, 1) * update  # scaled last, as lora_update does
+            return result + update.reshape(*x.shape[:-1], -1).to(result.dtype)
         update = x.new_zeros(*x.shape[:-1], layer.out_features, dtype=dtype)  # (batch, ..., out)
         for name, index in batch.groups.items():
             adapter = adapters.get(name)
@@ -276,6 +290,28 @@ def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
         return result + update.to(result.dtype)
 
     return forward
+
+
+def _stacked_factors(batch: MixedBatch, adapters: dict[str, nn.Module], in_features: int, out_features: int):
+    """A (slots, r, in), B (slots, out, r) and the scaling (slots,) of the batch's adapters, zero-padded to the
+    largest r (padding adds zero), one all-zero slot last for the base's rows and for adapters that skip this
+    layer; and each row's slot."""
+    names = list(batch.groups)
+    present = [adapters[name] for name in names if name in adapters]
+    first = next(iter(adapters.values()))
+    r = max((adapter.r for adapter in present), default=1)
+    factors_a = first.lora_A.new_zeros(len(names) + 1, r, in_features)
+    factors_b = first.lora_A.new_zeros(len(names) + 1, out_features, r)
+    scaling = first.lora_A.new_zeros(len(names) + 1)
+    slot = torch.full((batch.rows,), len(names), dtype=torch.long, device=first.lora_A.device)
+    for k, name in enumerate(names):
+        adapter = adapters.get(name)
+        if adapter is not None:
+            factors_a[k, : adapter.r] = adapter.lora_A
+            factors_b[k, :, : adapter.r] = adapter.lora_B
+            scaling[k] = adapter.scaling
+            slot[batch.groups[name]] = k
+    return {"A": factors_a, "B": factors_b, "scaling": scaling, "slot": slot}
 
 
 # PEFT's form, `model(..., adapter_names=[...])` and `model.generate(..., adapter_names=[...])`. transformers'

@@ -73,6 +73,24 @@ def test_each_row_of_a_mixed_batch_is_that_row_alone_with_its_adapter(two_adapte
     assert not torch.allclose(mixed[0], mixed[2])  # the two adapters really differ
 
 
+def test_a_mixed_batch_with_gradients_equals_it_without_and_each_row_trains_only_its_adapter(two_adapters, t5_batch):
+    """Without gradients a mixed batch stacks every adapter's factors and gathers each row's (serving's path);
+    with gradients it groups the rows by adapter (training's path). Both give the same logits, and a loss on
+    one row reaches only that row's adapter."""
+    model = model_with(*two_adapters)
+    names = ["business", None, "retail"]
+    with mixed_adapters(model, names):
+        gathered = logits(model, t5_batch)
+        grouped = model(**t5_batch).logits
+    torch.testing.assert_close(grouped.detach(), gathered, **EXACT)
+    grouped[0].square().sum().backward()  # row 0 is business's
+    for name, param in model.named_parameters():
+        if "retail" in name:
+            assert param.grad is None or not param.grad.any(), name
+        if "business" in name and name.endswith("lora_B"):
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
 def test_a_mixed_batch_on_an_nf4_base_gives_each_row_its_adapter_alone(two_adapters, t5_batch):
     """QLoRA with several adapters: the base quantised after they are loaded (as infer.py does for adapters
     trained with --base-dtype nf4). Each row of a mixed batch is that row alone with its adapter, on the same
