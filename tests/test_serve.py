@@ -136,7 +136,7 @@ def server(adapters, tmp_path_factory):
 
 
 def call(url, path, body=None, key=ALEX_KEY, method=None, raw=None, headers=None, timeout=120):
-    """(status, JSON body, headers) of one request."""
+    """(status, JSON body, headers as uvicorn sends them: lower-case names) of one request."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"))
     request.add_header("Content-Type", "application/json")
@@ -426,3 +426,19 @@ def test_the_batcher_refuses_past_its_queue_fails_one_batch_on_a_model_error_and
     fine = batcher.submit(Request("f", None, "retail", 8))
     assert fine.result(10).text == "F"  # the server goes on
     batcher.stop(10)
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_every_other_request_is_answered(adapters, tmp_path):
+    options = ["--accounts-db", tmp_path / "db.sqlite3", "--max-batch", "1", "--max-queue", "1"]
+    running = Server([f"--adapter=retail={adapters['retail']}", *options, "--batch-window-ms", "0"])
+    try:
+        body = {"model": "retail", "prompt": QUERIES[0], "max_tokens": 96}
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: call(running.url, "/v1/completions", body), range(12)))
+    finally:
+        running.stop()
+    refused = [(body, headers) for status, body, headers in results if status == 503]
+    assert refused and len(refused) + sum(status == 200 for status, _, _ in results) == 12, results
+    for body, headers in refused:
+        assert headers["retry-after"] == "1"
+        assert body["error"]["message"] == "the server is busy (its queue is full); retry in a moment."
