@@ -5,6 +5,7 @@ memory of bigger bases (bf16 base, activation checkpointing, on flan-t5-xl). Pri
 
     python bench.py                 # flan-t5-base's architecture with random weights (timings don't depend on values)
     python bench.py --quick         # the tiny model, a few repetitions, no fresh processes: checks the script works
+    python bench.py --only serving --figures docs/figures   # serve.py under 1 to 64 concurrent clients (tiny model)
 
 Every timing is the median of several repetitions after warm-up runs. Training-step memory is measured
 in a fresh process per configuration (CUDA: max allocated; CPU: the process's resident set sampled every
@@ -33,6 +34,7 @@ from benchmarks.harness import encoded_rows, hardware, peft_installed, worker
 from benchmarks.inference import bench_inference
 from benchmarks.memory import bench_memory
 from benchmarks.profile import bench_profile
+from benchmarks.serving import bench_serving, plot_serving
 from benchmarks.training import bench_ours_vs_peft, bench_throughput, bench_train_step
 from benchmarks.variants import bench_variants
 from data import LengthBucketSampler, bucket_key
@@ -139,7 +141,16 @@ SECTIONS = {
         [("operators", "family", ""), ("share", "share", ".1%"), ("ms per step", "ms_per_step", ",.0f"),
          ("calls per step", "calls_per_step", ""), ("largest", "largest", "")],
     ),
+    "serving": Section(  # only with --only serving: always the tiny model, in server processes of its own
+        "serving",
+        "Serving: serve.py on the tiny model, 3 adapters, answers of up to {new_tokens} tokens",
+        bench_serving,
+        [("server", "server", ""), ("clients", "clients", ""), ("requests", "requests", ""),
+         ("not answered once", "failed", ""), ("answers/s", "answers_per_s", ".1f"), ("p50 (s)", "p50_s", ".3f"),
+         ("p99 (s)", "p99_s", ".3f")],
+    ),
 }  # fmt: skip
+OPT_IN = {"serving"}  # run only when --only names them
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -157,6 +168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per query (default: 64)")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
+    p.add_argument("--figures", type=Path, help="write the serving section's plot (serving.png) in this directory")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -173,6 +185,8 @@ def count_problem(args: argparse.Namespace) -> str | None:
         return f"--output {args.output} {what}: name a JSON file in an existing directory."
     if args.output is not None and not os.access(args.output.parent, os.W_OK):
         return f"--output {args.output}: its directory is not writable; name a file you can write."
+    if args.figures is not None and not args.figures.is_dir():
+        return f"--figures {args.figures} is no directory: name an existing one."
     return None
 
 
@@ -203,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, section in SECTIONS.items():
         if (args.only and name not in args.only) or (name == "peft" and not peft_installed()):
             continue
+        if name in OPT_IN and not args.only:
+            continue
         results[section.key] = section.measure(args, rows, batch_indices)
         heading = section.heading.format(new_tokens=args.new_tokens)
         print(f"## {heading}\n\n{table(results[section.key], section.columns)}\n", flush=True)
+        if name == "serving" and args.figures:
+            plot_serving(results["serving"], args.figures / "serving.png")
     if args.output:
         try:
             atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")

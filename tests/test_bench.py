@@ -9,6 +9,7 @@ from conftest import toy_t5
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+from benchmarks.serving import SERVERS
 from lora import inject_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ def test_quick_benchmark_runs_every_section(tmp_path, capsys):
         "## Training throughput",
     ):
         assert heading in stdout
+    assert "## Serving" not in stdout  # opt-in: --only serving
     report = json.loads(out.read_text())
     modes = {row["mode"]: row for row in report["train_step"]}
     assert {"lora", "full", "peft"} <= modes.keys()
@@ -84,3 +86,17 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_benchmark(tmp_pa
     assert bench.main(["--quick", "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --output {output} ") and err.count("\n") == 1
+
+
+def test_the_serving_benchmark_drives_three_servers_and_draws_its_plot(tmp_path, capsys):
+    """--only serving --quick: the three servers under 1 and 8 clients, every request answered once (the
+    section is opt-in: a plain run leaves it out, as test_quick_benchmark_runs_every_section shows)."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--only", "serving", "--output", str(out), "--figures", str(tmp_path)]) == 0
+    rows = json.loads(out.read_text())["serving"]
+    assert [(row["server"], row["clients"]) for row in rows] == [
+        (server, clients) for server in SERVERS for clients in (1, 8)
+    ]
+    assert all(row["failed"] == 0 and row["answers_per_s"] > 0 and row["p99_s"] >= row["p50_s"] for row in rows)
+    assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Serving: serve.py on the tiny model" in capsys.readouterr().out
