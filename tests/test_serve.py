@@ -3,6 +3,7 @@ official openai client, concurrently, across adapters; its refusals; one custome
 SIGTERM with requests in flight. The batcher's own cases (a full queue, a failing model, a client gone) run
 in-process."""
 
+import http.client
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -442,3 +444,39 @@ def test_a_full_queue_is_a_503_with_retry_after_and_every_other_request_is_answe
     for body, headers in refused:
         assert headers["retry-after"] == "1"
         assert body["error"]["message"] == "the server is busy (its queue is full); retry in a moment."
+
+
+def test_a_client_that_disconnects_while_queued_frees_its_row(adapters, tmp_path):
+    """One row per batch: while eight long answers are generated one by one, a ninth client's request waits
+    behind them and its client closes the connection. Its row is never generated (eight batches, not nine),
+    its request is counted as 499, and the server goes on."""
+    options = ["--accounts-db", tmp_path / "db.sqlite3", "--max-batch", "1", "--batch-window-ms", "0"]
+    running = Server([f"--adapter=retail={adapters['retail']}", *options])
+
+    def metric(pattern):
+        found = re.search(pattern, call(running.url, "/metrics", key=None)[1], re.M)
+        return int(float(found.group(1))) if found else 0
+
+    answered = r'^lora_serve_responses_total\{endpoint="completions",status="200"\} (\d+)$'
+    try:
+        body = {"model": "retail", "prompt": QUERIES[0], "max_tokens": 96}
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(call, running.url, "/v1/completions", body) for _ in range(8)]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # the eight arrived first, so the ninth waits behind them
+                if metric(r"^lora_serve_requests_in_flight (\d+)$") + metric(answered) == 8:
+                    break
+            where = urllib.parse.urlparse(running.url)
+            leaving = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+            leaving.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            while time.monotonic() < deadline:  # queued: it and at least one long answer wait
+                if metric(r"^lora_serve_queue_depth (\d+)$") >= 2:
+                    break
+            leaving.close()
+            assert all(answer.result(120)[0] == 200 for answer in answers)
+        assert metric(r"^lora_serve_batch_size_count (\S+)$") == 8
+        assert metric(r'^lora_serve_responses_total\{endpoint="completions",status="499"\} (\d+)$') == 1
+        assert call(running.url, "/v1/completions", body)[0] == 200
+        assert metric(r"^lora_serve_batch_size_count (\S+)$") == 9
+    finally:
+        running.stop()
