@@ -292,23 +292,7 @@ def create_app(service: Service, shutdown_timeout_s: float = 30) -> Starlette:
             raise ApiError(400, "'prompt' must be one string (send one request per question).")
         prompt_tokens = s.check_prompt(prompt, None, "prompt")
         result = await s.answer(request, customer, prompt, None, model, s.max_tokens_of(body, "max_tokens"))
-        row, grounded = result["row"], result["grounded"]
-        choice = {
-            "index": 0,
-            "text": grounded.response,
-            "finish_reason": "stop" if row.complete else "length",
-            "logprobs": None,
-        }
-        return JSONResponse(
-            {
-                "id": f"cmpl-{uuid.uuid4().hex}",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [choice],
-                "usage": usage(prompt_tokens, row.tokens),
-            }
-        )
+        return completion("text_completion", model, {"text": result["grounded"].response}, result["row"], prompt_tokens)
 
     async def chat(request):
         customer = s.customer_of(request)
@@ -317,23 +301,8 @@ def create_app(service: Service, shutdown_timeout_s: float = 30) -> Starlette:
         prompt_tokens = s.check_prompt(query, None, "messages")
         max_tokens = s.max_tokens_of(body, "max_completion_tokens", "max_tokens")
         result = await s.answer(request, customer, query, None, model, max_tokens)
-        row, grounded = result["row"], result["grounded"]
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": grounded.response},
-            "finish_reason": "stop" if row.complete else "length",
-            "logprobs": None,
-        }
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [choice],
-                "usage": usage(prompt_tokens, row.tokens),
-            }
-        )
+        message = {"message": {"role": "assistant", "content": result["grounded"].response}}
+        return completion("chat.completion", model, message, result["row"], prompt_tokens)
 
     async def banking_answer(request):
         customer = s.customer_of(request)
@@ -403,6 +372,21 @@ def user_message(messages) -> str:
     if message.get("role") != "user" or not isinstance(content, str) or set(message) - {"role", "content", "name"}:
         raise ApiError(400, '\'messages\' must hold one message {"role": "user", "content": TEXT}.')
     return content
+
+
+def completion(kind: str, model: str, content: dict, row, prompt_tokens: int) -> JSONResponse:
+    """OpenAI's completion ("text_completion") or chat completion ("chat.completion") of one choice."""
+    choice = {"index": 0, **content, "finish_reason": "stop" if row.complete else "length", "logprobs": None}
+    return JSONResponse(
+        {
+            "id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage(prompt_tokens, row.tokens),
+        }
+    )
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
