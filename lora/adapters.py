@@ -251,7 +251,7 @@ def mixed_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
 
 
 def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
-    gathered: dict[str, torch.Tensor] = {}  # the stacked factors and each row's slot, built at the first call
+    gathered: dict = {}  # the stacked factors and each row's slot, built at the first call without gradients
 
     def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Each row's own adapter's update. Without gradients (inference), the way S-LoRA and Punica batch
@@ -271,8 +271,13 @@ def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
             )
         dtype = next(iter(adapters.values())).lora_A.dtype
         if not torch.is_grad_enabled() and not any(adapter.training for adapter in adapters.values()):
-            if not gathered:
+            # rebuilt when a factor changed inside the block (a step between two evaluations, a copy_)
+            version = [
+                (a.lora_A.data_ptr(), a.lora_A._version, a.lora_B._version, a.scaling) for a in adapters.values()
+            ]
+            if gathered.get("version") != version:
                 gathered.update(_stacked_factors(batch, adapters, layer.in_features, layer.out_features))
+                gathered["version"] = version
             slot = gathered["slot"].repeat_interleave(repeats)  # (batch,)
             rows = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
             low_rank = torch.bmm(rows, gathered["A"][slot].transpose(1, 2))  # (batch, tokens, r)

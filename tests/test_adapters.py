@@ -91,6 +91,24 @@ def test_a_mixed_batch_with_gradients_equals_it_without_and_each_row_trains_only
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+def test_a_mixed_batch_sees_a_factor_changed_inside_its_block(two_adapters, t5_batch):
+    """The stacked factors are kept for the block; a step between two evaluations (here a copy_ into
+    business's B) must reach the next forward, not the factors stacked before it."""
+    model = model_with(*two_adapters)
+    names = ["business", None, "retail"]
+    with mixed_adapters(model, names):
+        before = logits(model, t5_batch)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "business" in name and name.endswith("lora_B"):
+                    param.copy_(param * -3)
+        after = logits(model, t5_batch)
+    with active_adapter(model, "business"):
+        torch.testing.assert_close(after[:1], logits(model, row(t5_batch, 0)), rtol=1e-4, atol=1e-5)  # B grew 3x
+    assert not torch.allclose(after[0], before[0])
+    torch.testing.assert_close(after[2], before[2], rtol=0, atol=0)  # retail's row did not change
+
+
 def test_a_mixed_batch_on_an_nf4_base_gives_each_row_its_adapter_alone(two_adapters, t5_batch):
     """QLoRA with several adapters: the base quantised after they are loaded (as infer.py does for adapters
     trained with --base-dtype nf4). Each row of a mixed batch is that row alone with its adapter, on the same
