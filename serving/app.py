@@ -168,6 +168,9 @@ class Service:
         return name
 
     def max_tokens_of(self, body: dict, *fields: str) -> int:
+        given = [field for field in fields if body.get(field) is not None]
+        if len(given) > 1 and len({json.dumps(body[field]) for field in given}) > 1:
+            raise ApiError(400, f"{' and '.join(repr(f) for f in given)} differ: send one of them.")
         for field in fields:
             value = body.get(field)
             if value is None:
