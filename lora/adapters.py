@@ -271,11 +271,8 @@ def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
             )
         dtype = next(iter(adapters.values())).lora_A.dtype
         if not torch.is_grad_enabled() and not any(adapter.training for adapter in adapters.values()):
-            # rebuilt when a factor changed inside the block (a step between two evaluations, a copy_)
-            version = [
-                (a.lora_A.data_ptr(), a.lora_A._version, a.lora_B._version, a.scaling) for a in adapters.values()
-            ]
-            if gathered.get("version") != version:
+            version = _factor_versions(adapters)  # restacked when a factor changed inside the block
+            if version is None or gathered.get("version") != version:
                 gathered.update(_stacked_factors(batch, adapters, layer.in_features, layer.out_features))
                 gathered["version"] = version
             slot = gathered["slot"].repeat_interleave(repeats)  # (batch,)
@@ -295,6 +292,17 @@ def _mixed_forward(batch: MixedBatch, adapters: dict[str, nn.Module]):
         return result + update.to(result.dtype)
 
     return forward
+
+
+def _factor_versions(adapters: dict[str, nn.Module]) -> list | None:
+    """What identifies the adapters' factors as they are now: each tensor's storage and its version counter,
+    which every in-place change (an optimizer step, a copy_) moves on, and each scaling. None when a factor
+    is an inference tensor (made under torch.inference_mode), which keeps no version counter: then nothing
+    can tell a change, and the factors are stacked afresh at every call."""
+    factors = [tensor for adapter in adapters.values() for tensor in (adapter.lora_A, adapter.lora_B)]
+    if any(tensor.is_inference() for tensor in factors):
+        return None
+    return [(t.data_ptr(), t._version) for t in factors] + [adapter.scaling for adapter in adapters.values()]
 
 
 def _stacked_factors(batch: MixedBatch, adapters: dict[str, nn.Module], in_features: int, out_features: int):

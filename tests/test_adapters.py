@@ -109,6 +109,30 @@ def test_a_mixed_batch_sees_a_factor_changed_inside_its_block(two_adapters, t5_b
     torch.testing.assert_close(after[2], before[2], rtol=0, atol=0)  # retail's row did not change
 
 
+def test_a_mixed_batch_of_adapters_made_under_inference_mode(tmp_path, t5_batch):
+    """Adapters added and changed under torch.inference_mode are inference tensors, which keep no version
+    counter: the mixed batch answers with their factors as they are at each call, and does not fail."""
+    with torch.inference_mode():
+        model = toy_t5()
+        inject_lora(model, r=4, alpha=8)
+        add_adapter(model, "second", r=2, alpha=4)
+        generator = torch.Generator().manual_seed(0)
+        for layer in lora_layers(model).values():
+            for adapter in layer.adapters.values():
+                adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=generator) * 0.2)
+        names = ["second", None, "default"]
+        with mixed_adapters(model, names):
+            before = model(**t5_batch).logits
+            for layer in lora_layers(model).values():
+                layer.adapters["second"].lora_B.mul_(-3)
+            after = model(**t5_batch).logits
+        with active_adapter(model, "second"):
+            alone = model(**row(t5_batch, 0)).logits
+    torch.testing.assert_close(after[:1], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(after[0], before[0])
+    assert torch.equal(after[2], before[2])
+
+
 def test_a_mixed_batch_on_an_nf4_base_gives_each_row_its_adapter_alone(two_adapters, t5_batch):
     """QLoRA with several adapters: the base quantised after they are loaded (as infer.py does for adapters
     trained with --base-dtype nf4). Each row of a mixed batch is that row alone with its adapter, on the same
