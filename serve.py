@@ -14,7 +14,7 @@ of each other are generated as one batch of up to --max-batch rows, each row wit
 Account figures come from an SQLite database (--accounts-db, built from the demo store on first use), for the
 customer the request's API key names (--api-keys: a JSON file {"KEY": "CUSTOMER"}). Without keys every request
 is --customer's, and the server binds nothing but a loopback address. SIGTERM or Ctrl-C: it stops accepting,
-answers what it holds, and exits.
+answers what it holds, and exits 0 (1, saying how many, if --shutdown-timeout or a second signal cut any off).
 """
 
 from __future__ import annotations
@@ -33,12 +33,16 @@ from support.cli import UsageError, run_cli
 DEFAULT_DB = Path("serve_accounts.sqlite3")
 
 
+class Unanswered(RuntimeError):
+    """The server stopped with requests it never answered."""
+
+
 def main(argv: list[str] | None = None) -> int:
     from data import DataError
     from lora import AdapterError
 
     args = parse_args(argv)
-    return run_cli(lambda: serve(args), failures=(AdapterError,), refusals=(DataError,))
+    return run_cli(lambda: serve(args), failures=(AdapterError, Unanswered), refusals=(DataError,))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -213,6 +217,12 @@ def serve(args: argparse.Namespace) -> None:
         flush=True,
     )
     asyncio.run(GracefulServer(config).serve(sockets=[sock]))
+    cut = service.metrics.unanswered()
+    if cut:
+        raise Unanswered(
+            f"stopped with {cut} request(s) unanswered: they were still in flight when --shutdown-timeout "
+            f"({args.shutdown_timeout:g} s) ran out or a second signal came."
+        )
     print("stopped: every request in flight was answered", flush=True)
 
 

@@ -232,7 +232,12 @@ async def wait_or_disconnect(request: HttpRequest, future):
     from the batch it would have joined."""
     answer = asyncio.wrap_future(future)
     gone = asyncio.ensure_future(_disconnected(request))
-    done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # cut off by --shutdown-timeout: a row still queued is dropped too
+        future.cancel()
+        gone.cancel()
+        raise
     if answer in done:
         gone.cancel()
         try:
@@ -263,6 +268,8 @@ def create_app(service: Service, shutdown_timeout_s: float = 30) -> Starlette:
             except ClientGone:
                 s.metrics.response(name, 499)  # nginx's "client closed request": nobody reads a response
                 return PlainTextResponse("", status_code=499)
+            except asyncio.CancelledError:  # --shutdown-timeout ran out: counted as unanswered, no traceback
+                return error_response(503, "the server stopped before answering; send the request again.")
             except Exception as err:  # noqa: BLE001  this request fails; the server goes on
                 traceback.print_exc()
                 message = f"the server failed on this request ({type(err).__name__}: {err}); it goes on serving."

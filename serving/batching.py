@@ -69,9 +69,21 @@ class Batcher:
         return self._queue.qsize()
 
     def stop(self, timeout_s: float) -> None:
-        """Finish the batches queued before the call, then end the thread."""
+        """Finish the batches queued before the call, then end the thread. Past timeout_s, drop the requests
+        still queued (their Futures cancelled) and wait only for the batch being generated: a thread left
+        inside torch when the process exits aborts it."""
         self._queue.put(_STOP)
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP:
+                    item.future.cancel()
+            self._queue.put(_STOP)
+            self._thread.join()
 
     def _run(self) -> None:
         while True:

@@ -43,10 +43,17 @@ class Metrics:
         self._latency = Histogram(LATENCY_BUCKETS_S)
         self._tokens = 0
         self._in_flight = 0
+        self._arrived = 0
 
     def arrived(self) -> None:
         with self._lock:
             self._in_flight += 1
+            self._arrived += 1
+
+    def unanswered(self) -> int:
+        """Requests that arrived and got no response: at shutdown, those cut off by --shutdown-timeout."""
+        with self._lock:
+            return self._arrived - sum(self._responses.values())
 
     def left(self) -> None:
         with self._lock:

@@ -3,6 +3,7 @@ official openai client, concurrently, across adapters; its refusals; one custome
 SIGTERM with requests in flight. The batcher's own cases (a full queue, a failing model, a client gone) run
 in-process."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -393,6 +394,34 @@ def test_sigterm_answers_every_request_in_flight_and_exits_0(adapters, tmp_path)
         running.stop()
     assert len(results) == 32 and all(status == 200 for status, _, _ in results), results
     assert "SIGTERM: finishing the requests in flight" in running.stderr()
+
+
+def test_requests_cut_off_by_the_shutdown_timeout_are_counted_and_the_exit_is_1(adapters, tmp_path):
+    """--shutdown-timeout 0 with eight long answers queued one row per batch: SIGTERM cuts them off, and the
+    server says how many went unanswered and exits 1, never claiming that every request was answered."""
+    options = ["--accounts-db", tmp_path / "db.sqlite3", "--max-batch", "1", "--batch-window-ms", "0"]
+    running = Server([f"--adapter=retail={adapters['retail']}", *options, "--shutdown-timeout", "0"])
+    try:
+        body = {"model": "retail", "prompt": QUERIES[0], "max_tokens": 96}
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(call, running.url, "/v1/completions", body) for _ in range(8)]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                metrics = call(running.url, "/metrics", key=None)[1]
+                if re.search(r"^lora_serve_queue_depth [2-9]$", metrics, re.M):
+                    break
+            running.process.send_signal(signal.SIGTERM)
+            assert running.process.wait(timeout=120) == 1, running.stderr()[-3000:]
+            for answer in answers:
+                with contextlib.suppress(OSError):  # a cut-off client sees its connection close
+                    answer.result(60)
+        stdout = running.process.stdout.read()
+    finally:
+        running.stop()
+    message = running.stderr().strip().splitlines()[-1]
+    assert re.fullmatch(r"error: stopped with [1-8] request\(s\) unanswered: .*", message), message
+    assert "every request in flight was answered" not in stdout
+    assert "Traceback" not in running.stderr()
 
 
 def test_without_keys_it_binds_only_a_loopback_address(capsys, adapters, tmp_path):
