@@ -15,10 +15,11 @@ from lora.adapters import add_adapter, mixed_adapters
 from .harness import build_model, device, sync
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def bench_inference(args, rows) -> list[dict]:
     """4: greedy generation of exactly `max_new_tokens` tokens: base, unmerged adapter, merged adapter and,
-    at batch 16, two adapters in one mixed batch (8 rows each, lora/adapters.py), all interleaved."""
+    at batch 16, two adapters in one mixed batch (8 rows each, lora/adapters.py), all interleaved. The models
+    are built outside inference mode, as infer.py and serve.py load them, and generate inside it."""
     import copy
 
     dev = device()
@@ -51,12 +52,12 @@ def bench_inference(args, rows) -> list[dict]:
         gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False, "num_beams": 1}
         for model, context in runs.values():
             for _ in range(args.warmup):
-                with context():
+                with torch.inference_mode(), context():
                     model.generate(**inputs, **gen)
         times = {name: [] for name in runs}
         for _ in range(args.reps):  # interleaved, so drift in machine speed hits every model alike
             for name, (model, context) in runs.items():
-                with context():
+                with torch.inference_mode(), context():
                     sync()
                     start = time.perf_counter()
                     model.generate(**inputs, **gen)
