@@ -171,9 +171,31 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(args: argparse.Namespace) -> None:
+    from banking.assistant import BASE
+
+    service, sock, config = prepare(args)
+    host, port = sock.getsockname()[:2]
+    print(
+        f"serving {', '.join(n for n in service.models if n != BASE)} and {BASE} on http://"
+        f"{f'[{host}]' if ':' in host else host}:{port} (Ctrl-C or SIGTERM stops it)",
+        flush=True,
+    )
+    asyncio.run(GracefulServer(config).serve(sockets=[sock]))
+    cut = service.metrics.unanswered()
+    if cut:
+        raise Unanswered(
+            f"stopped with {cut} request(s) unanswered: they were still in flight when --shutdown-timeout "
+            f"({args.shutdown_timeout:g} s) ran out or a second signal came."
+        )
+    print("stopped: every request in flight was answered", flush=True)
+
+
+def prepare(args: argparse.Namespace):
+    """The service (model, adapters, accounts, keys, batcher), its bound socket and uvicorn's configuration:
+    everything but running it, which tests do in a thread of their own."""
     import uvicorn
 
-    from banking.assistant import BASE, Assistant
+    from banking.assistant import Assistant
     from banking.evaluation import IntentMatcher
     from data import TRAIN_FILE, load_examples
     from infer import parse_adapters
@@ -210,20 +232,7 @@ def serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=args.shutdown_timeout
     )
-    host, port = sock.getsockname()[:2]
-    print(
-        f"serving {', '.join(n for n in service.models if n != BASE)} and {BASE} on http://"
-        f"{f'[{host}]' if ':' in host else host}:{port} (Ctrl-C or SIGTERM stops it)",
-        flush=True,
-    )
-    asyncio.run(GracefulServer(config).serve(sockets=[sock]))
-    cut = service.metrics.unanswered()
-    if cut:
-        raise Unanswered(
-            f"stopped with {cut} request(s) unanswered: they were still in flight when --shutdown-timeout "
-            f"({args.shutdown_timeout:g} s) ran out or a second signal came."
-        )
-    print("stopped: every request in flight was answered", flush=True)
+    return service, sock, config
 
 
 class GracefulServer:

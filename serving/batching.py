@@ -112,7 +112,10 @@ class Batcher:
         try:
             rows = self.generate(batch)
         except Exception as err:  # noqa: BLE001  the batch's requests fail; the server goes on
-            failure = ModelFailed(f"the model failed on this request's batch ({type(err).__name__}: {err})")
+            failure = ModelFailed(
+                f"the model failed on this request's batch ({type(err).__name__}: {err}); the server goes on: "
+                "send the request again."
+            )
             for request in batch:
                 request.future.set_exception(failure)
             return

@@ -439,6 +439,53 @@ def test_without_keys_it_binds_only_a_loopback_address(capsys, adapters, tmp_pat
 # --- the batcher, in-process ----------------------------------------------------------------------------------
 
 
+def test_a_model_error_fails_its_batch_with_500_over_http_and_the_server_goes_on(adapters, tmp_path):
+    """The server in a thread of this process, so that its model can be made to raise: a batch holding a
+    question that makes generate() fail answers each of its requests with 500 and the error in one sentence;
+    the next batch is answered."""
+    import asyncio
+
+    import uvicorn
+
+    import serve
+
+    args = serve.parse_args(
+        [f"--adapter=retail={adapters['retail']}", "--port", "0", "--accounts-db", str(tmp_path / "db.sqlite3")]
+        + ["--max-batch", "8", "--batch-window-ms", "300"]
+    )
+    service, sock, config = serve.prepare(args)
+    generate_rows = service.assistant.generate_rows
+
+    def failing(queries, *rest, **options):
+        if any("explode" in query for query in queries):
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return generate_rows(queries, *rest, **options)
+
+    service.assistant.generate_rows = failing
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[sock]),))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        bodies = [{"model": "retail", "prompt": prompt, "max_tokens": 8} for prompt in ("explode", QUERIES[0])]
+        with ThreadPoolExecutor(2) as pool:  # within the 300 ms window: one batch
+            failed = list(pool.map(lambda body: call(url, "/v1/completions", body), bodies))
+        assert service.metrics.render().count("lora_serve_batch_size_count 1") == 1  # they shared one batch
+        for status, payload, _ in failed:
+            assert status == 500
+            assert payload["error"]["message"] == (
+                "the model failed on this request's batch (RuntimeError: CUDA out of memory (a stand-in)); the server "
+                "goes on: send the request again."
+            )
+        assert call(url, "/v1/completions", bodies[1])[0] == 200
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
 def test_the_batcher_refuses_past_its_queue_fails_one_batch_on_a_model_error_and_drops_cancelled_rows():
     from banking.assistant import GeneratedRow
     from serving.batching import Batcher, ModelFailed, QueueFull, Request
