@@ -65,9 +65,8 @@ def bench_serving(args, rows, batch_indices) -> list[dict]:
             for server, (_, asked) in SERVERS.items():
                 drive(urls[server], 4, 8, asked, queries, args.new_tokens)  # warm-up
             for clients in levels:
-                total = (
-                    8 if args.quick else max(32, 8 * clients)
-                )  # 8 requests a client: the ramp and the drain are short
+                # 8 requests a client: the ramp and the drain are short
+                total = 8 if args.quick else max(32, 8 * clients)
                 runs = {server: [] for server in SERVERS}
                 for _ in range(2 if args.quick else RUNS):
                     for server, (_, asked) in SERVERS.items():

@@ -168,21 +168,18 @@ class Service:
         return name
 
     def max_tokens_of(self, body: dict, *fields: str) -> int:
+        """The token limit the request gives in any of `fields` (the same value if in several), or the default."""
         given = [field for field in fields if body.get(field) is not None]
-        if len(given) > 1 and len({json.dumps(body[field]) for field in given}) > 1:
+        if len({json.dumps(body[field]) for field in given}) > 1:
             raise ApiError(400, f"{' and '.join(repr(f) for f in given)} differ: send one of them.")
-        for field in fields:
-            value = body.get(field)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ApiError(400, f"'{field}' must be a whole number of tokens, 1 or more.")
-            if value > self.limits.max_tokens:
-                raise ApiError(
-                    400, f"'{field}' is {value}; this server generates at most {self.limits.max_tokens} tokens."
-                )
-            return value
-        return min(self.assistant.max_new_tokens, self.limits.max_tokens)
+        if not given:
+            return min(self.assistant.max_new_tokens, self.limits.max_tokens)
+        field, value = given[0], body[given[0]]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ApiError(400, f"'{field}' must be a whole number of tokens, 1 or more.")
+        if value > self.limits.max_tokens:
+            raise ApiError(400, f"'{field}' is {value}; this server generates at most {self.limits.max_tokens} tokens.")
+        return value
 
     def check_prompt(self, query: str, context: str | None, field: str) -> int:
         """The prompt's length in tokens, refused when empty or longer than the adapters were trained to read."""
