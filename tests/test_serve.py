@@ -1,7 +1,7 @@
 """serve.py as a client meets it: started as a subprocess on a free loopback port, asked by urllib and by the
 official openai client, concurrently, across adapters; its refusals; one customer's figures never reach another;
-SIGTERM with requests in flight. The batcher's own cases (a full queue, a failing model, a client gone) run
-in-process."""
+SIGTERM with requests in flight, and one cut short; a full queue; a client gone while queued. A failing model
+runs in-process: the server in a thread of the test, and the batcher alone."""
 
 import contextlib
 import http.client
@@ -155,6 +155,12 @@ def call(url, path, body=None, key=ALEX_KEY, method=None, raw=None, headers=None
         payload, status, response_headers = err.read(), err.code, dict(err.headers)
     text = payload.decode()
     return status, (json.loads(text) if text.startswith(("{", "[")) else text), response_headers
+
+
+def metric(url, pattern) -> int:
+    """The value the server's /metrics gives on the line `pattern` matches (its one group), 0 when none does."""
+    found = re.search(pattern, call(url, "/metrics", key=None)[1], re.M)
+    return int(float(found.group(1))) if found else 0
 
 
 def infer_answers(adapters, accounts, rows) -> list[dict]:
@@ -406,10 +412,8 @@ def test_requests_cut_off_by_the_shutdown_timeout_are_counted_and_the_exit_is_1(
         with ThreadPoolExecutor(8) as pool:
             answers = [pool.submit(call, running.url, "/v1/completions", body) for _ in range(8)]
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                metrics = call(running.url, "/metrics", key=None)[1]
-                if re.search(r"^lora_serve_queue_depth [2-9]$", metrics, re.M):
-                    break
+            while time.monotonic() < deadline and metric(running.url, r"^lora_serve_queue_depth (\d+)$") < 2:
+                time.sleep(0.01)
             running.process.send_signal(signal.SIGTERM)
             assert running.process.wait(timeout=120) == 1, running.stderr()[-3000:]
             for answer in answers:
@@ -434,6 +438,53 @@ def test_without_keys_it_binds_only_a_loopback_address(capsys, adapters, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: --host 0.0.0.0 would let any machine") and err.count("\n") == 1
     assert not (tmp_path / "db").exists()
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_every_other_request_is_answered(adapters, tmp_path):
+    options = ["--accounts-db", tmp_path / "db.sqlite3", "--max-batch", "1", "--max-queue", "1"]
+    running = Server([f"--adapter=retail={adapters['retail']}", *options, "--batch-window-ms", "0"])
+    try:
+        body = {"model": "retail", "prompt": QUERIES[0], "max_tokens": 96}
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: call(running.url, "/v1/completions", body), range(12)))
+    finally:
+        running.stop()
+    refused = [(body, headers) for status, body, headers in results if status == 503]
+    assert refused and len(refused) + sum(status == 200 for status, _, _ in results) == 12, results
+    for body, headers in refused:
+        assert headers["retry-after"] == "1"
+        assert body["error"]["message"] == "the server is busy (its queue is full); retry in a moment."
+
+
+def test_a_client_that_disconnects_while_queued_frees_its_row(adapters, tmp_path):
+    """One row per batch: while eight long answers are generated one by one, a ninth client's request waits
+    behind them and its client closes the connection. Its row is never generated (eight batches, not nine),
+    its request is counted as 499, and the server goes on."""
+    options = ["--accounts-db", tmp_path / "db.sqlite3", "--max-batch", "1", "--batch-window-ms", "0"]
+    running = Server([f"--adapter=retail={adapters['retail']}", *options])
+    answered = r'^lora_serve_responses_total\{endpoint="completions",status="200"\} (\d+)$'
+    try:
+        body = {"model": "retail", "prompt": QUERIES[0], "max_tokens": 96}
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pool.submit(call, running.url, "/v1/completions", body) for _ in range(8)]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # the eight arrived first, so the ninth waits behind them
+                if metric(running.url, r"^lora_serve_requests_in_flight (\d+)$") + metric(running.url, answered) == 8:
+                    break
+            where = urllib.parse.urlparse(running.url)
+            leaving = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+            leaving.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            while time.monotonic() < deadline:  # queued: it and at least one long answer wait
+                if metric(running.url, r"^lora_serve_queue_depth (\d+)$") >= 2:
+                    break
+            leaving.close()
+            assert all(answer.result(120)[0] == 200 for answer in answers)
+        assert metric(running.url, r"^lora_serve_batch_size_count (\S+)$") == 8
+        assert metric(running.url, r'^lora_serve_responses_total\{endpoint="completions",status="499"\} (\d+)$') == 1
+        assert call(running.url, "/v1/completions", body)[0] == 200
+        assert metric(running.url, r"^lora_serve_batch_size_count (\S+)$") == 9
+    finally:
+        running.stop()
 
 
 # --- the batcher, in-process ----------------------------------------------------------------------------------
@@ -517,55 +568,3 @@ def test_the_batcher_refuses_past_its_queue_fails_one_batch_on_a_model_error_and
     fine = batcher.submit(Request("f", None, "retail", 8))
     assert fine.result(10).text == "F"  # the server goes on
     batcher.stop(10)
-
-
-def test_a_full_queue_is_a_503_with_retry_after_and_every_other_request_is_answered(adapters, tmp_path):
-    options = ["--accounts-db", tmp_path / "db.sqlite3", "--max-batch", "1", "--max-queue", "1"]
-    running = Server([f"--adapter=retail={adapters['retail']}", *options, "--batch-window-ms", "0"])
-    try:
-        body = {"model": "retail", "prompt": QUERIES[0], "max_tokens": 96}
-        with ThreadPoolExecutor(12) as pool:
-            results = list(pool.map(lambda _: call(running.url, "/v1/completions", body), range(12)))
-    finally:
-        running.stop()
-    refused = [(body, headers) for status, body, headers in results if status == 503]
-    assert refused and len(refused) + sum(status == 200 for status, _, _ in results) == 12, results
-    for body, headers in refused:
-        assert headers["retry-after"] == "1"
-        assert body["error"]["message"] == "the server is busy (its queue is full); retry in a moment."
-
-
-def test_a_client_that_disconnects_while_queued_frees_its_row(adapters, tmp_path):
-    """One row per batch: while eight long answers are generated one by one, a ninth client's request waits
-    behind them and its client closes the connection. Its row is never generated (eight batches, not nine),
-    its request is counted as 499, and the server goes on."""
-    options = ["--accounts-db", tmp_path / "db.sqlite3", "--max-batch", "1", "--batch-window-ms", "0"]
-    running = Server([f"--adapter=retail={adapters['retail']}", *options])
-
-    def metric(pattern):
-        found = re.search(pattern, call(running.url, "/metrics", key=None)[1], re.M)
-        return int(float(found.group(1))) if found else 0
-
-    answered = r'^lora_serve_responses_total\{endpoint="completions",status="200"\} (\d+)$'
-    try:
-        body = {"model": "retail", "prompt": QUERIES[0], "max_tokens": 96}
-        with ThreadPoolExecutor(8) as pool:
-            answers = [pool.submit(call, running.url, "/v1/completions", body) for _ in range(8)]
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # the eight arrived first, so the ninth waits behind them
-                if metric(r"^lora_serve_requests_in_flight (\d+)$") + metric(answered) == 8:
-                    break
-            where = urllib.parse.urlparse(running.url)
-            leaving = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
-            leaving.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-            while time.monotonic() < deadline:  # queued: it and at least one long answer wait
-                if metric(r"^lora_serve_queue_depth (\d+)$") >= 2:
-                    break
-            leaving.close()
-            assert all(answer.result(120)[0] == 200 for answer in answers)
-        assert metric(r"^lora_serve_batch_size_count (\S+)$") == 8
-        assert metric(r'^lora_serve_responses_total\{endpoint="completions",status="499"\} (\d+)$') == 1
-        assert call(running.url, "/v1/completions", body)[0] == 200
-        assert metric(r"^lora_serve_batch_size_count (\S+)$") == 9
-    finally:
-        running.stop()
