@@ -185,8 +185,18 @@ def count_problem(args: argparse.Namespace) -> str | None:
         return f"--output {args.output} {what}: name a JSON file in an existing directory."
     if args.output is not None and not os.access(args.output.parent, os.W_OK):
         return f"--output {args.output}: its directory is not writable; name a file you can write."
-    if args.figures is not None and not args.figures.is_dir():
-        return f"--figures {args.figures} is no directory: name an existing one."
+    if args.figures is not None:
+        from lora.inspect import check_figure_place
+        from support.cli import UsageError
+
+        if "serving" not in (args.only or []):
+            return "--figures draws the serving section's plot only: pass it with --only serving."
+        if not args.figures.is_dir():
+            return f"--figures {args.figures} is no directory: name an existing one."
+        try:
+            check_figure_place(args.figures, ["serving.png"], "bench.py", "--figures")
+        except UsageError as err:
+            return str(err)
     return None
 
 

@@ -261,18 +261,18 @@ def save_figure(fig, path: Path, plt) -> Path:
     return path
 
 
-def check_figure_place(out: Path, names, tool: str) -> None:
-    """Refuse, before any work, an --out that is a file, or a figure's place in it that is a symbolic link
-    (--out itself may be one: the user chose it; a figure's own link was not chosen for this)."""
+def check_figure_place(out: Path, names, tool: str, option: str = "--out") -> None:
+    """Refuse, before any work, an `option` directory that is a file, or a figure's place in it that is a
+    symbolic link (the directory itself may be one: the user chose it; a figure's own link was not chosen)."""
     from support.cli import UsageError
 
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file: pass a directory for the figures.")
+        raise UsageError(f"{option} {out} is a file: pass a directory for the figures.")
     links = [out / name for name in names if (out / name).is_symlink()]
     if links:
         raise UsageError(
             f"{links[0]} is a symbolic link (to {os.readlink(links[0])}); {tool} never writes in a link's place: "
-            "remove it, or pass another --out."
+            f"remove it, or pass another {option}."
         )
 
 

@@ -100,3 +100,28 @@ def test_the_serving_benchmark_drives_three_servers_and_draws_its_plot(tmp_path,
     assert all(row["failed"] == 0 and row["answers_per_s"] > 0 and row["p99_s"] >= row["p50_s"] for row in rows)
     assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Serving: serve.py on the tiny model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["without --only serving", "a file", "a link in the plot's place"])
+def test_a_figures_directory_that_cannot_take_the_plot_is_refused_before_any_benchmark(
+    tmp_path, capsys, monkeypatch, where
+):
+    """--figures is read by the serving section alone: without it, the option would be silently ignored. A
+    file, or a symbolic link where serving.png goes, is refused, as lora.inspect refuses them for --out."""
+    monkeypatch.setattr(bench, "encoded_rows", lambda *a: pytest.fail("a benchmark ran"))
+    only = ["--only", "train"] if where == "without --only serving" else ["--only", "serving"]
+    figures = tmp_path
+    if where == "a file":
+        figures = tmp_path / "plot"
+        figures.write_text("")
+    if where == "a link in the plot's place":
+        (tmp_path / "serving.png").symlink_to(tmp_path / "elsewhere.png")
+    assert bench.main(["--quick", *only, "--figures", str(figures)]) == 2
+    err = capsys.readouterr().err
+    words = {
+        "without --only serving": "--figures draws the serving section's plot only",
+        "a file": f"--figures {figures} is no directory",
+        "a link in the plot's place": "is a symbolic link (to ",
+    }[where]
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1
+    assert not (tmp_path / "elsewhere.png").exists()
